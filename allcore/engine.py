@@ -1,0 +1,245 @@
+"""The training loop shared by every recipe, in plain PyTorch (no Ray).
+
+Device, autocast and gradient scaling are decided once in :class:`Precision` before the loop;
+``train_one_epoch`` and ``evaluate`` take every input explicitly so they can be tested on their
+own and wrapped by Ray Train unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from allcore.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class Precision:
+    """Mixed-precision settings resolved for one device.
+
+    fp16 autocast + GradScaler on CUDA when the recipe asks for mixed precision; full fp32
+    elsewhere (CPU autocast is slower than fp32 for these convnets, so it is not used).
+    """
+
+    device_type: str
+    dtype: torch.dtype | None
+
+    @classmethod
+    def resolve(cls, device: torch.device, mixed_precision: bool) -> "Precision":
+        if mixed_precision and device.type == "cuda":
+            bf16 = torch.cuda.is_bf16_supported()
+            return cls(device.type, torch.bfloat16 if bf16 else torch.float16)
+        return cls(device.type, None)
+
+    @property
+    def enabled(self) -> bool:
+        return self.dtype is not None
+
+    def autocast(self):
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.dtype == torch.float16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def build_optimizer(model: nn.Module, recipe: Recipe, lr: float | None = None) -> torch.optim.Optimizer:
+    """Two parameter groups so the body can learn slower than the head (discriminative rates)."""
+    base = unwrap(model)
+    lr = recipe.lr if lr is None else lr
+    groups = [
+        {"params": [p for p in base.head_parameters() if p.requires_grad], "lr": lr},
+        {"params": [p for p in base.backbone_parameters() if p.requires_grad],
+         "lr": lr * recipe.backbone_lr_mult},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=0.9, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    return torch.optim.Adam(groups, weight_decay=recipe.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, steps_per_epoch: int):
+    """Returns the scheduler, or None for a constant rate.
+
+    One-cycle steps every batch; plateau steps once per epoch on the validation loss.
+    """
+    if recipe.schedule == "one_cycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[g["lr"] for g in optimizer.param_groups],
+            epochs=recipe.epochs,
+            steps_per_epoch=max(1, steps_per_epoch),
+        )
+    if recipe.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=recipe.plateau_factor,
+            patience=recipe.plateau_patience, min_lr=recipe.min_lr,
+        )
+    return None
+
+
+def loss_fn(model: nn.Module, criterion: nn.Module, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy plus the model's L1 penalty on its final layer (MobileNet_M uses 0.015)."""
+    loss = criterion(logits, target)
+    base = unwrap(model)
+    if base.l1_head:
+        loss = loss + base.l1_head * base.l1_penalty()
+    return loss
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    device: torch.device,
+    precision: Precision,
+    scaler: torch.amp.GradScaler,
+    batch_scheduler=None,
+) -> dict[str, float]:
+    """One pass over ``loader``. Steps the optimizer exactly once per batch."""
+    model.train()
+    total_loss, correct, seen = 0.0, 0, 0
+    for images, target in loader:
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with precision.autocast():
+            logits = model(images)
+            loss = loss_fn(model, criterion, logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        if batch_scheduler is not None:
+            batch_scheduler.step()
+        n = target.shape[0]
+        total_loss += loss.item() * n
+        correct += (logits.argmax(1) == target).sum().item()
+        seen += n
+    if seen == 0:
+        raise ValueError("the training loader yielded no batches: is the training split empty?")
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision):
+    """Class probabilities and labels for every batch of ``loader`` (numpy arrays)."""
+    model.eval()
+    probs, labels = [], []
+    for images, target in loader:
+        with precision.autocast():
+            logits = model(images.to(device, non_blocking=True))
+        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        labels.append(np.asarray(target))
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
+             num_classes: int) -> dict[str, float]:
+    """Validation loss (plain cross-entropy), accuracy and macro-F1."""
+    from allcore import metrics
+
+    probs, labels = predict(model, loader, device, precision)
+    if len(labels) == 0:
+        raise ValueError("the validation split is empty: use a larger dataset or change split")
+    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    pred = probs.argmax(1)
+    return {
+        "val_loss": loss,
+        "val_acc": float((pred == labels).mean()),
+        "val_macro_f1": float(metrics.macro_f1(labels, pred, num_classes)),
+    }
+
+
+class EarlyStopping:
+    """Stops after ``patience`` epochs without a lower validation loss (0 disables)."""
+
+    def __init__(self, patience: int, best: float = math.inf, bad_epochs: int = 0):
+        self.patience = patience
+        self.best = best
+        self.bad_epochs = bad_epochs
+
+    def step(self, val_loss: float) -> bool:
+        """Record one epoch; True when training should stop."""
+        if val_loss < self.best:
+            self.best, self.bad_epochs = val_loss, 0
+        else:
+            self.bad_epochs += 1
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+def find_lr(
+    model: nn.Module,
+    criterion: nn.Module,
+    loader: Iterable,
+    device: torch.device,
+    recipe: Recipe,
+    *,
+    start_lr: float = 1e-7,
+    end_lr: float = 10.0,
+    num_steps: int = 60,
+) -> tuple[float, list[tuple[float, float]]]:
+    """LR range test (Smith 2015, as fastai's ``lr_find``): raise the rate exponentially for a few
+    batches and pick the rate of steepest loss descent. The model's weights are restored after.
+
+    Returns the suggested learning rate and the (lr, smoothed loss) curve for plotting.
+    """
+    saved = copy.deepcopy(unwrap(model).state_dict())
+    optimizer = build_optimizer(model, recipe, lr=start_lr)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    gamma = (end_lr / start_lr) ** (1 / max(1, num_steps - 1))
+    curve: list[tuple[float, float]] = []
+    smoothed, best = None, math.inf
+    model.train()
+    step = 0
+    while step < num_steps:
+        for images, target in loader:
+            factor = gamma**step
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            logits = model(images.to(device))
+            loss = loss_fn(model, criterion, logits, target.to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            value = loss.item()
+            smoothed = value if smoothed is None else 0.7 * smoothed + 0.3 * value
+            curve.append((start_lr * factor, smoothed))
+            best = min(best, smoothed)
+            step += 1
+            if step >= num_steps or not math.isfinite(smoothed) or smoothed > 4 * best:
+                step = num_steps
+                break
+    unwrap(model).load_state_dict(saved)
+    return suggest_lr(curve), curve
+
+
+def suggest_lr(curve: list[tuple[float, float]]) -> float:
+    """Rate at the steepest descent of the smoothed loss curve (ignoring the divergent tail)."""
+    if len(curve) < 3:
+        raise ValueError("LR finder needs at least 3 batches; use a larger training split")
+    lrs = np.array([lr for lr, _ in curve])
+    losses = np.array([loss for _, loss in curve])
+    finite = np.isfinite(losses)
+    lrs, losses = lrs[finite], losses[finite]
+    stop = int(np.argmin(losses)) + 1
+    lrs, losses = lrs[:stop], losses[:stop]
+    if len(lrs) < 3:
+        return float(lrs[-1] / 10)
+    slopes = np.gradient(losses, np.log(lrs))
+    return float(lrs[int(np.argmin(slopes))])

@@ -1,0 +1,92 @@
+"""The two batch functions of scoring: read + decode + preprocess (CPU), and the model (CPU/GPU).
+
+Both take and return ``dict[str, np.ndarray]`` batches, the shape Ray Data's ``map_batches``
+passes, so they are tested here without Ray and wired in ``pipelines/score.py``. Neither ever
+raises for a bad input: the row gets ``status='error'`` and a message, and flows on to the output
+table so that every listed input is accounted for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+from allcore.artifact import load_artifact
+from allcore.io import ImageDecodeError, decode_rgb, read_bytes
+from allcore.scoring import ERROR, OK, prob_column
+from allcore.transforms import DataConfig, preprocess_array
+
+
+def _read_error(exc: OSError) -> str:
+    return (f"unreadable input ({type(exc).__name__}: {exc}); check that the file still exists "
+            "and that this job may read it")
+
+
+def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corner: bool = False,
+                  max_pixels: int = 40_000_000) -> dict[str, np.ndarray]:
+    """Read, hash, decode and preprocess each ``source_uri`` of the batch.
+
+    Adds ``content_sha256``, ``width``/``height`` (of the original image), ``status``, ``error``
+    and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
+    """
+    cfg = DataConfig.from_dict(data_config)
+    uris = batch["source_uri"]
+    n = len(uris)
+    pixels = np.zeros((n, 3, cfg.input_size, cfg.input_size), np.float32)
+    sha = np.full(n, None, dtype=object)
+    status = np.full(n, OK, dtype=object)
+    error = np.full(n, None, dtype=object)
+    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
+    for i, uri in enumerate(uris):
+        try:
+            data = read_bytes(str(uri))
+        except OSError as exc:
+            status[i], error[i] = ERROR, _read_error(exc)
+            continue
+        sha[i] = hashlib.sha256(data).hexdigest()
+        try:
+            img = decode_rgb(data, max_pixels=max_pixels)
+            width[i], height[i] = img.size
+            pixels[i] = preprocess_array(img, cfg, mask_corner=mask_corner)
+        except ImageDecodeError as exc:
+            status[i], error[i] = ERROR, str(exc)
+    return {**batch, "content_sha256": sha, "width": width, "height": height,
+            "status": status, "error": error, "pixels": pixels}
+
+
+class Predictor:
+    """Scores prepared batches. ``__init__`` loads the artifact once per actor; class names and
+    their order come from its model card, never from this code.
+
+    ``expected_sha256`` guards against the artifact being replaced while a run is going: the
+    driver recorded one model in the table, so every actor must score with that one.
+    """
+
+    def __init__(self, artifact_uri: str, expected_sha256: str | None = None):
+        self.model, card = load_artifact(artifact_uri)
+        if expected_sha256 is not None and card.weights_sha256 != expected_sha256:
+            raise ValueError(f"artifact {artifact_uri} now has weights {card.weights_sha256}, "
+                             f"but this run started with {expected_sha256}; it was replaced "
+                             "mid-run: rerun the job")
+        self.classes = list(card.classes)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in batch.items() if k != "pixels"}
+        ok = np.asarray(batch["status"] == OK, dtype=bool)
+        n = len(ok)
+        probs = np.full((n, len(self.classes)), np.nan, np.float32)
+        if ok.any():
+            with torch.inference_mode():
+                x = torch.from_numpy(np.ascontiguousarray(batch["pixels"][ok])).to(self.device)
+                probs[ok] = torch.softmax(self.model(x).float(), dim=1).cpu().numpy()
+        best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+        out["pred_label"] = np.array([self.classes[b] if good else None
+                                      for b, good in zip(best, ok)], dtype=object)
+        out["confidence"] = np.where(ok, probs[np.arange(n), best], np.nan).astype(np.float32)
+        for j, cls in enumerate(self.classes):
+            out[prob_column(cls)] = probs[:, j]
+        return out

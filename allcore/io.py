@@ -1,0 +1,189 @@
+"""Opening local or ``s3://`` paths, listing image files, and decoding them to RGB.
+
+Every byte allcore reads goes through here, so the same code serves a laptop folder and an
+object store, and every unreadable image fails with the same ``ImageDecodeError`` that scoring
+turns into an error row instead of a crashed job.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def _s3_options() -> dict:
+    """s3fs options from the environment, so jobs and Ray workers need no credential flags."""
+    options: dict = {}
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
+        options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")
+    endpoint = os.environ.get("ALLCORE_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["client_kwargs"] = {"endpoint_url": endpoint}
+    return options
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for ``uri`` and the path within it (local paths made absolute)."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        return fsspec.filesystem("s3", **_s3_options()), uri[len("s3://"):].rstrip("/")
+    if "://" in uri and not uri.startswith("file://"):
+        raise ValueError(f"unsupported location {uri!r}: use a local path, file:// or s3://")
+    return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
+
+
+def join(base: str, relative: str) -> str:
+    """Join a relative path onto a local directory or an ``s3://`` prefix."""
+    if base.startswith("s3://"):
+        return f"{base.rstrip('/')}/{relative.lstrip('/')}"
+    return os.path.join(base, relative)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file, creating parent folders (no-op for object stores)."""
+    fs, path = filesystem(uri)
+    fs.makedirs(os.path.dirname(path), exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def list_subdirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri``, sorted, hidden ones left out."""
+    fs, path = filesystem(uri)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{uri} is not a folder; check the path (and credentials for s3://)")
+    names = (os.path.basename(entry["name"].rstrip("/"))
+             for entry in fs.ls(path, detail=True) if entry["type"] == "directory")
+    return sorted(name for name in names if not name.startswith("."))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    uri: str
+    size: int
+    mtime_or_etag: str  # changes when the content does: lets callers cache per file
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _walk_local(path: str) -> Iterator[FileInfo]:
+    with os.scandir(path) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_dir() and not entry.name.startswith("."):
+            yield from _walk_local(entry.path)
+        elif entry.is_file() and _is_image(entry.name):
+            stat = entry.stat()
+            yield FileInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
+
+
+def iter_image_files(root: str) -> Iterator[FileInfo]:
+    """Image files under ``root``, recursively, in sorted (deterministic) order.
+
+    Streams: a bucket with millions of objects is never held in one list locally; on s3 one
+    directory level at a time.
+    """
+    fs, path = filesystem(root)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"{root} is not a folder; check the path (and credentials for s3://)")
+    if isinstance(fs, LocalFileSystem):
+        yield from _walk_local(path)
+        return
+    for directory, dirs, files in fs.walk(path, detail=True):
+        visible = sorted((name, info) for name, info in dirs.items() if not name.startswith("."))
+        dirs.clear()  # walk is top-down: this sets which folders it descends into, and in what order
+        dirs.update(visible)
+        for name in sorted(files):
+            if _is_image(name):
+                info = files[name]
+                etag = str(info.get("ETag") or info.get("LastModified") or "")
+                yield FileInfo(f"s3://{directory}/{name}", int(info.get("size") or 0), etag)
+
+
+class ImageDecodeError(ValueError):
+    """Bytes that are not a usable image. The message names the problem and what to do."""
+
+
+def _rescale_to_uint8(array: np.ndarray, full_scale: float | None) -> np.ndarray:
+    """Map grey values to 0..255: by the container's full scale when known, else by range."""
+    array = array.astype(np.float64)
+    if full_scale is None:
+        low, high = float(np.nanmin(array)), float(np.nanmax(array))
+        array, full_scale = array - low, (high - low) or 1.0
+    return np.clip(np.nan_to_num(array) / full_scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any sensible mode to RGB: transparency onto white, high bit depth scaled down."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("LA", "P", "PA", "RGBA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img)
+        # A 32-bit "I" image inside 0..65535 is a 16-bit scan stored wide; otherwise use its range.
+        fits_16_bit = img.mode != "I" or (values.min() >= 0 and values.max() <= 65535)
+        grey = _rescale_to_uint8(values, 65535.0 if fits_16_bit else None)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if img.mode == "F":
+        values = np.asarray(img)
+        in_unit_range = np.nanmin(values) >= 0 and np.nanmax(values) <= 1
+        grey = _rescale_to_uint8(values, 1.0 if in_unit_range else None)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
+
+
+def decode_rgb(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
+    """Decode image bytes to a fully loaded RGB image, or raise ``ImageDecodeError``.
+
+    The whole image is decoded here (not lazily), so a truncated file fails now, inside the
+    scoring stage that can record it, rather than later inside a transform.
+    """
+    if not data:
+        raise ImageDecodeError("zero-byte file: the file is empty; re-copy or re-export it")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageDecodeError(
+            f"not an image: {len(data)} bytes in no format Pillow reads (starts {data[:8]!r}); "
+            f"expected one of {', '.join(IMAGE_EXTENSIONS)}") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"decompression bomb refused: {exc}; downscale the image") from None
+    except Exception as exc:  # Pillow raises assorted types for mangled headers
+        raise ImageDecodeError(f"corrupt image header ({type(exc).__name__}: {exc}); "
+                               "re-export the file") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,} limit "
+            "(decompression-bomb guard); downscale or tile it, or raise max_pixels")
+    try:
+        img.load()
+        return _to_rgb(img)
+    except Exception as exc:
+        raise ImageDecodeError(
+            f"truncated or corrupt {img.format or 'image'} data ({type(exc).__name__}: {exc}); "
+            "the file was probably cut off in transfer: re-copy it") from None

@@ -1,0 +1,81 @@
+"""Everything a training worker needs besides the loop itself: datasets for a split manifest,
+class weights, and the checkpoint state format. Plain Python; Ray wiring is in ``pipelines/``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from allcore.data import ImageDataset, Sample
+from allcore.labels import LabelSet
+from allcore.recipes import Recipe
+from allcore.splits import SplitManifest
+from allcore.transforms import DataConfig, desaturate_hsv, eval_transform, train_transform
+
+STATE_FILE = "training_state.pt"
+
+
+def _desaturated(transform):
+    """MobileNet_M's minority oversampling: the same image with HSV saturation removed."""
+    return lambda img, generator: transform(desaturate_hsv(img), generator)
+
+
+def minority_class(samples: list[Sample]) -> str:
+    counts = Counter(s.label for s in samples)
+    return min(counts, key=lambda label: (counts[label], label))
+
+
+def build_datasets(manifest: SplitManifest, recipe: Recipe, label_set: LabelSet,
+                   data_config: DataConfig) -> dict[str, torch.utils.data.Dataset]:
+    """train / val / test datasets of one split manifest, augmented as the recipe says."""
+    augment = {**recipe.augment, "mask_corner": recipe.mask_corner}
+    train_tf = train_transform(data_config, augment)
+    eval_tf = eval_transform(data_config, mask_corner=recipe.mask_corner)
+    train_samples = manifest.subset("train")
+    train = ImageDataset(train_samples, label_set, train_tf, seed=recipe.seed)
+    if recipe.balance == "desaturate_minority":
+        minority = minority_class(train_samples)
+        extra = [s for s in train_samples if s.label == minority]
+        train = EpochConcat([train, ImageDataset(extra, label_set, _desaturated(train_tf),
+                                                 seed=recipe.seed + 1)])
+    return {
+        "train": train,
+        "val": ImageDataset(manifest.subset("val"), label_set, eval_tf),
+        "test": ImageDataset(manifest.subset("test"), label_set, eval_tf),
+    }
+
+
+class EpochConcat(torch.utils.data.ConcatDataset):
+    """ConcatDataset that forwards ``set_epoch`` so every part re-seeds its augmentation."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+
+
+def targets_of(dataset: torch.utils.data.Dataset) -> list[int]:
+    if isinstance(dataset, torch.utils.data.ConcatDataset):
+        return [t for part in dataset.datasets for t in targets_of(part)]
+    return list(dataset.targets)
+
+
+def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights n / (C * count): a balanced loss on imbalanced data."""
+    counts = torch.bincount(torch.tensor(targets), minlength=num_classes).float()
+    if (counts == 0).any():
+        missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
+        raise ValueError(f"class index(es) {missing} have no training images; check the split")
+    return counts.sum() / (num_classes * counts)
+
+
+def save_state(directory: str | Path, state: dict[str, Any]) -> None:
+    torch.save(state, Path(directory) / STATE_FILE)
+
+
+def load_state(directory: str | Path) -> dict[str, Any]:
+    """Training state of a checkpoint; ``weights_only`` refuses anything but tensors and plain data."""
+    return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)

@@ -1,0 +1,46 @@
+"""Evaluate a model artifact: metrics.json, predictions.csv and an HTML report with plots.
+
+    python jobs/evaluate.py --model runs/demo/model --split-manifest runs/demo/split_manifest.csv
+    python jobs/evaluate.py --model runs/demo/model --data path/to/labelled/folder
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+
+from allcore.artifact import load_artifact  # noqa: E402
+from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model artifact folder (local or s3://)")
+    parser.add_argument("--data", help="labelled folder-per-class tree or manifest")
+    parser.add_argument("--split-manifest", help="evaluate one split of this manifest")
+    parser.add_argument("--split", default="test", help="which split of --split-manifest (default test)")
+    parser.add_argument("--output", help="report folder (default: <model>/../evaluation)")
+    parser.add_argument("--noise-sigmas", default=",".join(f"{s:g}" for s in NOISE_SIGMAS),
+                        help="Gaussian noise levels in pixel units for the robustness table ('' to skip)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
+    args = parser.parse_args(argv)
+
+    _, card = load_artifact(args.model)
+    samples = select_samples(args.data, card.label_set, split_manifest=args.split_manifest,
+                             split=args.split)
+    out = args.output or str(Path(args.model).parent / "evaluation")
+    sigmas = tuple(float(s) for s in args.noise_sigmas.split(",") if s.strip())
+    summary = evaluate_artifact(args.model, samples, out, noise_sigmas=sigmas, n_boot=args.bootstrap)
+    low, high = summary["accuracy_ci95"]
+    print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
+          f"macro-F1 {summary['f1_macro']:.4f}, kappa {summary['cohen_kappa']:.3f}, "
+          f"n={summary['n']}")
+    print(f"report: {Path(out) / 'report.html'}\nmetrics: {Path(out) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

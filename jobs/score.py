@@ -1,0 +1,80 @@
+"""Score an image archive with a trained model artifact into a Parquet table (Ray Data).
+
+    python jobs/score.py --model runs/s000/artifact --input /data/smears --output /data/predictions
+    ray job submit --working-dir . -- python jobs/score.py --model s3://models/s000 \\
+        --input s3://lab/smears --output s3://lab/predictions --actors 1,8
+
+Incremental: inputs already committed for this model are skipped; --full rescores them (new rows
+under a new run_id; the `latest_predictions` view in sql/bi_queries.sql keeps the newest).
+Exit status 0 on success, 2 when the error rate exceeds --max-error-rate (everything scored is
+still committed). s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+AWS_ENDPOINT_URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+
+from allcore.scoring import ScoringConfig  # noqa: E402
+
+
+def _actors(text: str) -> tuple[int, int]:
+    try:
+        low, _, high = text.partition(",")
+        return int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX (e.g. 1,4), got {text!r}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> ScoringConfig:
+    defaults = ScoringConfig(model="", input="", output="")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
+    parser.add_argument("--input", required=True, help="image folder or s3:// prefix (recursive)")
+    parser.add_argument("--manifest", help="text file, one image path per line (relative to "
+                        "--input), scored instead of listing --input")
+    parser.add_argument("--output", required=True, help="table root, local folder or s3:// prefix")
+    parser.add_argument("--full", action="store_true", help="rescore inputs already committed")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    parser.add_argument("--actors", type=_actors, default=defaults.actors, metavar="MIN,MAX",
+                        help="inference actor pool size (default %(default)s)")
+    parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
+                        help="fail (exit 2) above this fraction of error rows (default %(default)s)")
+    parser.add_argument("--specimen-pattern", help="regex on the input path; capture group 1 is "
+                        "the specimen id (default: the parent folder name)")
+    parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
+                        help="inputs per commit (default %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        return ScoringConfig(model=args.model, input=args.input, output=args.output,
+                             manifest=args.manifest, full=args.full, batch_size=args.batch_size,
+                             actors=args.actors, max_error_rate=args.max_error_rate,
+                             specimen_pattern=args.specimen_pattern,
+                             commit_every=args.commit_every)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from pipelines.score import run_scoring  # imports Ray: keep --help fast
+
+    summary = run_scoring(config)
+    print(summary.line())
+    if summary.failed:
+        print(f"FAILED: error rate {summary.error_rate:.2%} exceeds --max-error-rate "
+              f"{config.max_error_rate:.2%} (or the accounting does not balance); the error rows "
+              f"say why: see the error summary in sql/bi_queries.sql", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Fine-tune a classifier with Ray Train following a named recipe.
+
+    python jobs/train.py --recipe s000_mobilenet_v2_all4 --data ../shared/data/all-taleqani/Original
+    ray job submit --working-dir . -- python jobs/train.py --recipe ... --data ... --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+
+from allcore.recipes import list_recipes, load_recipe  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True, help=f"one of {', '.join(list_recipes())} or a .toml path")
+    parser.add_argument("--data", required=True, help="folder-per-class tree or manifest (local or s3://)")
+    parser.add_argument("--manifest", help="CSV/Parquet with path,label[,group] (paths relative to it)")
+    parser.add_argument("--split-manifest", help="reuse this split instead of computing one")
+    parser.add_argument("--output", default="runs", help="local folder or s3:// prefix (default: runs)")
+    parser.add_argument("--name", help="run name; the same name resumes an interrupted run "
+                        "(default: the recipe name)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    parser.add_argument("--input-size", type=int, help="override the recipe's input size")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override any recipe field, e.g. --set lr=3e-4 --set augment.hflip=0.5")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    overrides = list(args.set)
+    for field in ("epochs", "input_size", "batch_size"):
+        if getattr(args, field) is not None:
+            overrides.append(f"{field}={getattr(args, field)}")
+    recipe = load_recipe(args.recipe).override(overrides)
+
+    from pipelines.train import TrainJob, init_ray, run_training
+
+    init_ray()
+    job = TrainJob(recipe=recipe, data=args.data, output=args.output, name=args.name or recipe.name,
+                   manifest=args.manifest, split_manifest=args.split_manifest,
+                   workers=args.workers, use_gpu=args.gpu, max_failures=args.max_failures)
+    for uri in run_training(job):
+        print(uri)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Ray Train / Ray Data wiring around the ``allcore`` domain library."""

@@ -1,0 +1,299 @@
+"""Ray Train fine-tuning: split once on the driver, train on N workers, export the best model.
+
+The driver discovers and splits the data (written as a manifest so a run is reproducible), then a
+``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker. Each epoch every worker
+reports metrics and rank 0 attaches a checkpoint; Ray keeps the best two by validation macro-F1
+plus the latest. A worker failure restarts the group from the latest checkpoint
+(``FailureConfig``), and starting the same command again with the same ``--name`` resumes the
+same way, because Ray Train restores the run's checkpoint list from ``storage_path/name``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+
+from allcore import engine, io, metrics
+from allcore.artifact import ModelCard, save_artifact
+from allcore.data import discover_samples
+from allcore.labels import get_label_set
+from allcore.models import create_model
+from allcore.recipes import Recipe
+from allcore.splits import SplitManifest, kfold_samples, split_samples
+from allcore.training import build_datasets, class_weights, load_state, save_state, targets_of
+
+BEST_METRIC = "val_macro_f1"
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One training command: what to train on, where results go, how many workers."""
+
+    recipe: Recipe
+    data: str
+    output: str  # local folder or s3:// prefix: Ray run storage, split manifest, artifacts
+    name: str
+    manifest: str | None = None  # CSV/Parquet of path,label[,group] instead of a folder tree
+    split_manifest: str | None = None  # reuse an existing split instead of computing one
+    workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+    inject_failure_at_epoch: int | None = None  # tests only: fail once, to prove resumption
+
+
+def run_training(job: TrainJob) -> list[str]:
+    """Train every fold of ``job`` and return the exported artifact URIs."""
+    recipe = job.recipe
+    label_set = get_label_set(recipe.label_set)
+    run_dir = io.join(job.output, job.name)
+    manifests = _split_manifests(job, label_set)
+    artifacts = []
+    for fold, manifest in enumerate(manifests):
+        name = job.name if len(manifests) == 1 else f"{job.name}-fold{fold}"
+        fold_dir = run_dir if len(manifests) == 1 else io.join(run_dir, f"fold{fold}")
+        manifest_uri = io.join(fold_dir, "split_manifest.csv")
+        if not io.exists(manifest_uri):
+            manifest.write(manifest_uri)
+        print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
+        result = _fit(job, name, manifest_uri)
+        artifacts.append(_export_best(job, result, manifest, fold_dir, name))
+    return artifacts
+
+
+def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:
+    """The split(s) of this run; reused from storage on resume so a restart trains on the same data."""
+    recipe = job.recipe
+    if job.split_manifest:
+        return [SplitManifest.read(job.split_manifest)]
+    run_dir = io.join(job.output, job.name)
+    existing = io.join(run_dir, "split_manifest.csv")
+    if recipe.folds == 1 and io.exists(existing):
+        return [SplitManifest.read(existing)]
+    samples = discover_samples(job.data, label_set, manifest=job.manifest)
+    started = time.perf_counter()
+    if recipe.folds > 1:
+        manifests = kfold_samples(samples, k=recipe.folds, seed=recipe.seed,
+                                  strategy=recipe.split_strategy)
+    else:
+        manifests = [split_samples(samples, fractions=recipe.split, seed=recipe.seed,
+                                   strategy=recipe.split_strategy)]
+    print(f"[allcore] grouped {len(samples)} images into leakage-safe splits "
+          f"({recipe.split_strategy}) in {time.perf_counter() - started:.1f}s", flush=True)
+    return manifests
+
+
+def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
+    trainer = ray.train.torch.TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "recipe": job.recipe.to_dict(),
+            "split_manifest": manifest_uri,
+            "inject_failure_at_epoch": job.inject_failure_at_epoch,
+            "failure_marker": io.join(job.output, job.name, f"{name}.injected_failure"),
+        },
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
+        run_config=RunConfig(
+            name=name,
+            storage_path=_ray_storage_path(job.output),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=job.max_failures),
+        ),
+    )
+    return trainer.fit()
+
+
+def _ray_storage_path(output: str) -> str:
+    """Ray Train wants an absolute local path or a URI."""
+    return output if "://" in output else str(Path(output).resolve() / "ray")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker: plain PyTorch around ``allcore.engine``."""
+    recipe = Recipe.from_dict(config["recipe"])
+    label_set = get_label_set(recipe.label_set)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(recipe.seed)
+
+    model = create_model(recipe.model, num_classes=label_set.num_classes,
+                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+    if recipe.freeze_backbone:
+        model.freeze_backbone()
+    data_config = model.data_config  # the recipe's input size was applied by create_model
+    datasets = build_datasets(SplitManifest.read(config["split_manifest"]), recipe, label_set,
+                              data_config)
+    weights = (class_weights(targets_of(datasets["train"]), label_set.num_classes)
+               if recipe.balance == "class_weights" else None)
+    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
+    loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
+                   "pin_memory": device.type == "cuda"}
+    train_loader = ray.train.torch.prepare_data_loader(
+        torch.utils.data.DataLoader(datasets["train"], shuffle=True, drop_last=len(datasets["train"]) > recipe.batch_size, **loader_args))
+    val_loader = ray.train.torch.prepare_data_loader(
+        torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args))
+    model.to(device)
+
+    state = _restore(model)
+    lr = recipe.lr
+    if state is not None:
+        lr = state["lr"]
+    elif recipe.lr_finder:
+        lr = _agreed_lr(engine.find_lr(model, criterion, train_loader, device, recipe)[0], world)
+        print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    precision = engine.Precision.resolve(device, recipe.mixed_precision)
+    scaler = precision.scaler()
+    optimizer = engine.build_optimizer(model, recipe, lr=lr)
+    scheduler = engine.build_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
+    stopper = engine.EarlyStopping(recipe.early_stopping_patience)
+    history: list[dict] = []
+    start_epoch = 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        stopper = engine.EarlyStopping(recipe.early_stopping_patience, **state["early_stopping"])
+        history, start_epoch = state["history"], state["epoch"] + 1
+        print(f"[allcore] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
+
+    batch_scheduler = scheduler if recipe.schedule == "one_cycle" else None
+    for epoch in range(start_epoch, recipe.epochs):
+        _maybe_inject_failure(config, epoch)
+        datasets["train"].set_epoch(epoch)
+        if world > 1:
+            train_loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
+        row = {"epoch": epoch, "resumed_at_epoch": start_epoch,
+               "lr": optimizer.param_groups[0]["lr"]}
+        row.update(engine.train_one_epoch(model, criterion, optimizer, train_loader, device,
+                                          precision, scaler, batch_scheduler))
+        row.update(engine.evaluate(model, val_loader, device, precision, label_set.num_classes))
+        row["epoch_seconds"] = time.perf_counter() - started
+        if recipe.schedule == "plateau":
+            scheduler.step(row["val_loss"])
+        stop = stopper.step(row["val_loss"])
+        history.append(row)
+        _report(model, row, rank, {
+            "epoch": epoch, "lr": lr, "history": history,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
+            "data_config": data_config.to_dict(),
+        })
+        if rank == 0:
+            print(f"[allcore] epoch {epoch + 1}/{recipe.epochs} "
+                  f"train_loss={row['train_loss']:.4f} train_acc={row['train_acc']:.3f} "
+                  f"val_loss={row['val_loss']:.4f} val_acc={row['val_acc']:.3f} "
+                  f"val_macro_f1={row['val_macro_f1']:.3f} ({row['epoch_seconds']:.0f}s)", flush=True)
+        if stop:
+            print(f"[allcore] early stopping: no val-loss improvement for "
+                  f"{recipe.early_stopping_patience} epochs", flush=True)
+            break
+
+
+def _restore(model: torch.nn.Module) -> dict | None:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        state = load_state(directory)
+    model.load_state_dict(state["model"])
+    return state
+
+
+def _agreed_lr(lr: float, world: int) -> float:
+    """Workers see different shards; they train with the geometric mean of their suggestions."""
+    if world == 1:
+        return lr
+    value = torch.tensor([math.log(lr)], dtype=torch.float64)
+    torch.distributed.all_reduce(value)
+    return float(math.exp(value.item() / world))
+
+
+def _report(model: torch.nn.Module, row: dict, rank: int, state: dict) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+    if rank != 0:
+        ray.train.report(row)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        save_state(directory, {"model": engine.unwrap(model).state_dict(), **state})
+        ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _maybe_inject_failure(config: dict, epoch: int) -> None:
+    """Tests prove resumption by failing once at a chosen epoch (a marker file makes it once)."""
+    if config["inject_failure_at_epoch"] != epoch:
+        return
+    marker = config["failure_marker"]
+    if io.exists(marker):
+        return
+    io.write_bytes(marker, b"failed once on purpose\n")
+    raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
+
+
+def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifest,
+                 fold_dir: str, name: str) -> str:
+    """Evaluate the best checkpoint on the held-out test split and export it as an artifact."""
+    if result.error is not None:
+        raise RuntimeError(f"training run {name} failed: {result.error}") from result.error
+    best = result.get_best_checkpoint(BEST_METRIC, "max") or result.checkpoint
+    if best is None:
+        raise RuntimeError(f"training run {name} produced no checkpoint; see the log above")
+    recipe = job.recipe
+    label_set = get_label_set(recipe.label_set)
+    with best.as_directory() as directory:
+        state = load_state(directory)
+    model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
+                         input_size=recipe.input_size)
+    model.load_state_dict(state["model"])
+    data_config = model.data_config
+    test_metrics = _test_metrics(model, manifest, recipe, label_set, data_config)
+    best_row = max(state["history"], key=lambda r: r[BEST_METRIC])
+    card = ModelCard.new(
+        model=model, model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
+        classes=list(label_set.classes), label_set=label_set.name, data_config=data_config,
+        recipe=recipe.to_dict(), split_manifest_sha256=manifest.sha256,
+        metrics={"best_epoch": best_row["epoch"], "best_val": {k: best_row[k] for k in
+                 ("val_loss", "val_acc", "val_macro_f1")}, "test": test_metrics},
+    )
+    artifact_uri = io.join(fold_dir, "model")
+    save_artifact(artifact_uri, model, card)
+    io.write_bytes(io.join(fold_dir, "history.json"),
+                   json.dumps(state["history"], indent=2).encode())
+    print(f"[allcore] {name}: best epoch {best_row['epoch']} val_macro_f1="
+          f"{best_row[BEST_METRIC]:.3f}; test accuracy={test_metrics['accuracy']:.3f} "
+          f"macro_f1={test_metrics['macro_f1']:.3f} (n={test_metrics['n']})", flush=True)
+    print(f"[allcore] model artifact: {artifact_uri}", flush=True)
+    return artifact_uri
+
+
+def _test_metrics(model, manifest, recipe, label_set, data_config) -> dict:
+    test = build_datasets(manifest, recipe, label_set, data_config)["test"]
+    if len(test) == 0:
+        return {"n": 0, "accuracy": math.nan, "macro_f1": math.nan}
+    loader = torch.utils.data.DataLoader(test, batch_size=recipe.batch_size)
+    device = torch.device("cpu")
+    probs, labels = engine.predict(model, loader, device, engine.Precision.resolve(device, False))
+    pred = probs.argmax(1)
+    return {"n": int(len(labels)), "accuracy": metrics.accuracy(labels, pred),
+            "macro_f1": metrics.macro_f1(labels, pred, label_set.num_classes)}
+
+
+def init_ray() -> None:
+    """Join the cluster given by RAY_ADDRESS (``ray job submit``) or start Ray in-process."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)

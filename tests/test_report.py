@@ -1,0 +1,65 @@
+"""allcore.report: the HTML page and its plots, built from a classification_report dict."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import numpy as np
+import pytest
+
+from allcore.metrics import classification_report
+from allcore.report import write_report
+
+CLASSES = ["Benign", "Early", "Pre", "Pro<b>"]  # a name with markup must come out escaped
+
+
+@pytest.fixture
+def metrics() -> dict:
+    rng = np.random.default_rng(0)
+    y_true = rng.integers(0, 4, 120)
+    logits = rng.normal(size=(120, 4)) + 2.0 * np.eye(4)[y_true]
+    y_prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return classification_report(y_true, y_prob, CLASSES, n_boot=50)
+
+
+def test_report_writes_self_contained_html_and_pngs(tmp_path, metrics):
+    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 0.5 + e / 10, "val_loss": 1.2 / e,
+                "val_acc": 0.45 + e / 10, "val_macro_f1": 0.4 + e / 10, "lr": 1e-3}
+               for e in (1, 2, 3)]
+    noise = [{"sigma": s, "accuracy": 0.9 - s / 100, "precision_macro": 0.9, "recall_macro": 0.9,
+              "f1_macro": 0.9 - s / 100, "roc_auc_macro": None} for s in (0, 5, 10)]
+    card = {"model_name": "mobilenetv2_100", "class_names": CLASSES, "recipe": {"epochs": 30},
+            "split_manifest_sha256": "ab12cd34"}
+
+    html_path = write_report(tmp_path / "out", metrics, history=history, noise_table=noise,
+                             title="s000 <test>", model_card=card)
+    page = html_path.read_text(encoding="utf-8")
+
+    pngs = sorted(p.stem for p in html_path.parent.glob("*.png"))
+    assert pngs == sorted(["training_curves", "confusion_matrix", "roc_curves", "pr_curves",
+                           "noise_robustness", "reliability"])
+    embedded = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
+    assert len(embedded) == len(pngs) == page.count("<img")
+    assert all(base64.b64decode(data).startswith(b"\x89PNG") for data in embedded)
+    assert "src='http" not in page and "src=\"" not in page  # nothing fetched from elsewhere
+
+    assert f"{metrics['accuracy']:.4f}" in page
+    for name in CLASSES[:3]:
+        assert name in page
+    assert "Pro&lt;b&gt;" in page and "Pro<b>" not in page
+    assert "s000 &lt;test&gt;" in page
+    assert "mobilenetv2_100" in page and "ab12cd34" in page
+    assert "Few test images" in page  # 120 images over 4 classes: every class is below 30
+
+
+def test_report_without_optional_parts(tmp_path, metrics):
+    html_path = write_report(tmp_path, metrics, title="bare")
+    assert not (tmp_path / "training_curves.png").exists()
+    assert not (tmp_path / "noise_robustness.png").exists()
+    assert html_path.read_text(encoding="utf-8").count("<img") == 4
+
+
+def test_report_rejects_a_dict_that_is_not_a_classification_report(tmp_path):
+    with pytest.raises(ValueError, match="classification_report"):
+        write_report(tmp_path, {"accuracy": 0.9}, title="x")
