@@ -22,7 +22,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 
 def _s3_options() -> dict:
     """s3fs options from the environment, so jobs and Ray workers need no credential flags."""
-    options: dict = {}
+    # No listing cache: long-lived workers must see objects written after their first listing.
+    options: dict = {"use_listings_cache": False}
     if os.environ.get("AWS_ACCESS_KEY_ID"):
         options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
         options["secret"] = os.environ.get("AWS_SECRET_ACCESS_KEY", "")

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from allcore.io import FileInfo, filesystem, iter_image_files, join, to_uri
+from allcore.io import FileInfo, filesystem, iter_image_files, join
 
 SCHEMA_METADATA_KEY = b"allcore.schema"
 SCHEMA_VERSION = 1
@@ -310,6 +310,11 @@ class OutputStore:
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem(self.root)
+        if not self.root.startswith("s3://"):
+            self.root = self.path  # absolute, so the uris this store reports are too
+
+    def _uri(self, path: str) -> str:
+        return join(self.root, posixpath.relpath(path, self.path))
 
     def _p(self, *parts: str) -> str:
         return posixpath.join(self.path, *parts)
@@ -340,7 +345,7 @@ class OutputStore:
             self.fs.rm(self._p("_staging"), recursive=True)
         for orphan in orphans:
             self.fs.rm(orphan)
-        return [to_uri(self.fs, p) for p in orphans]
+        return [self._uri(p) for p in orphans]
 
     def ledger(self, model_sha256: str) -> set[InputKey]:
         """Input keys already committed for this model: the inputs an incremental run skips."""
@@ -382,5 +387,5 @@ class OutputStore:
 
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
-        return [to_uri(self.fs, self._p(f["path"])) for r in self.commit_records()
+        return [join(self.root, f["path"]) for r in self.commit_records()
                 for f in r["files"]]

@@ -1,4 +1,9 @@
-"""Preprocessing and seeded augmentations for smear images."""
+"""Preprocessing and seeded augmentations for smear images.
+
+One path prepares pixels for evaluation and scoring (``preprocess_array``); training adds
+augmentations that draw every random number from a caller-given ``torch.Generator``, so results
+do not depend on global RNG state, worker count or process.
+"""
 
 from __future__ import annotations
 
@@ -163,7 +168,9 @@ def preprocess_array(img: Image.Image, cfg: DataConfig, *, mask_corner: bool = F
 # --- pixel operations shared by augmentation and robustness tests ------------------------------
 
 
-def add_gaussian_noise(tensor01: torch.Tensor, sigma_pixels: float, generator: torch.Generator) -> torch.Tensor:
+def add_gaussian_noise(
+    tensor01: torch.Tensor, sigma_pixels: float, generator: torch.Generator
+) -> torch.Tensor:
     """Add N(0, sigma) noise, independent per pixel and channel, to an image in [0, 1], with sigma
     in 0-255 pixel units as the papers state it; clip to [0, 1]. Used by the noise augmentation
     and by the noise-robustness evaluation, so both mean the same sigma."""
@@ -202,7 +209,8 @@ class EvalTransform:
         if generator is None:
             raise ValueError("noise_sigma > 0 needs a torch.Generator per image, for reproducible noise")
         unit = torch.from_numpy(unit_array(img, self.cfg, mask_corner=self.mask_corner))
-        return torch.from_numpy(normalise_array(add_gaussian_noise(unit, self.noise_sigma, generator).numpy(), self.cfg))
+        noisy = add_gaussian_noise(unit, self.noise_sigma, generator)
+        return torch.from_numpy(normalise_array(noisy.numpy(), self.cfg))
 
 
 def eval_transform(cfg: DataConfig, *, mask_corner: bool = False, noise_sigma: float = 0.0) -> EvalTransform:
@@ -234,13 +242,18 @@ def _factor_range(key: str, value: Any) -> tuple[float, float]:
         return 1.0 - value, 1.0 + value
     if isinstance(value, (list, tuple)) and len(value) == 2 and 0 < value[0] <= value[1]:
         return float(value[0]), float(value[1])
-    raise ValueError(f"augment {key!r} must be a delta in [0, 1) or a range [min, max] with 0 < min <= max, got {value!r}")
+    raise ValueError(
+        f"augment {key!r} must be a delta in [0, 1) or a range [min, max] with 0 < min <= max, "
+        f"got {value!r}"
+    )
 
 
 def _sigmas(key: str, value: Any) -> tuple[float, ...]:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
-        raise ValueError(f"augment {key!r} must be a list of sigmas >= 0 in pixel units (0-255), got {value!r}")
+        raise ValueError(
+            f"augment {key!r} must be a list of sigmas >= 0 in pixel units (0-255), got {value!r}"
+        )
     return tuple(float(v) for v in values)
 
 
@@ -315,7 +328,10 @@ class TrainTransform:
         img = prepare_pil(img, self.cfg)
         if aug.mask_corner:
             img = mask_scale_bar(img)
-        img = self._random_resized_crop(img, generator) if aug.random_resized_crop else _resize_centre_crop(img, self.cfg)
+        if aug.random_resized_crop:
+            img = self._random_resized_crop(img, generator)
+        else:
+            img = _resize_centre_crop(img, self.cfg)
         x = self._affine(torch.from_numpy(_unit_array(img)), generator)
         if aug.rotate90:
             x = torch.rot90(x, _randint(generator, 4), dims=(-2, -1))
@@ -358,7 +374,10 @@ class TrainTransform:
         return TF.affine(
             x,
             angle=_uniform(generator, -aug.rotation, aug.rotation),
-            translate=[_uniform(generator, -aug.shift, aug.shift) * width, _uniform(generator, -aug.shift, aug.shift) * height],
+            translate=[
+                _uniform(generator, -aug.shift, aug.shift) * width,
+                _uniform(generator, -aug.shift, aug.shift) * height,
+            ],
             scale=1.0 / _uniform(generator, *aug.zoom),
             shear=[_uniform(generator, -aug.shear, aug.shear), 0.0],
             interpolation=TF.InterpolationMode.BILINEAR,

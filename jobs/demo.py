@@ -25,7 +25,7 @@ from allcore.synthetic import write_archive  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="demo_run", help="where everything is written")
-    parser.add_argument("--per-class", type=int, default=24, help="sample images per class")
+    parser.add_argument("--per-class", type=int, default=40, help="sample images per class")
     parser.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
     args = parser.parse_args(argv)
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import pyarrow as pa
 import ray
 
-from allcore.artifact import load_artifact
-from allcore.inference import Predictor, prepare_batch
+from allcore.artifact import read_card
+from allcore.inference import Predictor, prepare_batch, prepare_kwargs
 from allcore.scoring import (OK, OutputStore, RunSummary, ScoringConfig, build_output_table,
                              card_summary, chunked, input_key, iter_inputs, new_run_id)
 
@@ -26,13 +26,10 @@ log = logging.getLogger("allcore.score")
 def _score_chunk(items: list[dict], config: ScoringConfig, card, num_gpus: int) -> pa.Table:
     """Run one chunk through both stages and collect it on the driver (names and numbers only:
     pixels never leave the workers)."""
-    recipe = getattr(card, "recipe", None) or {}
     dataset = (
         ray.data.from_items(items)
-        .map_batches(prepare_batch, batch_size=config.batch_size, fn_kwargs={
-            "data_config": dict(card.data_config),
-            "mask_corner": bool(recipe.get("augment", {}).get("mask_corner", False)),
-            "max_pixels": config.max_pixels})
+        .map_batches(prepare_batch, batch_size=config.batch_size,
+                     fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels))
         .map_batches(Predictor, batch_size=config.batch_size, concurrency=tuple(config.actors),
                      num_gpus=num_gpus,
                      fn_constructor_kwargs={"artifact_uri": config.model,
@@ -50,7 +47,7 @@ def run_scoring(config: ScoringConfig, *,
     """
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS / `ray job submit`'s cluster, else starts one in-process
-    _, card = load_artifact(config.model)
+    card = read_card(config.model)
     model_summary = card_summary(card)
     num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     store = OutputStore(config.output)

@@ -100,7 +100,7 @@ def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
             "recipe": job.recipe.to_dict(),
             "split_manifest": manifest_uri,
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
-            "failure_marker": io.join(job.output, job.name, f"{name}.injected_failure"),
+            "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
         },
         scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
         run_config=RunConfig(
@@ -109,6 +109,8 @@ def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=job.max_failures),
+            # progress lines reach the driver once through log_to_driver, not twice
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
     return trainer.fit()
@@ -260,19 +262,19 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
                          input_size=recipe.input_size)
     model.load_state_dict(state["model"])
-    data_config = model.data_config
-    test_metrics = _test_metrics(model, manifest, recipe, label_set, data_config)
+    test_metrics = _test_metrics(model, manifest, recipe, label_set, model.data_config)
     best_row = max(state["history"], key=lambda r: r[BEST_METRIC])
-    card = ModelCard.new(
-        model=model, model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
-        classes=list(label_set.classes), label_set=label_set.name, data_config=data_config,
-        recipe=recipe.to_dict(), split_manifest_sha256=manifest.sha256,
-        metrics={"best_epoch": best_row["epoch"], "best_val": {k: best_row[k] for k in
-                 ("val_loss", "val_acc", "val_macro_f1")}, "test": test_metrics},
+    card = ModelCard(
+        model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
+        classes=list(label_set.classes), label_set=label_set.name, recipe=recipe.to_dict(),
+        split_manifest_sha256=manifest.sha256,
+        metrics={"best_epoch": best_row["epoch"],
+                 "best_val": {k: best_row[k] for k in ("val_loss", "val_acc", "val_macro_f1")},
+                 "test": test_metrics},
     )
     artifact_uri = io.join(fold_dir, "model")
     save_artifact(artifact_uri, model, card)
-    io.write_bytes(io.join(fold_dir, "history.json"),
+    io.write_bytes(io.join(artifact_uri, "history.json"),
                    json.dumps(state["history"], indent=2).encode())
     print(f"[allcore] {name}: best epoch {best_row['epoch']} val_macro_f1="
           f"{best_row[BEST_METRIC]:.3f}; test accuracy={test_metrics['accuracy']:.3f} "

@@ -16,3 +16,93 @@ def shared_data() -> Path:
     if not (root / "Original").is_dir():
         pytest.skip(f"real data not found at {root} (set ALLCORE_SHARED_DATA)")
     return root
+
+
+# ------------------------------------------------------------------ scoring (tests/test_score*.py)
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> str:
+    """A small random MobileNetV2 artifact (64 px, 4 classes). The head is scaled up so that
+    predictions differ clearly between images instead of sitting at 1/4 each."""
+    import torch
+
+    from allcore.artifact import ModelCard, save_artifact
+    from allcore.labels import get_label_set
+    from allcore.models import create_model
+
+    torch.manual_seed(0)
+    classes = list(get_label_set("all4").classes)
+    model = create_model("mobilenet_v2", num_classes=len(classes), input_size=64).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(40.0)
+    out = tmp_path_factory.mktemp("artifact") / "tiny"
+    return save_artifact(str(out), model, ModelCard(classes=classes, label_set="all4",
+                                                    model_version="test-1"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray instance for every test that needs it (starting Ray takes ~10 s)."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def bad_images():
+    """Factory writing one file of every input kind scoring must survive into a folder.
+
+    Returns (convertible, bad): files that must score 'ok' after conversion to RGB, and
+    {path: fragment expected in the error message} for files that must become error rows.
+    """
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    def image_bytes(img: Image.Image, fmt: str) -> bytes:
+        buffer = io.BytesIO()
+        img.save(buffer, fmt)
+        return buffer.getvalue()
+
+    def write(root: Path) -> tuple[list[str], dict[str, str]]:
+        root.mkdir(parents=True, exist_ok=True)
+        rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), np.uint8))
+        jpeg = image_bytes(rgb, "JPEG")
+        convertible = {
+            "cmyk.jpg": image_bytes(rgb.convert("CMYK"), "JPEG"),
+            "grey16.png": image_bytes(Image.fromarray(
+                np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 30), "PNG"),
+            "palette.png": image_bytes(rgb.convert("P"), "PNG"),
+            "rgba.png": image_bytes(rgb.convert("RGBA"), "PNG"),
+            "grey.jpg": image_bytes(rgb.convert("L"), "JPEG"),
+            "bilevel.bmp": image_bytes(rgb.convert("1"), "BMP"),
+        }
+        bad = {
+            "zero-byte.jpg": (b"", "zero-byte"),
+            "text.jpg": (b"sample id,count\n1,2\n", "not an image"),
+            "html.png": (b"<html><body>403 Forbidden</body></html>", "not an image"),
+            "random.tif": (np.random.default_rng(1).bytes(3000), "not an image"),
+            "truncated.jpg": (jpeg[: len(jpeg) // 2], "truncated"),
+            "truncated.png": (image_bytes(rgb, "PNG")[:200], "truncated"),
+            "bad-header.jpg": (jpeg[:4] + b"\x00" * 200, "image"),
+            "bomb.png": (image_bytes(Image.new("L", (8000, 6000)), "PNG"), "decompression-bomb"),
+        }
+        for name, data in convertible.items():
+            (root / name).write_bytes(data)
+        for name, (data, _) in bad.items():
+            (root / name).write_bytes(data)
+        (root / "folder.jpg").mkdir()  # a listed path that is a folder, not a file
+        expected = {str(root / name): fragment for name, (_, fragment) in bad.items()}
+        expected[str(root / "folder.jpg")] = "unreadable input"
+        expected[str(root / "vanished.jpg")] = "unreadable input"  # listed, then deleted
+        if os.geteuid() != 0:  # root reads any file, so permission denial is testable only as a user
+            (root / "no-permission.jpg").write_bytes(jpeg)
+            (root / "no-permission.jpg").chmod(0)
+            expected[str(root / "no-permission.jpg")] = "PermissionError"
+        return [str(root / name) for name in convertible], expected
+
+    return write

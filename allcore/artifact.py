@@ -1,0 +1,163 @@
+"""Model artifact: a folder (local or ``s3://``) holding ``model.safetensors`` + ``model_card.json``.
+
+The card is the one place that owns everything scoring needs besides the weights: the class
+order, the preprocessing, how to rebuild the architecture. Weights are safetensors (loading them
+never unpickles code) and are refused unless their sha256 matches the card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict, dataclass, field, fields, replace
+from datetime import datetime, timezone
+
+import safetensors.torch
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+import allcore
+from allcore.io import filesystem, join, read_bytes
+from allcore.models import Classifier, create_model
+from allcore.transforms import DataConfig
+
+SCHEMA_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "model_card.json"
+
+
+class ArtifactIntegrityError(RuntimeError):
+    """The artifact's weights and card do not belong together (modified, corrupted, mixed up)."""
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass(kw_only=True)
+class ModelCard:
+    """Self-description of a trained model.
+
+    ``model_name``, ``model_kwargs``, ``data_config`` and ``weights_sha256`` are filled from the
+    model by ``save_artifact``, so they cannot disagree with the weights they describe.
+    """
+
+    classes: list[str]                  # logit order
+    label_set: str
+    model_version: str = ""             # defaults to "<model_name>-<created_at>" when saved
+    recipe: dict = field(default_factory=dict)
+    split_manifest_sha256: str = ""
+    metrics: dict = field(default_factory=dict)
+    model_name: str = ""
+    model_kwargs: dict = field(default_factory=dict)
+    data_config: dict = field(default_factory=dict)
+    weights_sha256: str = ""
+    schema_version: int = SCHEMA_VERSION
+    allcore_version: str = allcore.__version__
+    torch_version: str = torch.__version__
+    created_at: str = field(default_factory=_utc_now)
+
+    @property
+    def sha256(self) -> str:
+        return self.weights_sha256
+
+    def data_config_obj(self) -> DataConfig:
+        return DataConfig.from_dict(self.data_config)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise ValueError(
+                f"model card schema_version {version!r} is not supported by allcore "
+                f"{allcore.__version__} (it reads version {SCHEMA_VERSION}); use a matching allcore "
+                f"version or re-export the model"
+            )
+        names = {f.name for f in fields(cls)}
+        required = {"classes", "label_set", "model_name", "model_kwargs", "data_config", "weights_sha256"}
+        missing, unknown = sorted(required - set(d)), sorted(set(d) - names)
+        if missing or unknown:
+            raise ValueError(f"invalid model card: missing fields {missing}, unknown fields {unknown}; "
+                             f"re-export the model with save_artifact")
+        return cls(**d)
+
+
+def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
+    """Write ``model`` and ``card`` to ``out_dir`` (local or s3://); returns ``out_dir``.
+
+    The weights are written before the card, each file atomically, so a reader never sees a card
+    whose weights are missing; a half-overwritten artifact fails its sha256 check instead of
+    silently loading mixed weights.
+    """
+    if not isinstance(model, Classifier):
+        raise ValueError(f"save_artifact needs an allcore Classifier, got {type(model).__name__} "
+                         f"(unwrap DDP / Ray models with .module first)")
+    if len(card.classes) != model.num_classes:
+        raise ValueError(f"card lists {len(card.classes)} classes {card.classes} but the model has "
+                         f"{model.num_classes} outputs")
+    from_model = {"model_name": model.model_name, "model_kwargs": dict(model.model_kwargs),
+                  "data_config": model.data_config.to_dict()}
+    for key, value in from_model.items():
+        given = getattr(card, key)
+        if given and given != value:
+            raise ValueError(f"card.{key}={given!r} disagrees with the model ({value!r}); leave it "
+                             f"empty: save_artifact fills it from the model")
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = safetensors.torch.save(tensors)
+    card = replace(card, **from_model, weights_sha256=hashlib.sha256(weights).hexdigest(),
+                   model_version=card.model_version or f"{model.model_name}-{card.created_at}")
+    fs, path = filesystem(out_dir)
+    fs.makedirs(path, exist_ok=True)
+    _write_file(fs, f"{path}/{WEIGHTS_FILE}", weights)
+    _write_file(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    return out_dir
+
+
+def _write_file(fs, path: str, data: bytes) -> None:
+    """Local files go to a temporary name then are renamed; object-store PUTs are already atomic."""
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def read_card(uri: str) -> ModelCard:
+    """The model card of the artifact at ``uri`` (no weights read)."""
+    try:
+        raw = read_bytes(join(uri, CARD_FILE))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no {CARD_FILE} in {uri}: is this a model artifact folder "
+                                f"written by save_artifact?") from None
+    return ModelCard.from_dict(json.loads(raw))
+
+
+def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelCard]:
+    """Rebuild the model stored at ``uri`` in eval mode, after verifying its weights' sha256."""
+    card = read_card(uri)
+    data = read_bytes(join(uri, WEIGHTS_FILE))
+    if (actual := hashlib.sha256(data).hexdigest()) != card.weights_sha256:
+        raise ArtifactIntegrityError(
+            f"{join(uri, WEIGHTS_FILE)} has sha256 {actual} but its model card expects "
+            f"{card.weights_sha256}: the file was modified or corrupted. Re-export the model or "
+            f"download the artifact again."
+        )
+    model = create_model(card.model_name, num_classes=len(card.classes), pretrained=False,
+                         **card.model_kwargs)
+    try:
+        model.load_state_dict(safetensors.torch.load(data), strict=True)
+    except RuntimeError as err:
+        raise ArtifactIntegrityError(
+            f"the weights in {uri} do not fit the model its card describes ({card.model_name}, "
+            f"{len(card.classes)} classes {card.classes}): the card was edited or belongs to other "
+            f"weights. Re-export the model. Details: {err}"
+        ) from err
+    model.data_config = card.data_config_obj()
+    return model.to(map_location).eval(), card

@@ -1,0 +1,89 @@
+import math
+
+import pytest
+import torch
+
+from allcore import engine
+from allcore.models import create_model
+from allcore.recipes import Recipe
+
+
+def _loader(n=24, classes=2, size=32, batch=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, size, size, generator=g)
+    y = torch.arange(n) % classes
+    x[y == 1] += 1.0  # learnable signal
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def _recipe(**kw):
+    return Recipe(name="t", model="mobilenet_v2", pretrained=False, **kw)
+
+
+class CountingAdam(torch.optim.Adam):
+    steps = 0
+
+    def step(self, *a, **k):
+        CountingAdam.steps += 1
+        return super().step(*a, **k)
+
+
+def test_train_one_epoch_steps_once_per_batch_and_learns():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=2, input_size=32)
+    optimizer = CountingAdam(model.parameters(), lr=1e-3)
+    device = torch.device("cpu")
+    precision = engine.Precision.resolve(device, mixed_precision=True)
+    assert not precision.enabled, "no autocast on CPU"
+    loader = _loader()
+    first = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
+                                   precision, precision.scaler())
+    assert CountingAdam.steps == len(loader)
+    for _ in range(4):
+        last = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
+                                      precision, precision.scaler())
+    assert last["train_loss"] < first["train_loss"]
+    result = engine.evaluate(model, loader, device, precision, num_classes=2)
+    assert set(result) == {"val_loss", "val_acc", "val_macro_f1"}
+
+
+def test_l1_penalty_is_added_for_mobilenet_m():
+    model = create_model("mobilenet_m", num_classes=2, input_size=32).eval()
+    logits, target = model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 1])
+    plain = torch.nn.functional.cross_entropy(logits, target)
+    total = engine.loss_fn(model, torch.nn.CrossEntropyLoss(), logits, target)
+    assert torch.isclose(total - plain, 0.015 * model.l1_penalty())
+
+
+def test_discriminative_rates_and_schedules():
+    model = create_model("mobilenet_v2", num_classes=2, input_size=32)
+    optimizer = engine.build_optimizer(model, _recipe(lr=1e-2, backbone_lr_mult=0.1))
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-2, pytest.approx(1e-3)]
+    assert engine.build_scheduler(optimizer, _recipe(), 5) is None
+    plateau = engine.build_scheduler(optimizer, _recipe(schedule="plateau", plateau_patience=0), 5)
+    plateau.step(1.0)
+    plateau.step(2.0)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # factor 0.1 after patience
+
+
+def test_early_stopping_counts_epochs_without_improvement():
+    stopper = engine.EarlyStopping(patience=2)
+    assert [stopper.step(v) for v in (1.0, 0.9, 0.95, 0.91)] == [False, False, False, True]
+    assert not any(engine.EarlyStopping(patience=0).step(v) for v in (1, 2, 3, 4))
+
+
+def test_lr_finder_restores_weights_and_suggests_a_finite_rate():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=2, input_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    lr, curve = engine.find_lr(model, torch.nn.CrossEntropyLoss(), _loader(), torch.device("cpu"),
+                               _recipe(), num_steps=12)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert math.isfinite(lr) and 1e-7 <= lr <= 10 and len(curve) >= 3
+
+
+def test_suggest_lr_finds_the_steepest_descent():
+    lrs = [10 ** (-6 + i * 0.25) for i in range(25)]
+    losses = [2.0 - 1.5 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) for lr in lrs]  # drop at 1e-3
+    losses[-3:] = [3.0, 5.0, 9.0]  # divergence
+    assert 10 ** -3.5 <= engine.suggest_lr(list(zip(lrs, losses))) <= 10 ** -2.5

@@ -1,0 +1,150 @@
+"""Scoring config, output schema, accounting and the commit protocol, without Ray or a model."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from allcore.scoring import (SCHEMA_METADATA_KEY, OutputStore, RunSummary, ScoringConfig,
+                             build_output_table, chunked, iter_manifest, output_schema,
+                             specimen_id)
+
+SUMMARY = {"model_name": "tiny", "model_version": "1", "weights_sha256": "ab" * 32,
+           "classes": ["Benign", "Early"], "data_config": {"input_size": 64}}
+SCORED_AT = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.timezone.utc)
+
+
+def scored_table() -> pa.Table:
+    """Columns as the inference stage returns them: one ok row, one error row (out of order)."""
+    return pa.table({
+        "source_uri": ["/a/S2/x.jpg", "/a/S1/y.jpg"], "source_size": [10, 0],
+        "source_mtime": ["1", "2"], "content_sha256": ["f" * 64, None],
+        "width": np.array([80, 0], np.int32), "height": np.array([60, 0], np.int32),
+        "status": ["ok", "error"], "error": [None, "zero-byte file: the file is empty"],
+        "pred_label": ["Early", None], "confidence": np.array([0.75, np.nan], np.float32),
+        "prob_Benign": np.array([0.25, np.nan], np.float32),
+        "prob_Early": np.array([0.75, np.nan], np.float32),
+    })
+
+
+def test_config_rejects_bad_values_with_clear_messages():
+    with pytest.raises(ValueError, match="MIN,MAX"):
+        ScoringConfig(model="m", input="i", output="o", actors=(3, 1))
+    with pytest.raises(ValueError, match="at most one capture group"):
+        ScoringConfig(model="m", input="i", output="o", specimen_pattern=r"(a)(b)")
+    with pytest.raises(ValueError, match="not a valid regex"):
+        ScoringConfig(model="m", input="i", output="o", specimen_pattern=r"(")
+    with pytest.raises(ValueError, match=r"max_error_rate must be in \[0, 1\]"):
+        ScoringConfig(model="m", input="i", output="o", max_error_rate=5)
+
+
+def test_config_json_round_trip_and_unknown_keys_fail():
+    config = ScoringConfig(model="m", input="i", output="o", actors=(2, 4), full=True)
+    assert ScoringConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="unknown scoring config keys.*'workers'"):
+        ScoringConfig.from_json(json.dumps({"model": "m", "input": "i", "output": "o",
+                                            "workers": 3}))
+
+
+def test_specimen_id_default_pattern_and_no_match():
+    assert specimen_id("s3://bucket/lab/SP-17/img.jpg", None) == "SP-17"
+    assert specimen_id("/data/P042_field3.jpg", r"(P\d+)_field") == "P042"
+    assert specimen_id("/data/P042_field3.jpg", r"P\d+") == "P042"
+    assert specimen_id("/data/other.jpg", r"(P\d+)_field") is None
+
+
+def test_schema_describes_every_column_and_keeps_card_class_order():
+    schema = output_schema(["Pro", "Benign"], SUMMARY)
+    meta = json.loads(schema.metadata[SCHEMA_METADATA_KEY])
+    assert set(meta["columns"]) == set(schema.names)
+    assert [n for n in schema.names if n.startswith("prob_")] == ["prob_Pro", "prob_Benign"]
+    assert meta["model"]["weights_sha256"] == SUMMARY["weights_sha256"]
+
+
+def test_output_table_nulls_predictions_of_error_rows():
+    table = build_output_table(scored_table(), run_id="r1", scored_at=SCORED_AT,
+                               model_summary=SUMMARY, specimen_pattern=None)
+    rows = table.to_pylist()
+    assert [r["source_uri"] for r in rows] == ["/a/S1/y.jpg", "/a/S2/x.jpg"]
+    error, ok = rows
+    assert error["status"] == "error" and error["error"].startswith("zero-byte")
+    assert all(error[c] is None for c in ("pred_label", "confidence", "prob_Benign", "cell_id",
+                                          "box_x1", "content_sha256"))
+    assert ok["error"] is None and ok["pred_label"] == "Early"
+    assert ok["prob_Early"] == pytest.approx(0.75) and ok["cell_id"] == "f" * 16 + ":0"
+    assert (ok["box_x0"], ok["box_y0"], ok["box_x1"], ok["box_y1"]) == (0, 0, 80, 60)
+    assert ok["specimen_id"] == "S2" and ok["model_sha256"] == SUMMARY["weights_sha256"]
+    assert table.schema.equals(output_schema(SUMMARY["classes"], SUMMARY), check_metadata=True)
+
+
+def commit(store: OutputStore, run_id: str, chunk: int, sha: str = SUMMARY["weights_sha256"]):
+    table = build_output_table(scored_table(), run_id=run_id, scored_at=SCORED_AT,
+                               model_summary=SUMMARY, specimen_pattern=None)
+    keys = [(u, s, m) for u, s, m in zip(*(table[c].to_pylist() for c in
+                                           ("source_uri", "source_size", "source_mtime")))]
+    return store.commit(table, run_id=run_id, chunk=chunk, inputs=keys, model_sha256=sha,
+                        scored_at=SCORED_AT)
+
+
+def test_commit_publishes_partitioned_file_with_schema_metadata_and_ledger(tmp_path):
+    store = OutputStore(str(tmp_path))
+    record = commit(store, "r1", 0)
+    path = tmp_path / record["files"][0]["path"]
+    assert path.parent.name == "scored_date=2025-03-04"
+    assert SCHEMA_METADATA_KEY in pq.read_schema(path).metadata
+    assert not any((tmp_path / "_staging").rglob("*.parquet"))
+    assert store.ledger(SUMMARY["weights_sha256"]) == {("/a/S1/y.jpg", 0, "2"),
+                                                       ("/a/S2/x.jpg", 10, "1")}
+    assert store.ledger("another-model") == set()
+    assert store.committed_files() == [str(path)]
+
+
+def test_recover_removes_files_no_commit_record_lists(tmp_path):
+    """A crash after publishing but before the commit record: the file is deleted on the next
+    run and its inputs are not in the ledger, so they are scored again exactly once."""
+    store = OutputStore(str(tmp_path))
+    kept = tmp_path / commit(store, "r1", 0)["files"][0]["path"]
+    orphan = kept.with_name("part-r2-00000.parquet")
+    orphan.write_bytes(kept.read_bytes())
+    staged = tmp_path / "_staging" / "r2" / "part-r2-00001.parquet"
+    staged.parent.mkdir(parents=True)
+    staged.write_bytes(b"partial")
+    assert store.recover() == [str(orphan)]
+    assert kept.exists() and not orphan.exists() and not staged.exists()
+    assert len(store.ledger(SUMMARY["weights_sha256"])) == 2
+
+
+def test_finish_writes_success_only_when_the_run_passed(tmp_path):
+    store = OutputStore(str(tmp_path))
+    good = RunSummary("good", str(tmp_path), listed=3, ok=2, errors=0, skipped=1,
+                      max_error_rate=0.1)
+    bad = RunSummary("bad", str(tmp_path), listed=4, ok=2, errors=2, max_error_rate=0.1)
+    for summary in (good, bad):
+        store.finish(summary)
+    assert (tmp_path / "_runs" / "good" / "_SUCCESS").exists()
+    assert not (tmp_path / "_runs" / "bad" / "_SUCCESS").exists()
+    manifest = json.loads((tmp_path / "_runs" / "bad" / "manifest.json").read_text())
+    assert manifest["failed"] and manifest["error_rate"] == 0.5 and manifest["balanced"]
+    assert not RunSummary("x", "o", listed=3, ok=1).balanced
+
+
+def test_manifest_joins_relative_paths_and_keeps_missing_files_for_an_error_row(tmp_path):
+    (tmp_path / "imgs").mkdir()
+    present = tmp_path / "imgs" / "a.jpg"
+    present.write_bytes(b"12345")
+    manifest = tmp_path / "list.txt"
+    manifest.write_text(f"# nightly list\nimgs/a.jpg\n\n{tmp_path}/imgs/gone.jpg\n")
+    infos = list(iter_manifest(str(manifest), str(tmp_path)))
+    assert [i.uri for i in infos] == [str(present), str(tmp_path / "imgs" / "gone.jpg")]
+    assert infos[0].size == 5 and infos[0].mtime_or_etag == str(os.stat(present).st_mtime_ns)
+    assert infos[1].size == -1
+
+
+def test_chunked_covers_every_item_once():
+    assert list(chunked(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
