@@ -16,7 +16,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allcore.io import IMAGE_EXTENSIONS, decode_rgb, filesystem, iter_image_files, join, list_subdirs, read_bytes
+from allcore.io import (IMAGE_EXTENSIONS, decode_rgb, filesystem, iter_image_files, join,
+                        list_subdirs, read_bytes)
 from allcore.labels import LabelSet
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -87,7 +88,8 @@ def discover_samples(source: str, label_set: LabelSet, *, manifest: str | None =
             "or a manifest with path,label columns")
     repeated = sorted(path for path, n in Counter(s.path for s in samples).items() if n > 1)
     if repeated:
-        raise ValueError(f"manifest lists these paths more than once: {repeated[:5]}; remove the repeats")
+        raise ValueError(f"manifest lists these paths more than once: {repeated[:5]}; "
+                         "remove the repeats")
     return sorted(samples, key=lambda s: s.path)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from allcore.data import Sample
-from allcore.io import decode_rgb, filesystem, read_bytes
+from allcore.io import decode_rgb, read_bytes, write_bytes
 
 STRATEGIES = ("duplicates", "blocks", "none")
 SPLIT_COLUMNS = ("path", "label", "group", "split")
@@ -125,7 +125,8 @@ def assign_groups(samples: Sequence[Sample], *, strategy: str = "duplicates", bl
     starting key among its members: the same data gives the same ids, whatever the input order.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown grouping strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
+        raise ValueError(f"unknown grouping strategy {strategy!r}; "
+                         f"choose one of: {', '.join(STRATEGIES)}")
     if block_size < 1:
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     keys = [s.group if s.group is not None
@@ -195,11 +196,8 @@ class SplitManifest:
 
     def write(self, uri: str) -> str:
         """Write the CSV (local or s3://) and return its sha256."""
-        fs, path = filesystem(uri)
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
         data = self.to_csv_bytes()
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
+        write_bytes(uri, data)
         return hashlib.sha256(data).hexdigest()
 
     @classmethod
@@ -266,7 +264,8 @@ def kfold_samples(samples: Sequence[Sample], *, k: int, seed: int = 0, strategy:
     groups = assign_groups(samples, strategy=strategy, block_size=block_size,
                            phash_distance=phash_distance)
     if len(set(groups)) < k:
-        raise ValueError(f"only {len(set(groups))} groups for {k} folds; lower k or use strategy='none'")
+        raise ValueError(f"only {len(set(groups))} groups for {k} folds; "
+                         "lower k or use strategy='none'")
     labels = [s.label for s in samples]
     rng = np.random.default_rng(seed)
     fold_of = _assign_bins(groups, labels, [1.0 / k] * k, rng)

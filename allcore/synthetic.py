@@ -118,7 +118,8 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return buffer.getvalue()
 
 
-def _near_copy(rng: np.random.Generator, img: Image.Image, boxes: list[Box]) -> tuple[Image.Image, list[Box]]:
+def _near_copy(rng: np.random.Generator, img: Image.Image,
+               boxes: list[Box]) -> tuple[Image.Image, list[Box]]:
     """The same field re-captured: shifted a pixel or two, slightly brighter or darker."""
     dx, dy = (int(v) for v in rng.integers(-2, 3, size=2))
     pixels = np.roll(np.asarray(img, dtype=np.float32), (dy, dx), axis=(0, 1)) * rng.uniform(0.96, 1.04)

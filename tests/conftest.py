@@ -11,7 +11,8 @@ import pytest
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real Taleqani development images, or skip: they are never part of the repository."""
-    base = Path(os.environ.get("ALLCORE_SHARED_DATA") or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+    beside_repo = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    base = Path(os.environ.get("ALLCORE_SHARED_DATA") or beside_repo)
     root = base / "all-taleqani"
     if not (root / "Original").is_dir():
         pytest.skip(f"real data not found at {root} (set ALLCORE_SHARED_DATA)")
@@ -22,8 +23,9 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
-    """A small random MobileNetV2 artifact (64 px, 4 classes). The head is scaled up so that
-    predictions differ clearly between images instead of sitting at 1/4 each."""
+    """A small random MobileNetV2 artifact (64 px, 4 classes) whose predictions differ between
+    images: a fresh MobileNetV2 in eval mode maps every image to ~0 features, so its BatchNorm
+    statistics are first estimated on random images, and the head is scaled to be decisive."""
     import torch
 
     from allcore.artifact import ModelCard, save_artifact
@@ -32,9 +34,14 @@ def tiny_artifact(tmp_path_factory) -> str:
 
     torch.manual_seed(0)
     classes = list(get_label_set("all4").classes)
-    model = create_model("mobilenet_v2", num_classes=len(classes), input_size=64).eval()
+    model = create_model("mobilenet_v2", num_classes=len(classes), input_size=64)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = None  # cumulative average over the calibration batch
     with torch.no_grad():
-        model.get_classifier().weight.mul_(40.0)
+        model.train()(torch.rand(32, 3, 64, 64) * 4 - 2)
+        model.get_classifier().weight.mul_(20.0)
+    model.eval()
     out = tmp_path_factory.mktemp("artifact") / "tiny"
     return save_artifact(str(out), model, ModelCard(classes=classes, label_set="all4",
                                                     model_version="test-1"))

@@ -21,6 +21,7 @@ from PIL import Image
 from allcore.data import ImageDataset, Sample, discover_samples
 from allcore.io import ImageDecodeError, decode_rgb, filesystem, iter_image_files, read_bytes
 from allcore.labels import get_label_set
+from allcore.splits import SplitManifest, SplitRow
 
 ALL4 = get_label_set("all4")
 
@@ -78,7 +79,8 @@ def png_header_only(width: int, height: int) -> bytes:
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+    idat = zlib.compress(b"\0" * 10)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
 def test_decode_rgb_passes_through_rgb():
@@ -308,3 +310,9 @@ def test_s3_listing_discovery_and_manifest(s3_env):
         s3_env / "bucket" / "m.csv", index=False)
     assert discover_samples("s3://bucket/m.csv", ALL4) == [
         Sample("s3://bucket/tree/Pro/WBC-Pro-002.jpg", "Pro")]
+
+
+def test_s3_split_manifest_round_trip(s3_env):
+    manifest = SplitManifest([SplitRow("s3://bucket/tree/Pro/WBC-Pro-000.jpg", "Pro", "g1", "test")])
+    assert manifest.write("s3://bucket/runs/split.csv") == manifest.sha256
+    assert SplitManifest.read("s3://bucket/runs/split.csv").rows == manifest.rows

@@ -26,7 +26,8 @@ def archive(tmp_path_factory) -> tuple[list[Sample], list[tuple[str, str]]]:
     """A synthetic archive and its known (identical or near) twin pairs, as absolute paths."""
     root = tmp_path_factory.mktemp("archive")
     samples = write_archive(root, label_set=ALL4, per_class=24, seed=1)
-    twins = [(str(root / a), str(root / b)) for a, b, _ in json.loads((root / "duplicates.json").read_text())]
+    pairs = json.loads((root / "duplicates.json").read_text())
+    twins = [(str(root / a), str(root / b)) for a, b, _ in pairs]
     return samples, twins
 
 
@@ -139,7 +140,8 @@ def number(path: str) -> int:
 
 def test_blocks_group_by_number_and_merge_twins_across_edges(archive):
     samples, twins = archive
-    groups = dict(zip((s.path for s in samples), assign_groups(samples, strategy="blocks", block_size=10)))
+    block_groups = assign_groups(samples, strategy="blocks", block_size=10)
+    groups = dict(zip((s.path for s in samples), block_groups))
     by_number = {(s.label, number(s.path)): groups[s.path] for s in samples}
     for label in ALL4.classes:
         assert len({by_number[(label, n)] for n in range(1, 10)}) == 1  # block 0: files 1-9

@@ -87,10 +87,12 @@ def test_write_archive_layout_boxes_and_twins(tmp_path):
     for first, second, kind in twins:
         a, b = (tmp_path / first).read_bytes(), (tmp_path / second).read_bytes()
         assert (a == b) == (kind == "identical")
-        distance = bin(image_hashes(str(tmp_path / first)).phash ^ image_hashes(str(tmp_path / second)).phash).count("1")
+        hash_a, hash_b = (image_hashes(str(tmp_path / name)).phash for name in (first, second))
+        distance = bin(hash_a ^ hash_b).count("1")
         assert distance <= 6, (first, second, distance)
 
     plain = tmp_path / "plain"
     write_archive(plain, label_set=get_label_set("binary"), per_class=9, size=64, near_duplicates=False)
     assert json.loads((plain / "duplicates.json").read_text()) == []
-    assert sorted(p.name for p in plain.iterdir()) == ["benign", "boxes.json", "duplicates.json", "malignant"]
+    assert sorted(p.name for p in plain.iterdir()) == [
+        "benign", "boxes.json", "duplicates.json", "malignant"]
