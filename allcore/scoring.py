@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -33,8 +34,6 @@ from allcore.io import FileInfo, filesystem, iter_image_files, join
 SCHEMA_METADATA_KEY = b"allcore.schema"
 SCHEMA_VERSION = 1
 OK, ERROR = "ok", "error"
-# The ledger key: cheap to get from a listing, and it changes whenever a file is replaced.
-InputKey = tuple[str, int, str]  # (source_uri, source_size, source_mtime or ETag)
 
 
 @dataclass(frozen=True)
@@ -209,8 +208,11 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
 
 
-def input_key(info: FileInfo) -> InputKey:
-    return (info.uri, int(info.size), str(info.mtime_or_etag))
+def input_digest(uri: str, size: int, mtime_or_etag: str) -> bytes:
+    """The ledger key of an input: cheap to get from a listing, and it changes whenever the file
+    is replaced. Hashed to 16 bytes so a ledger of millions of inputs fits the driver's memory."""
+    return hashlib.blake2b(f"{uri}\x00{int(size)}\x00{mtime_or_etag}".encode(),
+                           digest_size=16).digest()
 
 
 def stat_input(uri: str) -> FileInfo:
@@ -347,17 +349,18 @@ class OutputStore:
             self.fs.rm(orphan)
         return [self._uri(p) for p in orphans]
 
-    def ledger(self, model_sha256: str) -> set[InputKey]:
-        """Input keys already committed for this model: the inputs an incremental run skips."""
-        return {tuple(k) for r in self.commit_records() if r["model_sha256"] == model_sha256
-                for k in r["inputs"]}
+    def ledger(self, model_sha256: str) -> set[bytes]:
+        """``input_digest`` of every input committed for this model: what a run skips."""
+        return {input_digest(*key) for r in self.commit_records()
+                if r["model_sha256"] == model_sha256 for key in r["inputs"]}
 
     def write_config(self, run_id: str, config: ScoringConfig) -> None:
         self._write_atomic(self._p("_runs", run_id, "config.json"), config.to_json().encode())
 
-    def commit(self, table: pa.Table, *, run_id: str, chunk: int, inputs: list[InputKey],
-               model_sha256: str, scored_at: dt.datetime) -> dict:
-        """Stage, publish, then record one chunk; the record is what makes it count."""
+    def commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
+               scored_at: dt.datetime) -> dict:
+        """Stage, publish, then record one chunk; the record is what makes it count. The
+        record lists the inputs of exactly the rows in the file: they become the ledger."""
         name = f"part-{run_id}-{chunk:05d}.parquet"
         staged = self._p("_staging", run_id, name)
         relative = posixpath.join("predictions", f"scored_date={scored_at:%Y-%m-%d}", name)
@@ -371,7 +374,8 @@ class OutputStore:
                   "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "files": [{"path": relative, "rows": table.num_rows}],
                   "counts": {OK: status.count(OK), ERROR: status.count(ERROR)},
-                  "inputs": [list(k) for k in inputs]}
+                  "inputs": [list(k) for k in zip(*(table[c].to_pylist() for c in
+                                                   ("source_uri", "source_size", "source_mtime")))]}
         self._write_atomic(self._p("_commits", f"{run_id}-{chunk:05d}.json"),
                            json.dumps(record).encode())
         return record

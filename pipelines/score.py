@@ -1,8 +1,13 @@
 """Ray Data wiring for nightly batch scoring: list → prepare (CPU tasks) → Predictor (actor pool).
 
-The listing is consumed in chunks of ``commit_every`` inputs; each chunk is one small Ray
-Dataset whose result is committed (see ``allcore.scoring.OutputStore``) before the next chunk is
-listed, so the driver holds one chunk of names at a time and a crash loses at most one chunk.
+The driver lists the inputs in chunks of ``commit_every`` names, drops those the ledger says are
+done, and puts each chunk into the object store, so it never holds millions of names itself.
+One streaming dataset then scores them all (the actor pool loads the model once per actor), and
+the driver commits every ``commit_every`` result rows (see ``allcore.scoring.OutputStore``): a
+crash loses at most the uncommitted rows, which the next run scores again.
+
+On a CPU-only cluster Ray Data fuses the two stages into the actor pool (same resources), so
+``--actors`` also bounds decoding; with GPUs they stay separate and decoding overlaps inference.
 """
 
 from __future__ import annotations
@@ -18,24 +23,28 @@ import ray
 from allcore.artifact import read_card
 from allcore.inference import Predictor, prepare_batch, prepare_kwargs
 from allcore.scoring import (OK, OutputStore, RunSummary, ScoringConfig, build_output_table,
-                             card_summary, chunked, input_key, iter_inputs, new_run_id)
+                             card_summary, chunked, input_digest, iter_inputs, new_run_id)
 
 log = logging.getLogger("allcore.score")
 
 
-def _score_chunk(items: list[dict], config: ScoringConfig, card, num_gpus: int) -> pa.Table:
-    """Run one chunk through both stages and collect it on the driver (names and numbers only:
-    pixels never leave the workers)."""
-    dataset = (
-        ray.data.from_items(items)
-        .map_batches(prepare_batch, batch_size=config.batch_size,
-                     fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels))
-        .map_batches(Predictor, batch_size=config.batch_size, concurrency=tuple(config.actors),
-                     num_gpus=num_gpus,
-                     fn_constructor_kwargs={"artifact_uri": config.model,
-                                            "expected_sha256": card.weights_sha256})
-    )
-    return pa.concat_tables(dataset.iter_batches(batch_size=None, batch_format="pyarrow"))
+def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> list:
+    """Object refs of Arrow tables of the inputs to score; counts listed and skipped."""
+    refs = []
+    for infos in chunked(iter_inputs(config), config.commit_every):
+        summary.listed += len(infos)
+        todo = []
+        for info in infos:
+            digest = input_digest(info.uri, info.size, info.mtime_or_etag)
+            if digest not in done:  # also drops a path listed twice in one run
+                done.add(digest)
+                todo.append(info)
+        summary.skipped += len(infos) - len(todo)
+        if todo:
+            refs.append(ray.put(pa.table({"source_uri": [i.uri for i in todo],
+                                          "source_size": [i.size for i in todo],
+                                          "source_mtime": [i.mtime_or_etag for i in todo]})))
+    return refs
 
 
 def run_scoring(config: ScoringConfig, *,
@@ -43,7 +52,7 @@ def run_scoring(config: ScoringConfig, *,
     """Score every input of ``config`` not yet committed for this model; return the accounting.
 
     ``on_commit`` is called with each commit record right after it is written (progress
-    reporting; the tests use it to crash a run between chunks).
+    reporting; the tests use it to kill a run between commits).
     """
     if not ray.is_initialized():
         ray.init()  # joins RAY_ADDRESS / `ray job submit`'s cluster, else starts one in-process
@@ -57,45 +66,41 @@ def run_scoring(config: ScoringConfig, *,
     summary = RunSummary(run_id=new_run_id(), output=config.output,
                          max_error_rate=config.max_error_rate)
     store.write_config(summary.run_id, config)
-    log.info("run %s: model %s %s (%s), %d inputs already committed, %s",
+    log.info("run %s: model %s %s (%s) on %s; %d inputs already committed for it",
              summary.run_id, card.model_name, card.model_version, card.weights_sha256[:12],
-             len(done), "GPU" if num_gpus else "CPU")
+             "GPU" if num_gpus else "CPU", len(done))
     started = time.perf_counter()
-    for chunk_index, infos in enumerate(chunked(iter_inputs(config), config.commit_every)):
-        summary.listed += len(infos)
-        todo = []
-        for info in infos:
-            key = input_key(info)
-            if key not in done:  # also drops a path listed twice in one run
-                done.add(key)
-                todo.append(info)
-        summary.skipped += len(infos) - len(todo)
-        if not todo:
-            continue
-        chunk_started = time.perf_counter()
-        scored_at = dt.datetime.now(dt.timezone.utc)
-        scored = _score_chunk([{"source_uri": i.uri, "source_size": i.size,
-                                "source_mtime": i.mtime_or_etag} for i in todo],
-                              config, card, num_gpus)
-        if scored.num_rows != len(todo):  # never commit a chunk that would mark lost rows done
-            raise RuntimeError(f"chunk {chunk_index}: {len(todo)} inputs went in but "
-                               f"{scored.num_rows} rows came out; nothing was committed for it")
-        table = build_output_table(scored, run_id=summary.run_id, scored_at=scored_at,
-                                   model_summary=model_summary,
-                                   specimen_pattern=config.specimen_pattern)
-        record = store.commit(table, run_id=summary.run_id, chunk=chunk_index,
-                              inputs=[input_key(i) for i in todo],
-                              model_sha256=card.weights_sha256, scored_at=scored_at)
-        summary.ok += record["counts"][OK]
-        summary.errors += table.num_rows - record["counts"][OK]
-        summary.chunks += 1
-        summary.seconds = time.perf_counter() - started
-        log.info("chunk %d: %d listed, %d scored (%d errors), %d skipped, %.1f images/s -> %s",
-                 chunk_index, len(infos), table.num_rows, table.num_rows - record["counts"][OK],
-                 len(infos) - len(todo), table.num_rows / (time.perf_counter() - chunk_started),
-                 record["files"][0]["path"])
-        if on_commit is not None:
-            on_commit(record)
+    refs = _list_todo(config, done, summary)
+    log.info("listed %d inputs: %d to score, %d skipped", summary.listed,
+             summary.listed - summary.skipped, summary.skipped)
+    if refs:
+        scored_batches = (
+            ray.data.from_arrow_refs(refs)
+            .map_batches(prepare_batch, batch_size=config.batch_size,
+                         fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels))
+            .map_batches(Predictor, batch_size=config.batch_size, num_gpus=num_gpus,
+                         compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
+                                                            max_size=config.actors[1]),
+                         fn_constructor_kwargs={"artifact_uri": config.model,
+                                                "expected_sha256": card.weights_sha256})
+            .iter_batches(batch_size=config.commit_every, batch_format="pyarrow")
+        )
+        for chunk, scored in enumerate(scored_batches):
+            scored_at = dt.datetime.now(dt.timezone.utc)
+            table = build_output_table(scored, run_id=summary.run_id, scored_at=scored_at,
+                                       model_summary=model_summary,
+                                       specimen_pattern=config.specimen_pattern)
+            record = store.commit(table, run_id=summary.run_id, chunk=chunk,
+                                  model_sha256=card.weights_sha256, scored_at=scored_at)
+            errors = table.num_rows - record["counts"][OK]
+            summary.ok, summary.errors = summary.ok + record["counts"][OK], summary.errors + errors
+            summary.chunks += 1
+            summary.seconds = time.perf_counter() - started
+            log.info("chunk %d: %d rows (%d errors) -> %s; %d/%d scored, %.1f images/s",
+                     chunk, table.num_rows, errors, record["files"][0]["path"], summary.scored,
+                     summary.listed - summary.skipped, summary.scored / summary.seconds)
+            if on_commit is not None:
+                on_commit(record)
     summary.seconds = time.perf_counter() - started
     store.finish(summary)
     log.info(summary.line())

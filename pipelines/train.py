@@ -259,11 +259,13 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     label_set = get_label_set(recipe.label_set)
     with best.as_directory() as directory:
         state = load_state(directory)
+    with result.checkpoint.as_directory() as directory:
+        history = load_state(directory)["history"]  # the whole run, not just up to the best epoch
     model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
                          input_size=recipe.input_size)
     model.load_state_dict(state["model"])
     test_metrics = _test_metrics(model, manifest, recipe, label_set, model.data_config)
-    best_row = max(state["history"], key=lambda r: r[BEST_METRIC])
+    best_row = state["history"][-1]
     card = ModelCard(
         model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
         classes=list(label_set.classes), label_set=label_set.name, recipe=recipe.to_dict(),
@@ -275,7 +277,7 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     artifact_uri = io.join(fold_dir, "model")
     save_artifact(artifact_uri, model, card)
     io.write_bytes(io.join(artifact_uri, "history.json"),
-                   json.dumps(state["history"], indent=2).encode())
+                   json.dumps(history, indent=2).encode())
     print(f"[allcore] {name}: best epoch {best_row['epoch']} val_macro_f1="
           f"{best_row[BEST_METRIC]:.3f}; test accuracy={test_metrics['accuracy']:.3f} "
           f"macro_f1={test_metrics['macro_f1']:.3f} (n={test_metrics['n']})", flush=True)

@@ -44,15 +44,14 @@ def archive(root: Path, per_class: int = 4) -> list[str]:
 def bi_queries(output: str) -> tuple[duckdb.DuckDBPyConnection, list]:
     """Run every statement of sql/bi_queries.sql; return the connection and each result."""
     con = duckdb.connect()
-    results = [con.execute(statement).fetchall()
+    results = [con.execute(statement).to_arrow_table()
                for statement in con.extract_statements(SQL.replace("${OUTPUT}", output))]
     return con, results
 
 
 def rows(con: duckdb.DuckDBPyConnection, view: str = "committed_predictions") -> list[dict]:
-    cursor = con.execute(f"SELECT * FROM {view} ORDER BY source_uri, scored_at")
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, r)) for r in cursor.fetchall()]
+    return con.execute(f"SELECT * FROM {view} ORDER BY source_uri, scored_at").to_arrow_table() \
+        .to_pylist()
 
 
 def test_scores_an_archive_and_reruns_add_nothing(tmp_path, ray_session, tiny_artifact):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from allcore.scoring import (SCHEMA_METADATA_KEY, OutputStore, RunSummary, ScoringConfig,
-                             build_output_table, chunked, iter_manifest, output_schema,
+                             build_output_table, chunked, input_digest, iter_manifest, output_schema,
                              specimen_id)
 
 SUMMARY = {"model_name": "tiny", "model_version": "1", "weights_sha256": "ab" * 32,
@@ -86,10 +86,7 @@ def test_output_table_nulls_predictions_of_error_rows():
 def commit(store: OutputStore, run_id: str, chunk: int, sha: str = SUMMARY["weights_sha256"]):
     table = build_output_table(scored_table(), run_id=run_id, scored_at=SCORED_AT,
                                model_summary=SUMMARY, specimen_pattern=None)
-    keys = [(u, s, m) for u, s, m in zip(*(table[c].to_pylist() for c in
-                                           ("source_uri", "source_size", "source_mtime")))]
-    return store.commit(table, run_id=run_id, chunk=chunk, inputs=keys, model_sha256=sha,
-                        scored_at=SCORED_AT)
+    return store.commit(table, run_id=run_id, chunk=chunk, model_sha256=sha, scored_at=SCORED_AT)
 
 
 def test_commit_publishes_partitioned_file_with_schema_metadata_and_ledger(tmp_path):
@@ -99,8 +96,9 @@ def test_commit_publishes_partitioned_file_with_schema_metadata_and_ledger(tmp_p
     assert path.parent.name == "scored_date=2025-03-04"
     assert SCHEMA_METADATA_KEY in pq.read_schema(path).metadata
     assert not any((tmp_path / "_staging").rglob("*.parquet"))
-    assert store.ledger(SUMMARY["weights_sha256"]) == {("/a/S1/y.jpg", 0, "2"),
-                                                       ("/a/S2/x.jpg", 10, "1")}
+    assert store.ledger(SUMMARY["weights_sha256"]) == {input_digest("/a/S1/y.jpg", 0, "2"),
+                                                       input_digest("/a/S2/x.jpg", 10, "1")}
+    assert input_digest("/a/S2/x.jpg", 10, "changed") not in store.ledger(SUMMARY["weights_sha256"])
     assert store.ledger("another-model") == set()
     assert store.committed_files() == [str(path)]
 

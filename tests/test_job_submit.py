@@ -1,0 +1,67 @@
+"""`ray job submit` against a `ray start --head` on loopback, with Ray 2.60 token auth."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from allcore.artifact import load_artifact
+from allcore.labels import get_label_set
+from allcore.synthetic import write_archive
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url_port: int, proc: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"ray start exited early:\n{proc.stdout.read()}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", url_port)) == 0:
+                return
+        time.sleep(1)
+    raise TimeoutError("the Ray dashboard did not come up")
+
+
+def test_train_job_through_ray_job_submit(tmp_path):
+    archive = tmp_path / "archive"
+    write_archive(archive, label_set=get_label_set("all4"), per_class=8, size=64, seed=5)
+    gcs, dashboard = _free_port(), _free_port()
+    # the job's `python` is whatever the head's PATH finds first: this virtualenv
+    env = {**os.environ, "RAY_AUTH_MODE": "token",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # --block keeps the head in this process tree: terminating it stops only this cluster
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
+         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_for(dashboard, head)
+        out = tmp_path / "runs"
+        submit = subprocess.run(
+            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
+             "--", "python", "jobs/train.py", "--recipe", "demo", "--data", str(archive),
+             "--output", str(out), "--name", "submitted", "--epochs", "1", "--input-size", "32",
+             "--set", "pretrained=false"],
+            env=env, capture_output=True, text=True, timeout=400)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout
+        _, card = load_artifact(str(out / "submitted" / "model"))
+        assert card.classes == list(get_label_set("all4").classes)
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
