@@ -196,9 +196,9 @@ def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
         "status": scored["status"],
         "error": [None if good else e for e, good in zip(scored["error"].to_pylist(), ok)],
     }
-    arrays = [pa.array(v, type=f.type) if isinstance(v, list) else v.cast(f.type)
-              for f, v in ((f, columns[f.name]) for f in schema)]
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return pa.Table.from_arrays(
+        [pa.array(columns[f.name], type=f.type) if isinstance(columns[f.name], list)
+         else columns[f.name].cast(f.type) for f in schema], schema=schema)
 
 
 # ---------------------------------------------------------------- inputs and accounting
@@ -234,14 +234,13 @@ def stat_input(uri: str) -> FileInfo:
 def iter_manifest(manifest: str, base: str) -> Iterator[FileInfo]:
     """Inputs named in a manifest: one path or s3:// uri per line; relative paths are joined
     onto ``base``; blank lines and lines starting with '#' are skipped."""
+    base = base if base.startswith("s3://") else os.path.abspath(base)  # workers' cwd differs
     fs, path = filesystem(manifest)
     with fs.open(path, "rt") as lines:
         for line in lines:
             name = line.strip()
             if name and not name.startswith("#"):
-                absolute = name.startswith(("/", "s3://"))
-                yield stat_input(name if absolute else join(os.path.abspath(base)
-                                                            if "://" not in base else base, name))
+                yield stat_input(name if name.startswith(("/", "s3://")) else join(base, name))
 
 
 def iter_inputs(config: ScoringConfig) -> Iterator[FileInfo]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -28,24 +29,33 @@ def _actors(text: str) -> tuple[int, int]:
         low, _, high = text.partition(",")
         return int(low), int(high or low)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--actors takes MIN,MAX (e.g. 1,4), got {text!r}") from None
+        message = f"--actors takes MIN,MAX (e.g. 1,4), got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _location(text: str) -> str:
+    """Local paths made absolute: Ray workers do not share the driver's working directory."""
+    return text if text.startswith("s3://") else os.path.abspath(text)
 
 
 def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     defaults = ScoringConfig(model="", input="", output="")
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model artifact folder or s3:// prefix")
-    parser.add_argument("--input", required=True, help="image folder or s3:// prefix (recursive)")
-    parser.add_argument("--manifest", help="text file, one image path per line (relative to "
-                        "--input), scored instead of listing --input")
-    parser.add_argument("--output", required=True, help="table root, local folder or s3:// prefix")
+    parser.add_argument("--model", required=True, type=_location,
+                        help="model artifact folder or s3:// prefix")
+    parser.add_argument("--input", required=True, type=_location,
+                        help="image folder or s3:// prefix (recursive)")
+    parser.add_argument("--manifest", type=_location, help="text file, one image path per line "
+                        "(relative to --input), scored instead of listing --input")
+    parser.add_argument("--output", required=True, type=_location,
+                        help="table root, local folder or s3:// prefix")
     parser.add_argument("--full", action="store_true", help="rescore inputs already committed")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--actors", type=_actors, default=defaults.actors, metavar="MIN,MAX",
                         help="inference actor pool size (default %(default)s)")
     parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
-                        help="fail (exit 2) above this fraction of error rows (default %(default)s)")
+                        help="exit 2 above this fraction of error rows (default %(default)s)")
     parser.add_argument("--specimen-pattern", help="regex on the input path; capture group 1 is "
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,

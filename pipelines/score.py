@@ -1,4 +1,4 @@
-"""Ray Data wiring for nightly batch scoring: list → prepare (CPU tasks) → Predictor (actor pool).
+"""Ray Data wiring for nightly batch scoring: list → prepare (CPU) → Predictor (actor pool).
 
 The driver lists the inputs in chunks of ``commit_every`` names, drops those the ledger says are
 done, and puts each chunk into the object store, so it never holds millions of names itself.

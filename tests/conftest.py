@@ -49,7 +49,8 @@ def tiny_artifact(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One small local Ray instance for every test that needs it (starting Ray takes ~10 s)."""
+    """One small local Ray instance for every test that needs it (starting Ray takes ~10 s).
+    Workers get this checkout on their path, so they run the code under test, not an install."""
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
@@ -106,7 +107,7 @@ def bad_images():
         expected = {str(root / name): fragment for name, (_, fragment) in bad.items()}
         expected[str(root / "folder.jpg")] = "unreadable input"
         expected[str(root / "vanished.jpg")] = "unreadable input"  # listed, then deleted
-        if os.geteuid() != 0:  # root reads any file, so permission denial is testable only as a user
+        if os.geteuid() != 0:  # root reads any file: permission denial is testable only as a user
             (root / "no-permission.jpg").write_bytes(jpeg)
             (root / "no-permission.jpg").chmod(0)
             expected[str(root / "no-permission.jpg")] = "PermissionError"

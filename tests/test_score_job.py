@@ -104,6 +104,20 @@ def load_job():
     return module
 
 
+def test_command_line_makes_paths_absolute_and_rejects_bad_values(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    job = load_job()
+    config = job.parse_args(["--model", "m", "--input", "s3://lab/in", "--output", "out",
+                             "--actors", "2,6", "--full"])
+    assert (config.model, config.input, config.output) == (str(tmp_path / "m"), "s3://lab/in",
+                                                           str(tmp_path / "out"))
+    assert config.actors == (2, 6) and config.full
+    for bad in (["--actors", "two"], ["--actors", "4,2"], ["--specimen-pattern", "(a)(b)"]):
+        with pytest.raises(SystemExit):
+            job.parse_args(["--model", "m", "--input", "i", "--output", "o", *bad])
+    assert "capture group" in capsys.readouterr().err
+
+
 def test_bad_inputs_become_one_error_row_each_and_fail_the_run(tmp_path, ray_session,
                                                                tiny_artifact, bad_images, capsys):
     good = archive(tmp_path / "good", per_class=2)

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from allcore.scoring import (SCHEMA_METADATA_KEY, OutputStore, RunSummary, ScoringConfig,
-                             build_output_table, chunked, input_digest, iter_manifest, output_schema,
-                             specimen_id)
+                             build_output_table, chunked, input_digest, iter_manifest,
+                             output_schema, specimen_id)
 
 SUMMARY = {"model_name": "tiny", "model_version": "1", "weights_sha256": "ab" * 32,
            "classes": ["Benign", "Early"], "data_config": {"input_size": 64}}
