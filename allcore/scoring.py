@@ -51,6 +51,7 @@ class ScoringConfig:
     specimen_pattern: str | None = None  # regex on source_uri; group 1 (or whole match) = specimen
     commit_every: int = 4096  # inputs per commit: bounds driver memory and work lost to a crash
     max_pixels: int = 40_000_000  # decompression-bomb guard passed to decode_rgb
+    fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.commit_every < 1:

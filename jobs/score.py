@@ -60,13 +60,16 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
                         help="inputs per commit (default %(default)s)")
+    parser.add_argument("--fast", action="store_true", help="fast inference path: ONNX Runtime "
+                        "on CPU (pip install 'allcore[fast]'), bf16 autocast on GPU; see "
+                        "docs/PERFORMANCE.md for speed and agreement with the default path")
     args = parser.parse_args(argv)
     try:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
                              manifest=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
-                             commit_every=args.commit_every)
+                             commit_every=args.commit_every, fast=args.fast)
     except ValueError as exc:
         parser.error(str(exc))
 

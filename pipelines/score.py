@@ -82,7 +82,8 @@ def run_scoring(config: ScoringConfig, *,
                          compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                             max_size=config.actors[1]),
                          fn_constructor_kwargs={"artifact_uri": config.model,
-                                                "expected_sha256": card.weights_sha256})
+                                                "expected_sha256": card.weights_sha256,
+                                                "fast": config.fast})
             .iter_batches(batch_size=config.commit_every, batch_format="pyarrow")
         )
         for chunk, scored in enumerate(scored_batches):

@@ -1,9 +1,11 @@
 """`ray job submit` against a `ray start --head` on loopback, with Ray 2.60 token auth."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,11 +45,12 @@ def test_train_job_through_ray_job_submit(tmp_path):
     # the job's `python` is whatever the head's PATH finds first: this virtualenv
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay short
     # --block keeps the head in this process tree: terminating it stops only this cluster
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={tmp_path / 'ray'}"],
+         "--include-dashboard=true", f"--temp-dir={ray_temp}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         _wait_for(dashboard, head)
@@ -65,3 +68,4 @@ def test_train_job_through_ray_job_submit(tmp_path):
     finally:
         head.terminate()
         head.wait(timeout=60)
+        shutil.rmtree(ray_temp, ignore_errors=True)

@@ -1,0 +1,51 @@
+"""The fast inference path scores like the eager reference path (allcore.inference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from allcore.artifact import load_artifact
+from allcore.inference import Predictor, probability_function
+from allcore.scoring import OK, prob_column
+
+# fp32 throughout (ONNX Runtime or a frozen trace): only operator fusion and summation order
+# differ from eager, so probabilities agree far below anything that could flip a decision.
+PROBABILITY_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def pixels() -> np.ndarray:
+    return np.random.default_rng(0).normal(0, 1.5, (12, 3, 64, 64)).astype(np.float32)
+
+
+@pytest.mark.parametrize("onnx", [True, False], ids=["onnxruntime", "torchscript"])
+def test_fast_path_agrees_with_eager(tiny_artifact, pixels, onnx, monkeypatch):
+    if onnx:
+        pytest.importorskip("onnxruntime")
+    else:  # the fallback when the `fast` extra is not installed
+        monkeypatch.setattr("allcore.inference._onnx_session", lambda model, size: None)
+    cpu = torch.device("cpu")
+    eager = probability_function(load_artifact(tiny_artifact)[0], input_size=64, fast=False,
+                                 device=cpu)(pixels)
+    fast = probability_function(load_artifact(tiny_artifact)[0], input_size=64, fast=True,
+                                device=cpu)(pixels)
+    assert len(set(eager.argmax(1))) > 1, "the fixture model must not predict one class only"
+    assert fast.shape == eager.shape and fast.dtype == np.float32
+    np.testing.assert_array_equal(fast.argmax(1), eager.argmax(1))
+    np.testing.assert_allclose(fast, eager, atol=PROBABILITY_TOLERANCE, rtol=0)
+
+
+def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):
+    """A batch size the export never saw, with an error row in it: the fast path must take any
+    batch size and score only the ok rows, exactly like the eager Predictor."""
+    pytest.importorskip("onnxruntime")
+    status = np.array([OK] * 6 + ["error"] + [OK] * 2, dtype=object)
+    batch = {"source_uri": np.array([f"img{i}.jpg" for i in range(9)], dtype=object),
+             "status": status, "pixels": pixels[:9]}
+    eager, fast = Predictor(tiny_artifact)(batch), Predictor(tiny_artifact, fast=True)(batch)
+    assert list(fast["pred_label"]) == list(eager["pred_label"])
+    assert fast["pred_label"][6] is None and np.isnan(fast["confidence"][6])
+    column = prob_column("Benign")
+    np.testing.assert_allclose(fast[column], eager[column], atol=PROBABILITY_TOLERANCE)
