@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from PIL import Image
 
 from allcore.artifact import load_artifact
 from allcore.io import ImageDecodeError, decode_rgb, read_bytes
@@ -37,6 +38,20 @@ def prepare_kwargs(card, *, max_pixels: int = 40_000_000) -> dict:
             "max_pixels": max_pixels}
 
 
+def load_image(uri: str, *, max_pixels: int = 40_000_000) -> tuple[str | None, Image.Image | None, str | None]:
+    """(content sha256, RGB image, error) of one input; never raises for a bad input. The sha is
+    kept when the bytes could be read, even if they do not decode, so broken copies can be found."""
+    try:
+        data = read_bytes(uri)
+    except OSError as exc:
+        return None, None, _read_error(exc)
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return sha, decode_rgb(data, max_pixels=max_pixels), None
+    except ImageDecodeError as exc:
+        return sha, None, str(exc)
+
+
 def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corner: bool = False,
                   max_pixels: int = 40_000_000) -> dict[str, np.ndarray]:
     """Read, hash, decode and preprocess each ``source_uri`` of the batch.
@@ -53,18 +68,12 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corne
     error = np.full(n, None, dtype=object)
     width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
     for i, uri in enumerate(uris):
-        try:
-            data = read_bytes(str(uri))
-        except OSError as exc:
-            status[i], error[i] = ERROR, _read_error(exc)
+        sha[i], img, error[i] = load_image(str(uri), max_pixels=max_pixels)
+        if img is None:
+            status[i] = ERROR
             continue
-        sha[i] = hashlib.sha256(data).hexdigest()
-        try:
-            img = decode_rgb(data, max_pixels=max_pixels)
-            width[i], height[i] = img.size
-            pixels[i] = preprocess_array(img, cfg, mask_corner=mask_corner)
-        except ImageDecodeError as exc:
-            status[i], error[i] = ERROR, str(exc)
+        width[i], height[i] = img.size
+        pixels[i] = preprocess_array(img, cfg, mask_corner=mask_corner)
     return {**batch, "content_sha256": sha, "width": width, "height": height,
             "status": status, "error": error, "pixels": pixels}
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from allcore.io import FileInfo, filesystem, iter_image_files, join
@@ -34,6 +35,7 @@ from allcore.io import FileInfo, filesystem, iter_image_files, join
 SCHEMA_METADATA_KEY = b"allcore.schema"
 SCHEMA_VERSION = 1
 OK, ERROR = "ok", "error"
+FIELD, CELL = "field", "cell"  # row_kind: one field row per input, plus cell rows with --per-cell
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class ScoringConfig:
     commit_every: int = 4096  # inputs per commit: bounds driver memory and work lost to a crash
     max_pixels: int = 40_000_000  # decompression-bomb guard passed to decode_rgb
     fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
+    per_cell: bool = False  # also one row per detected white cell (allcore.percell, docs/SCORING.md)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.commit_every < 1:
@@ -99,15 +102,26 @@ COLUMN_DESCRIPTIONS: dict[str, str] = {
     "source_mtime": "mtime in ns (local) or ETag (s3) at listing time: the change detector",
     "content_sha256": "sha256 of the bytes actually scored (null if unreadable)",
     "specimen_id": "specimen the image belongs to (regex on source_uri; default parent folder)",
-    "cell_id": "deterministic cell id: content_sha256[:16]:index (whole image = index 0)",
-    "box_x0": "cell box left, pixels of the original image (whole image: 0)",
-    "box_y0": "cell box top (whole image: 0)",
-    "box_x1": "cell box right, exclusive (whole image: width)",
-    "box_y1": "cell box bottom, exclusive (whole image: height)",
+    "cell_id": "deterministic id: content_sha256[:16]:x0,y0,x1,y1 for a cell, "
+               "content_sha256[:16]:field for the whole field (null for error rows)",
+    "row_kind": "'field' (one per input, also for errors) or 'cell' (one per detected white cell, "
+                "--per-cell runs only)",
+    "box_x0": "cell box left, pixels of the original image (field rows: 0)",
+    "box_y0": "cell box top (field rows: 0)",
+    "box_x1": "cell box right, exclusive (field rows: width)",
+    "box_y1": "cell box bottom, exclusive (field rows: height)",
+    "cell_count": "white cells found in the field (field rows of --per-cell runs; else null)",
+    "cell_area": "cell area in pixels (cell rows; else null)",
+    "circularity": "4 pi area / perimeter^2 of the cell, 1 for a disk (cell rows; else null)",
+    "nucleus_cell_ratio": "nucleus area / cell area (cell rows where the nucleus is distinct)",
     "pred_label": "class with the highest probability (null for error rows)",
     "confidence": "probability of pred_label (null for error rows)",
+    "blast_probability": "sum of the probabilities of the label set's blast classes (all4: "
+                         "Early+Pre+Pro; binary: malignant; all_hem: ALL); null for error rows",
+    "is_blast": "pred_label is a blast class (null for error rows)",
     "status": "'ok' or 'error'",
     "error": "why the input could not be scored (null for ok rows)",
+    "note": "remark on an ok row, e.g. 'no cells found' on a --per-cell field row without cells",
 }
 PROB_DESCRIPTION = "softmax probability of class {cls!r} (null for error rows)"
 
@@ -125,9 +139,13 @@ def output_schema(classes: Iterable[str], model_summary: dict) -> pa.Schema:
         "model_name": pa.string(), "model_version": pa.string(), "model_sha256": pa.string(),
         "source_uri": pa.string(), "source_size": pa.int64(), "source_mtime": pa.string(),
         "content_sha256": pa.string(), "specimen_id": pa.string(), "cell_id": pa.string(),
+        "row_kind": pa.string(),
         "box_x0": pa.int32(), "box_y0": pa.int32(), "box_x1": pa.int32(), "box_y1": pa.int32(),
+        "cell_count": pa.int32(), "cell_area": pa.int32(), "circularity": pa.float32(),
+        "nucleus_cell_ratio": pa.float32(),
         "pred_label": pa.string(), "confidence": pa.float32(),
-        "status": pa.string(), "error": pa.string(),
+        "blast_probability": pa.float32(), "is_blast": pa.bool_(),
+        "status": pa.string(), "error": pa.string(), "note": pa.string(),
     }
     names = list(types)
     at = names.index("confidence") + 1
@@ -158,27 +176,60 @@ def specimen_id(uri: str, pattern: str | None) -> str | None:
     return match.group(1) if match.re.groups else match.group(0)
 
 
+def cell_id(sha: str, row_kind: str, box: tuple[int, int, int, int]) -> str:
+    """Deterministic row id: the same bytes and box give the same id in every run and model."""
+    return f"{sha[:16]}:field" if row_kind == FIELD else f"{sha[:16]}:{','.join(map(str, box))}"
+
+
 def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
-                       model_summary: dict, specimen_pattern: str | None) -> pa.Table:
+                       model_summary: dict, specimen_pattern: str | None,
+                       blast_classes: Iterable[str] = ()) -> pa.Table:
     """Turn the inference stage's columns into rows of the output schema.
 
     ``scored`` has source_uri, source_size, source_mtime, content_sha256, width, height, status,
     error, pred_label, confidence and prob_<class>; error rows carry NaN/None predictions,
-    stored as nulls. Rows are sorted by source_uri so a chunk's file is reproducible.
+    stored as nulls. Per-cell batches (``allcore.percell.prepare_cells_batch``) add row_kind,
+    box_*, cell_count, cell_area, circularity, nucleus_cell_ratio and note (NaN / -1 = null).
+    Rows are sorted by source_uri, field row first, so a chunk's file is reproducible.
     """
-    scored = scored.sort_by("source_uri")
+    per_cell = "row_kind" in scored.column_names
+    scored = scored.sort_by([("source_uri", "ascending")] + (
+        [("row_kind", "descending"), ("box_y0", "ascending"), ("box_x0", "ascending")]
+        if per_cell else []))
     classes = model_summary["classes"]
+    blast = [c for c in classes if c in set(blast_classes)]
     schema = output_schema(classes, model_summary)
     n = scored.num_rows
     ok = np.array([s == OK for s in scored["status"].to_pylist()], dtype=bool)
-    sha = scored["content_sha256"].to_pylist()
+
+    def text(name: str) -> list[str | None]:
+        """Missing strings arrive as None, "" or NaN (Ray Data turns an all-None column into
+        floats when it re-batches): all become null."""
+        return [v if isinstance(v, str) and v else None for v in scored[name].to_pylist()]
+
+    sha = text("content_sha256")
     uris = scored["source_uri"].to_pylist()
+    kinds = scored["row_kind"].to_pylist() if per_cell else [FIELD] * n
 
     def only_ok(values) -> list:
         return [v if good else None for v, good in zip(values, ok)]
 
-    def numeric(name: str) -> pa.Array:  # NaN from error rows would read as a number: null it
-        return pa.array(scored[name].to_numpy(zero_copy_only=False), mask=~ok)
+    def values(name: str) -> np.ndarray:
+        return scored[name].to_numpy(zero_copy_only=False)
+
+    def numeric(name: str, null_below: float | None = None) -> pa.Array:
+        """NaN (or values below ``null_below``) from error rows would read as numbers: null them."""
+        data = values(name)
+        missing = ~ok | np.isnan(data.astype(np.float64))
+        if null_below is not None:
+            missing |= data < null_below
+        return pa.array(data, mask=missing)
+
+    boxes = ([values(f"box_{k}").tolist() for k in ("x0", "y0", "x1", "y1")] if per_cell
+             else [[0] * n, [0] * n, values("width").tolist(), values("height").tolist()])
+    blast_probability = (sum(values(prob_column(c)).astype(np.float64) for c in blast)
+                         if blast else np.full(n, np.nan))
+    labels = scored["pred_label"].to_pylist()
 
     columns = {
         "run_id": [run_id] * n, "scored_at": [scored_at] * n,
@@ -188,14 +239,25 @@ def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
         "source_uri": uris, "source_size": scored["source_size"],
         "source_mtime": scored["source_mtime"], "content_sha256": sha,
         "specimen_id": [specimen_id(u, specimen_pattern) for u in uris],
-        "cell_id": only_ok(f"{s[:16]}:0" if s else None for s in sha),
-        "box_x0": only_ok([0] * n), "box_y0": only_ok([0] * n),
-        "box_x1": numeric("width"), "box_y1": numeric("height"),
-        "pred_label": only_ok(scored["pred_label"].to_pylist()),
+        "cell_id": only_ok(cell_id(s, k, b) if s else None
+                           for s, k, b in zip(sha, kinds, zip(*boxes))),
+        "row_kind": kinds,
+        **{f"box_{k}": only_ok(b) for k, b in zip(("x0", "y0", "x1", "y1"), boxes)},
+        **({"cell_count": numeric("cell_count", null_below=0),
+            "cell_area": numeric("cell_area", null_below=0),
+            "circularity": numeric("circularity"),
+            "nucleus_cell_ratio": numeric("nucleus_cell_ratio")} if per_cell else
+           {name: [None] * n for name in ("cell_count", "cell_area", "circularity",
+                                          "nucleus_cell_ratio")}),
+        "pred_label": only_ok(labels),
         "confidence": numeric("confidence"),
         **{prob_column(c): numeric(prob_column(c)) for c in classes},
+        "blast_probability": pa.array(blast_probability, mask=~ok | np.isnan(blast_probability)),
+        "is_blast": [(label in blast) if good and blast else None
+                     for label, good in zip(labels, ok)],
         "status": scored["status"],
-        "error": [None if good else e for e, good in zip(scored["error"].to_pylist(), ok)],
+        "error": [None if good else e for e, good in zip(text("error"), ok)],
+        "note": text("note") if per_cell else [None] * n,
     }
     return pa.Table.from_arrays(
         [pa.array(columns[f.name], type=f.type) if isinstance(columns[f.name], list)
@@ -267,6 +329,7 @@ class RunSummary:
     ok: int = 0
     errors: int = 0
     skipped: int = 0  # already committed for this model (or listed twice)
+    cells: int = 0  # cell rows written (--per-cell); not inputs, so not in the balance
     chunks: int = 0
     seconds: float = 0.0
     max_error_rate: float = 1.0
@@ -360,7 +423,9 @@ class OutputStore:
     def commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
                scored_at: dt.datetime) -> dict:
         """Stage, publish, then record one chunk; the record is what makes it count. The
-        record lists the inputs of exactly the rows in the file: they become the ledger."""
+        record lists the inputs of exactly the rows in the file: they become the ledger. Counts
+        and inputs come from the field rows (one per input), so --per-cell cell rows do not
+        inflate the accounting; the caller commits an input's field and cell rows together."""
         name = f"part-{run_id}-{chunk:05d}.parquet"
         staged = self._p("_staging", run_id, name)
         relative = posixpath.join("predictions", f"scored_date={scored_at:%Y-%m-%d}", name)
@@ -369,12 +434,14 @@ class OutputStore:
             pq.write_table(table, handle)
         self.fs.makedirs(posixpath.dirname(self._p(relative)), exist_ok=True)
         self.fs.mv(staged, self._p(relative))
-        status = table["status"].to_pylist()
+        field_rows = table.filter(pc.equal(table["row_kind"], FIELD))
+        status = field_rows["status"].to_pylist()
         record = {"run_id": run_id, "chunk": chunk, "model_sha256": model_sha256,
                   "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "files": [{"path": relative, "rows": table.num_rows}],
-                  "counts": {OK: status.count(OK), ERROR: status.count(ERROR)},
-                  "inputs": [list(k) for k in zip(*(table[c].to_pylist() for c in
+                  "counts": {OK: status.count(OK), ERROR: status.count(ERROR),
+                             CELL: table.num_rows - field_rows.num_rows},
+                  "inputs": [list(k) for k in zip(*(field_rows[c].to_pylist() for c in
                                                    ("source_uri", "source_size", "source_mtime")))]}
         self._write_atomic(self._p("_commits", f"{run_id}-{chunk:05d}.json"),
                            json.dumps(record).encode())

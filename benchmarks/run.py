@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,32 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
             "ceiling_images_per_s": gflops * 1e9 / flops, "torch_threads": torch.get_num_threads()}
 
 
+def agreement(artifact: str, images: Path, batch_size: int) -> dict:
+    """Fast path vs eager fp32 on the benchmark images (real ones with --data): share of
+    identical argmax and the largest absolute probability difference."""
+    import numpy as np
+    import torch
+
+    from allcore.artifact import load_artifact, read_card
+    from allcore.inference import prepare_batch, prepare_kwargs, probability_function
+    from allcore.io import iter_image_files
+
+    uris = np.array([info.uri for info in iter_image_files(str(images))], dtype=object)
+    card, cpu = read_card(artifact), torch.device("cpu")
+    size = int(card.data_config["input_size"])
+    pixels = np.concatenate([prepare_batch({"source_uri": uris[i:i + batch_size]},
+                                           **prepare_kwargs(card))["pixels"]
+                             for i in range(0, len(uris), batch_size)])
+    probs = {fast: np.concatenate([
+        fn(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
+        for fast in (False, True)
+        for fn in [probability_function(load_artifact(artifact)[0], input_size=size, fast=fast,
+                                        device=cpu)]}
+    return {"images": len(uris),
+            "identical_argmax": float((probs[True].argmax(1) == probs[False].argmax(1)).mean()),
+            "max_abs_probability_difference": float(np.abs(probs[True] - probs[False]).max())}
+
+
 # ------------------------------------------------------------------ children (one process each)
 
 
@@ -290,10 +317,11 @@ def run_child(kind: str, spec: dict, work: Path, label: str) -> dict:
     """Run one measurement in a subprocess; add its images/s and the peak RSS of its tree."""
     import psutil
 
-    output = work / "out" / label.replace(" ", "_")
+    slug = re.sub(r"\W+", "_", label).strip("_").lower()
+    output = work / "out" / slug
     output.mkdir(parents=True)
     spec = {**spec, "output": str(output)}
-    log_path = work / f"{label.replace(' ', '_')}.log"
+    log_path = work / f"{slug}.log"
     print(f"[bench] {label} ...", flush=True)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, __file__, "--child", kind, json.dumps(spec)],
@@ -388,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     if "model" not in skip:
         report["model_only"] = model_only(artifact, args.batch_size)
+        report["fast_vs_eager"] = agreement(artifact, images, args.batch_size)
+        print(f"[bench] fast vs eager: {report['fast_vs_eager']}", flush=True)
         rows += [{"name": f"model only, {name}", "images_per_s": speed}
                  for name, speed in report["model_only"]["images_per_s"].items()]
     if "baseline" not in skip:
@@ -402,6 +432,12 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_child("score", {**common, "images": str(many), "actors": 2, "fast": True,
                                         "expected": 10 * common["expected"]},
                               work, "Ray Data 2 actor(s) fast 10xN"))
+        at_n = next((r for r in rows if r["name"] == "Ray Data 2 actor(s) fast"), None)
+        if at_n is not None:
+            report["rss_growth_10x"] = rows[-1]["peak_rss_mb"] / at_n["peak_rss_mb"] - 1
+            # the two runs differ only by 9N images: their time difference has no start-up cost
+            marginal = (rows[-1]["images"] - at_n["images"]) / (rows[-1]["seconds"] - at_n["seconds"])
+            rows.append({"name": "Ray Data 2 actor(s) fast, steady", "images_per_s": marginal})
     if "train" not in skip:
         rows += training_rows(args, images, work)
     baseline = next((r["images_per_s"] for r in rows if r["name"] == "plain PyTorch baseline"), None)

@@ -63,13 +63,17 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--fast", action="store_true", help="fast inference path: ONNX Runtime "
                         "on CPU (pip install 'allcore[fast]'), bf16 autocast on GPU; see "
                         "docs/PERFORMANCE.md for speed and agreement with the default path")
+    parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
+                        "cell (crop classified by the model) and a specimen_summary table; see "
+                        "docs/SCORING.md")
     args = parser.parse_args(argv)
     try:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
                              manifest=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
-                             commit_every=args.commit_every, fast=args.fast)
+                             commit_every=args.commit_every, fast=args.fast,
+                             per_cell=args.per_cell)
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -19,15 +19,19 @@ WHERE parse_filename(p.filename) IN (
           FROM read_json('${OUTPUT}/_commits/*.json', columns = {
               'files': 'STRUCT(path VARCHAR, "rows" BIGINT)[]'})));
 
--- One row per input: the newest scoring wins (after a --full rescore or a new model).
+-- The newest scoring of each input wins (after a --full rescore or a new model): its field row
+-- and, for --per-cell runs, its cell rows. Files older than row_kind hold field rows only.
 CREATE OR REPLACE VIEW latest_predictions AS
-SELECT * FROM committed_predictions
-QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY scored_at DESC, run_id DESC) = 1;
+SELECT p.* FROM committed_predictions AS p
+JOIN (SELECT source_uri, run_id FROM committed_predictions
+      WHERE coalesce(row_kind, 'field') = 'field'
+      QUALIFY row_number() OVER (PARTITION BY source_uri ORDER BY scored_at DESC, run_id DESC) = 1)
+USING (source_uri, run_id);
 
--- Predicted class counts per specimen.
-SELECT specimen_id, pred_label, count(*) AS cells, round(avg(confidence), 3) AS mean_confidence
+-- Predicted class counts per specimen (field-level calls).
+SELECT specimen_id, pred_label, count(*) AS fields, round(avg(confidence), 3) AS mean_confidence
 FROM latest_predictions
-WHERE status = 'ok'
+WHERE status = 'ok' AND coalesce(row_kind, 'field') = 'field'
 GROUP BY specimen_id, pred_label
 ORDER BY specimen_id, pred_label;
 
@@ -52,3 +56,45 @@ FROM latest_predictions
 WHERE status = 'ok' AND confidence < 0.6
 ORDER BY confidence
 LIMIT 100;
+
+-- Per-cell rows (jobs/score.py --per-cell): one per detected white cell, newest scoring per input.
+CREATE OR REPLACE VIEW cell_predictions AS
+SELECT * FROM latest_predictions WHERE row_kind = 'cell';
+
+-- Specimen summary computed from the cell rows, per specimen and model: the same numbers as the
+-- <out>/specimen_summary/ table the job writes (class counts as a map here, as columns there).
+-- Blast fraction with a 95% Wilson interval (z = 1.959964).
+CREATE OR REPLACE VIEW specimen_summary AS
+WITH counts AS (
+    SELECT specimen_id, model_sha256,
+           count(*) FILTER (row_kind = 'field' AND status = 'ok') AS fields_scored,
+           count(*) FILTER (row_kind = 'field' AND status = 'error') AS fields_with_errors,
+           count(*) FILTER (row_kind = 'field' AND status = 'ok' AND cell_count = 0)
+               AS fields_without_cells,
+           count(*) FILTER (row_kind = 'cell') AS cells_total,
+           histogram(pred_label) FILTER (row_kind = 'cell') AS cells_by_class,
+           count(*) FILTER (row_kind = 'cell' AND is_blast) AS blast_cells,
+           list(cell_id ORDER BY blast_probability DESC, cell_id)
+               FILTER (row_kind = 'cell')[1:5] AS top_suspicious_cells
+    FROM latest_predictions
+    WHERE specimen_id IN (SELECT specimen_id FROM latest_predictions WHERE row_kind = 'cell')
+    GROUP BY specimen_id, model_sha256),
+z AS (SELECT 1.959964 AS z)
+SELECT counts.* EXCLUDE (top_suspicious_cells),
+       blast_cells / nullif(cells_total, 0) AS blast_fraction,
+       (blast_fraction + z * z / (2 * cells_total)
+        - z * sqrt(blast_fraction * (1 - blast_fraction) / cells_total
+                   + z * z / (4 * cells_total * cells_total))) / (1 + z * z / cells_total)
+           AS blast_ci_low,
+       (blast_fraction + z * z / (2 * cells_total)
+        + z * sqrt(blast_fraction * (1 - blast_fraction) / cells_total
+                   + z * z / (4 * cells_total * cells_total))) / (1 + z * z / cells_total)
+           AS blast_ci_high,
+       top_suspicious_cells
+FROM counts, z;
+
+-- Specimens by blast fraction, with the cells to look at first.
+SELECT specimen_id, cells_total, blast_cells, round(blast_fraction, 3) AS blast_fraction,
+       round(blast_ci_low, 3) AS ci_low, round(blast_ci_high, 3) AS ci_high, top_suspicious_cells
+FROM specimen_summary
+ORDER BY blast_fraction DESC NULLS LAST, specimen_id;

@@ -49,3 +49,14 @@ def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):
     assert fast["pred_label"][6] is None and np.isnan(fast["confidence"][6])
     column = prob_column("Benign")
     np.testing.assert_allclose(fast[column], eager[column], atol=PROBABILITY_TOLERANCE)
+
+
+def test_fast_flag_reaches_the_scoring_config():
+    from allcore.scoring import ScoringConfig
+    from jobs.score import parse_args
+
+    paths = ["--model", "m", "--input", "i", "--output", "o"]
+    assert parse_args(paths).fast is False  # eager stays the reference default
+    config = parse_args([*paths, "--fast"])
+    assert config.fast is True
+    assert ScoringConfig.from_json(config.to_json()) == config

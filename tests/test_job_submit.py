@@ -26,11 +26,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(url_port: int, proc: subprocess.Popen, seconds: float = 90) -> None:
+def _wait_for(url_port: int, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited early:\n{proc.stdout.read()}")
+            raise RuntimeError(f"ray start exited early:\n{log.read_text()}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", url_port)) == 0:
                 return
@@ -42,25 +42,33 @@ def test_train_job_through_ray_job_submit(tmp_path):
     archive = tmp_path / "archive"
     write_archive(archive, label_set=get_label_set("all4"), per_class=8, size=64, seed=5)
     gcs, dashboard = _free_port(), _free_port()
+    # every port of its own: a second Ray on this machine (the test session's) holds the defaults
+    own_ports = [f"--{flag}={_free_port()}" for flag in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+        "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # the job's `python` is whatever the head's PATH finds first: this virtualenv
     env = {**os.environ, "RAY_AUTH_MODE": "token",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    head_log = tmp_path / "ray-head.log"
     ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay short
     # --block keeps the head in this process tree: terminating it stops only this cluster
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=2",
-         "--include-dashboard=true", f"--temp-dir={ray_temp}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--include-dashboard=true", f"--temp-dir={ray_temp}", *own_ports],
+        env=env, stdout=head_log.open("w"), stderr=subprocess.STDOUT)
     try:
-        _wait_for(dashboard, head)
+        _wait_for(dashboard, head, head_log)
         out = tmp_path / "runs"
-        submit = subprocess.run(
-            [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--working-dir", str(REPO),
-             "--", "python", "jobs/train.py", "--recipe", "demo", "--data", str(archive),
-             "--output", str(out), "--name", "submitted", "--epochs", "1", "--input-size", "32",
-             "--set", "pretrained=false"],
-            env=env, capture_output=True, text=True, timeout=400)
+        command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
+                   "--working-dir", str(REPO), "--", "python", "jobs/train.py", "--recipe", "demo",
+                   "--data", str(archive), "--output", str(out), "--name", "submitted",
+                   "--epochs", "1", "--input-size", "32", "--set", "pretrained=false"]
+        for _ in range(10):  # the dashboard answers before its job agent is ready
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout
         _, card = load_artifact(str(out / "submitted" / "model"))

@@ -77,7 +77,7 @@ def test_output_table_nulls_predictions_of_error_rows():
     assert all(error[c] is None for c in ("pred_label", "confidence", "prob_Benign", "cell_id",
                                           "box_x1", "content_sha256"))
     assert ok["error"] is None and ok["pred_label"] == "Early"
-    assert ok["prob_Early"] == pytest.approx(0.75) and ok["cell_id"] == "f" * 16 + ":0"
+    assert ok["prob_Early"] == pytest.approx(0.75) and ok["cell_id"] == "f" * 16 + ":field"
     assert (ok["box_x0"], ok["box_y0"], ok["box_x1"], ok["box_y1"]) == (0, 0, 80, 60)
     assert ok["specimen_id"] == "S2" and ok["model_sha256"] == SUMMARY["weights_sha256"]
     assert table.schema.equals(output_schema(SUMMARY["classes"], SUMMARY), check_metadata=True)

@@ -1,0 +1,205 @@
+"""Per-cell scoring: the batch function without Ray, the specimen summary, and --per-cell end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from allcore.artifact import read_card
+from allcore.inference import Predictor, prepare_kwargs
+from allcore.labels import get_label_set
+from allcore.percell import (NO_CELLS_NOTE, CompleteInputs, blast_classes, prepare_cells_batch,
+                            specimen_summary, wilson_interval)
+from allcore.scoring import ScoringConfig, build_output_table, card_summary
+from allcore.synthetic import make_field, write_archive
+
+REPO = Path(__file__).resolve().parents[1]
+FIELD_SIZE = 224  # the finder's defaults are tuned on 224 px fields
+ARCHIVE_SIZE = 128  # end to end: small for speed; exact boxes are checked at FIELD_SIZE
+
+
+def write_fields(root: Path) -> tuple[list[str], dict[str, list[list[int]]]]:
+    """Three synthetic fields with known boxes (PNG: lossless), a field without white cells and a
+    zero-byte file, in that order."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(4)
+    boxes = {}
+    for index in range(3):
+        img, true_boxes = make_field(rng, index, FIELD_SIZE, scale_bar=False)
+        path = root / f"field-{index}.png"
+        img.save(path)
+        boxes[str(path)] = true_boxes
+    Image.new("RGB", (FIELD_SIZE, FIELD_SIZE), (232, 202, 210)).save(root / "empty.png")
+    (root / "broken.jpg").write_bytes(b"")
+    return [*boxes, str(root / "empty.png"), str(root / "broken.jpg")], boxes
+
+
+def batch_of(paths: list[str]) -> dict[str, np.ndarray]:
+    return {"source_uri": np.array(paths, dtype=object),
+            "source_size": np.array([Path(p).stat().st_size for p in paths], np.int64),
+            "source_mtime": np.array(["1"] * len(paths), dtype=object)}
+
+
+def iou(a, b) -> float:
+    ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def score_cells(paths: list[str], artifact: str) -> pa.Table:
+    card = read_card(artifact)
+    prepared = prepare_cells_batch(batch_of(paths), **prepare_kwargs(card))
+    return build_output_table(pa.table(Predictor(artifact)(prepared)), run_id="r1",
+                              scored_at=__import__("datetime").datetime(2025, 1, 2),
+                              model_summary=card_summary(card), specimen_pattern=None,
+                              blast_classes=blast_classes(card.label_set, card.classes))
+
+
+def test_cell_rows_follow_the_known_boxes_and_every_input_keeps_its_field_row(tmp_path,
+                                                                            tiny_artifact):
+    paths, true_boxes = write_fields(tmp_path / "S1")
+    rows = score_cells(paths, tiny_artifact).to_pylist()
+    fields = {r["source_uri"]: r for r in rows if r["row_kind"] == "field"}
+    assert sorted(fields) == sorted(paths)  # exactly one field row per input, errors included
+
+    for path, boxes in true_boxes.items():
+        cells = [r for r in rows if r["source_uri"] == path and r["row_kind"] == "cell"]
+        found = [(c["box_x0"], c["box_y0"], c["box_x1"], c["box_y1"]) for c in cells]
+        assert fields[path]["cell_count"] == len(cells) == len(boxes)
+        assert all(max(iou(t, f) for f in found) > 0.6 for t in boxes), (boxes, found)
+        sha = fields[path]["content_sha256"]
+        assert fields[path]["cell_id"] == f"{sha[:16]}:field"
+        assert [c["cell_id"] for c in cells] == [f"{sha[:16]}:{x0},{y0},{x1},{y1}"
+                                                for x0, y0, x1, y1 in found]
+        assert all(c["status"] == "ok" and c["pred_label"] and c["cell_area"] > 0
+                   and 0 < c["circularity"] <= 1 and c["cell_count"] is None for c in cells)
+        probs = [sum(c[f"prob_{k}"] for k in ("Early", "Pre", "Pro")) for c in cells]
+        np.testing.assert_allclose([c["blast_probability"] for c in cells], probs, rtol=1e-5)
+
+    empty = fields[paths[3]]
+    assert (empty["status"], empty["cell_count"], empty["note"]) == ("ok", 0, NO_CELLS_NOTE)
+    broken = [r for r in rows if r["source_uri"] == paths[4]]
+    assert len(broken) == 1 and broken[0]["status"] == "error" and "zero-byte" in broken[0]["error"]
+    assert broken[0]["cell_id"] is None and broken[0]["cell_count"] is None
+
+    again = score_cells(list(reversed(paths)), tiny_artifact)  # ids do not depend on batch order
+    assert again["cell_id"].to_pylist() == [r["cell_id"] for r in rows]
+
+
+def test_complete_inputs_never_splits_an_input_across_batches(tmp_path, tiny_artifact):
+    paths, _ = write_fields(tmp_path / "S1")
+    card = read_card(tiny_artifact)
+    prepared = prepare_cells_batch(batch_of(paths), **prepare_kwargs(card))
+    table = pa.table({k: v for k, v in prepared.items() if k != "pixels"})
+    shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
+    buffer, released = CompleteInputs(), []
+    for start in range(0, shuffled.num_rows, 4):
+        out = buffer.add(shuffled.slice(start, 4))
+        counts = Counter(out["source_uri"].to_pylist())
+        expected = Counter(table["source_uri"].to_pylist())
+        assert all(counts[uri] == expected[uri] for uri in counts)  # whole inputs only
+        released.append(out)
+    assert buffer.pending_rows == 0
+    assert pa.concat_tables(released).num_rows == table.num_rows
+
+
+def test_wilson_interval_matches_the_textbook_value_and_rejects_bad_counts():
+    low, high = wilson_interval(5, 20)
+    assert (round(low, 3), round(high, 3)) == (0.112, 0.469)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert all(np.isnan(wilson_interval(0, 0)))
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(3, 2)
+
+
+def test_blast_classes_follow_the_label_set():
+    assert blast_classes("all4", get_label_set("all4").classes) == ("Early", "Pre", "Pro")
+    assert blast_classes("binary", ("benign", "malignant")) == ("malignant",)
+    assert blast_classes("all_hem", ("HEM", "ALL")) == ("ALL",)
+    with pytest.raises(ValueError, match="BLAST_CLASSES"):
+        blast_classes("cnmc9", ("a", "b"))
+    with pytest.raises(ValueError, match="inconsistent"):
+        blast_classes("all4", ("Benign", "Early"))
+
+
+def test_specimen_summary_counts_cells_per_class_and_picks_the_most_suspicious():
+    def row(specimen, kind, label=None, blast=None, status="ok", cells=None, cid=None):
+        return {"specimen_id": specimen, "model_sha256": "m", "row_kind": kind, "status": status,
+                "pred_label": label, "is_blast": None if label is None else label != "Benign",
+                "blast_probability": blast, "cell_count": cells, "cell_id": cid}
+
+    rows = [row("A", "field", cells=3), row("A", "field", cells=0), row("A", "field", status="error"),
+            row("A", "cell", "Pro", 0.9, cid="a1"), row("A", "cell", "Benign", 0.2, cid="a2"),
+            row("A", "cell", "Pre", 0.95, cid="a3"), row("B", "field", cells=0)]
+    summary = {r["specimen_id"]: r for r in specimen_summary(pa.Table.from_pylist(rows),
+                                                              ["Benign", "Early", "Pre", "Pro"])
+               .to_pylist()}
+    a = summary["A"]
+    assert (a["fields_scored"], a["fields_with_errors"], a["fields_without_cells"]) == (2, 1, 1)
+    assert (a["cells_total"], a["cells_Benign"], a["cells_Pre"], a["cells_Pro"]) == (3, 1, 1, 1)
+    assert a["blast_fraction"] == pytest.approx(2 / 3)
+    assert (a["blast_ci_low"], a["blast_ci_high"]) == pytest.approx(wilson_interval(2, 3))
+    assert a["top_suspicious_cells"] == ["a3", "a1", "a2"]
+    b = summary["B"]
+    assert (b["cells_total"], b["blast_fraction"], b["top_suspicious_cells"]) == (0, None, [])
+
+
+def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
+        tmp_path, ray_session, tiny_artifact):
+    from pipelines.score import run_scoring
+
+    inputs = tmp_path / "in"
+    samples = write_archive(inputs, label_set=get_label_set("all4"), per_class=2, size=ARCHIVE_SIZE)
+    (inputs / "Pro" / "WBC-Pro-999.jpg").write_bytes(b"not a jpeg")
+    paths = [s.path for s in samples] + [str(inputs / "Pro" / "WBC-Pro-999.jpg")]
+    out = tmp_path / "out"
+    config = ScoringConfig(model=tiny_artifact, input=str(inputs), output=str(out), batch_size=3,
+                           actors=(1, 1), commit_every=5, per_cell=True, max_error_rate=0.5)
+    summary = run_scoring(config)
+    assert (summary.listed, summary.ok, summary.errors, summary.skipped) == (9, 8, 1, 0)
+    assert summary.balanced and not summary.failed and summary.cells > 0
+
+    con = duckdb.connect()
+    sql = (REPO / "sql" / "bi_queries.sql").read_text().replace("${OUTPUT}", str(out))
+    for statement in con.extract_statements(sql):
+        con.execute(statement)
+    rows = con.execute("SELECT * FROM latest_predictions").to_arrow_table().to_pylist()
+    fields = Counter(r["source_uri"] for r in rows if r["row_kind"] == "field")
+    assert fields == Counter(paths)  # one field (or error) row per input, none dropped
+    assert sum(r["row_kind"] == "cell" for r in rows) == summary.cells
+    assert sum(r["cell_count"] or 0 for r in rows if r["row_kind"] == "field") == summary.cells
+    records = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
+    committed = Counter(k[0] for r in records for k in r["inputs"])
+    assert committed == Counter(paths)  # the ledger keys by input, each exactly once
+
+    files = list((out / "specimen_summary").rglob(f"part-{summary.run_id}.parquet"))
+    assert len(files) == 1
+    written = {r["specimen_id"]: r for r in pq.read_table(files[0]).to_pylist()}
+    expected = con.execute("""
+        SELECT specimen_id, count(*) AS cells, count(*) FILTER (is_blast) AS blasts,
+               count(*) FILTER (pred_label = 'Pre') AS pre
+        FROM cell_predictions GROUP BY specimen_id""").fetchall()
+    assert {s: (c, b, p) for s, c, b, p in expected} == {
+        s: (r["cells_total"], r["blast_cells"], r["cells_Pre"]) for s, r in written.items()
+        if r["cells_total"]}
+    assert written["Pro"]["fields_with_errors"] == 1
+    view = {r[0]: r[1:] for r in con.execute(
+        "SELECT specimen_id, cells_total, blast_fraction, blast_ci_low, top_suspicious_cells "
+        "FROM specimen_summary").fetchall()}
+    for specimen, (cells, fraction, low, top) in view.items():
+        assert (cells, top) == (written[specimen]["cells_total"],
+                                written[specimen]["top_suspicious_cells"])
+        assert (fraction, low) == pytest.approx((written[specimen]["blast_fraction"],
+                                                 written[specimen]["blast_ci_low"]))
+
+    again = run_scoring(config)
+    assert (again.listed, again.skipped, again.ok, again.cells) == (9, 9, 0, 0)
