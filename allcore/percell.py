@@ -209,7 +209,7 @@ def latest_rows(store: OutputStore, model_sha256: str, specimens: Iterable[str])
         con.register_filesystem(store.fs)
     con.execute("CREATE TABLE wanted (specimen_id VARCHAR)")
     con.executemany("INSERT INTO wanted VALUES (?)", [[s] for s in specimens])
-    return con.execute("""
+    return con.sql("""
         WITH rows AS (
             SELECT * FROM read_parquet(?, union_by_name = true)
             WHERE model_sha256 = ? AND specimen_id IN (SELECT specimen_id FROM wanted)),
@@ -218,7 +218,7 @@ def latest_rows(store: OutputStore, model_sha256: str, specimens: Iterable[str])
             QUALIFY row_number() OVER (PARTITION BY source_uri
                                        ORDER BY scored_at DESC, run_id DESC) = 1)
         SELECT rows.* FROM rows JOIN latest USING (source_uri, run_id)""",
-                       [files, model_sha256]).to_arrow_table()
+                   params=[files, model_sha256]).to_arrow_table()
 
 
 def write_specimen_summary(store: OutputStore, *, run_id: str, model_sha256: str,

@@ -35,6 +35,10 @@ def build_datasets(manifest: SplitManifest, recipe: Recipe, label_set: LabelSet,
     augment = {**recipe.augment, "mask_corner": recipe.mask_corner}
     train_tf = train_transform(data_config, augment)
     eval_tf = eval_transform(data_config, mask_corner=recipe.mask_corner)
+    missing = {"train", "val"} - set(manifest.names)
+    if missing:
+        raise ValueError(f"split manifest has no {' or '.join(sorted(missing))} images; "
+                         "use more data or larger split fractions")
     train_samples = manifest.subset("train")
     train = ImageDataset(train_samples, label_set, train_tf, seed=recipe.seed)
     if recipe.balance == "desaturate_minority":
@@ -45,7 +49,9 @@ def build_datasets(manifest: SplitManifest, recipe: Recipe, label_set: LabelSet,
     return {
         "train": train,
         "val": ImageDataset(manifest.subset("val"), label_set, eval_tf),
-        "test": ImageDataset(manifest.subset("test"), label_set, eval_tf),
+        # a manifest without test rows (e.g. a train/val-only split) evaluates nothing
+        "test": ImageDataset(manifest.subset("test") if "test" in manifest.names else [],
+                             label_set, eval_tf),
     }
 
 

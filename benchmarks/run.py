@@ -283,6 +283,8 @@ def child_plain_train(spec: dict) -> dict:
 
     recipe = Recipe.from_dict(spec["recipe"])
     label_set = get_label_set(recipe.label_set)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model, num_classes=label_set.num_classes,
                          pretrained=recipe.pretrained, input_size=recipe.input_size)
@@ -473,7 +475,9 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     split_samples(samples, fractions=recipe.split, seed=recipe.seed,
                   strategy=recipe.split_strategy).write(str(manifest))
     spec = {"recipe": recipe.to_dict(), "images": str(images), "split_manifest": str(manifest)}
+    # Ray gives its worker 1 CPU, so OMP_NUM_THREADS=1: the 1-thread plain loop isolates Ray's cost
     return [run_child("plain_train", spec, work, "train: plain PyTorch loop"),
+            run_child("plain_train", {**spec, "threads": 1}, work, "train: plain loop, 1 thread"),
             run_child("ray_train", spec, work, "train: Ray Train 1 worker")]
 
 

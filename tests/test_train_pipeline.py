@@ -62,7 +62,7 @@ def test_interrupted_run_resumes_when_started_again_with_the_same_name(ray_sessi
 @pytest.fixture(scope="module")
 def binary_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
-    write_archive(root, label_set=get_label_set("all4"), per_class=6, size=48, seed=4)
+    write_archive(root, label_set=get_label_set("all4"), per_class=12, size=48, seed=4)
     return str(root)
 
 
