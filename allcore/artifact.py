@@ -13,6 +13,7 @@ import os
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
@@ -20,8 +21,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 import allcore
 from allcore.io import filesystem, join, read_bytes
-from allcore.models import Classifier, create_model
 from allcore.transforms import DataConfig
+
+if TYPE_CHECKING:  # models (timm, torchvision) load lazily: reading a card must stay cheap
+    from allcore.models import Classifier
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -94,6 +97,8 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
     whose weights are missing; a half-overwritten artifact fails its sha256 check instead of
     silently loading mixed weights.
     """
+    from allcore.models import Classifier
+
     if not isinstance(model, Classifier):
         raise ValueError(f"save_artifact needs an allcore Classifier, got {type(model).__name__} "
                          f"(unwrap DDP / Ray models with .module first)")
@@ -149,6 +154,8 @@ def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tupl
             f"{card.weights_sha256}: the file was modified or corrupted. Re-export the model or "
             f"download the artifact again."
         )
+    from allcore.models import create_model
+
     model = create_model(card.model_name, num_classes=len(card.classes), pretrained=False,
                          **card.model_kwargs)
     try:

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -332,6 +331,7 @@ class TrainTransform:
             img = self._random_resized_crop(img, generator)
         else:
             img = _resize_centre_crop(img, self.cfg)
+        TF = _torchvision_functional()
         x = self._affine(torch.from_numpy(_unit_array(img)), generator)
         if aug.rotate90:
             x = torch.rot90(x, _randint(generator, 4), dims=(-2, -1))
@@ -371,6 +371,7 @@ class TrainTransform:
         if not (aug.rotation or aug.shear or aug.shift or aug.zoom != (1.0, 1.0)):
             return x
         height, width = x.shape[-2:]
+        TF = _torchvision_functional()
         return TF.affine(
             x,
             angle=_uniform(generator, -aug.rotation, aug.rotation),
@@ -384,6 +385,14 @@ class TrainTransform:
             # uncovered corners take the background colour rather than black, which is no stain
             fill=x.flatten(1).median(dim=1).values.tolist(),
         )
+
+
+def _torchvision_functional():
+    """torchvision's tensor ops, imported at the first augmentation: scoring and evaluation never
+    need them, and the import costs about a second of every nightly run's start-up."""
+    import torchvision.transforms.v2.functional as TF
+
+    return TF
 
 
 def train_transform(cfg: DataConfig, augment: dict[str, Any]) -> TrainTransform:

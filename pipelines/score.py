@@ -43,11 +43,19 @@ def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> 
                 done.add(digest)
                 todo.append(info)
         summary.skipped += len(infos) - len(todo)
-        if todo:
-            refs.append(ray.put(pa.table({"source_uri": [i.uri for i in todo],
-                                          "source_size": [i.size for i in todo],
-                                          "source_mtime": [i.mtime_or_etag for i in todo]})))
+        # one block per model batch, so every actor of the pool gets work
+        for block in chunked(todo, config.batch_size):
+            _ensure_ray()
+            refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
+                                          "source_size": [i.size for i in block],
+                                          "source_mtime": [i.mtime_or_etag for i in block]})))
     return refs
+
+
+def _ensure_ray() -> None:
+    """Start Ray only once there is work: a nightly rerun with nothing new costs just the listing."""
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS / `ray job submit`'s cluster, else starts one in-process
 
 
 def run_scoring(config: ScoringConfig, *,
@@ -61,11 +69,8 @@ def run_scoring(config: ScoringConfig, *,
     (``allcore.percell``); an input's rows are committed together, and at the end the specimen
     summary of the specimens this run scored is written beside the table.
     """
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS / `ray job submit`'s cluster, else starts one in-process
     card = read_card(config.model)
     model_summary = card_summary(card)
-    num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
     store = OutputStore(config.output)
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
@@ -73,9 +78,9 @@ def run_scoring(config: ScoringConfig, *,
     summary = RunSummary(run_id=new_run_id(), output=config.output,
                          max_error_rate=config.max_error_rate)
     store.write_config(summary.run_id, config)
-    log.info("run %s: model %s %s (%s) on %s; %d inputs already committed for it",
+    log.info("run %s: model %s %s (%s); %d inputs already committed for it",
              summary.run_id, card.model_name, card.model_version, card.weights_sha256[:12],
-             "GPU" if num_gpus else "CPU", len(done))
+             len(done))
     started = time.perf_counter()
     refs = _list_todo(config, done, summary)
     log.info("listed %d inputs: %d to score, %d skipped", summary.listed,
@@ -85,6 +90,8 @@ def run_scoring(config: ScoringConfig, *,
               if config.per_cell or card.label_set in BLAST_CLASSES else ())
     complete, specimens = CompleteInputs(), set()
     if refs:
+        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
         scored_batches = (
             ray.data.from_arrow_refs(refs)
             .map_batches(prepare_cells_batch if config.per_cell else prepare_batch,
