@@ -43,7 +43,7 @@ def test_prepare_batch_turns_every_bad_input_into_an_error_row(tmp_path, tiny_ar
     out = prepare_batch(batch_of(paths), **prepare_kwargs(read_card(tiny_artifact)))
     status = dict(zip(paths, out["status"]))
     errors = dict(zip(paths, out["error"]))
-    assert all(status[p] == "ok" and errors[p] is None for p in good + convertible)
+    assert all(status[p] == "ok" and errors[p] == "" for p in good + convertible)
     for path, fragment in bad.items():
         assert status[path] == "error", path
         assert fragment in errors[path], (path, errors[path])
@@ -71,7 +71,7 @@ def test_predictor_matches_the_model_and_passes_error_rows_through(tmp_path, tin
     assert list(out["pred_label"][:5]) == [card.classes[i] for i in direct.argmax(1)]
     np.testing.assert_allclose(out["confidence"][:5], direct.max(1), atol=1e-4)
     assert len(set(out["pred_label"][:5])) > 1, "tiny model should not predict one class for all"
-    assert out["status"][5] == "error" and out["pred_label"][5] is None
+    assert out["status"][5] == "error" and out["pred_label"][5] == ""
     assert np.isnan(probs[5]).all() and np.isnan(out["confidence"][5])
     assert "pixels" not in out and out["error"][5].startswith("unreadable input")
 
