@@ -102,7 +102,8 @@ def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
             "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
         },
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu),
+        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": _cpus_per_worker(job)}),
         run_config=RunConfig(
             name=name,
             storage_path=_ray_storage_path(job.output),
@@ -114,6 +115,15 @@ def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
         ),
     )
     return trainer.fit()
+
+
+def _cpus_per_worker(job: TrainJob) -> int:
+    """CPU workers share the cluster's CPUs (Ray sets each worker's torch threads to its share;
+    with the default of 1 a lone worker would leave the rest of the machine idle). GPU workers
+    keep one CPU each for the loop; their data loaders use their own processes."""
+    if job.use_gpu:
+        return 1
+    return max(1, int(ray.cluster_resources().get("CPU", 1)) // job.workers)
 
 
 def _ray_storage_path(output: str) -> str:
