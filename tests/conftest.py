@@ -8,6 +8,18 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _single_thread_torch():
+    """The tests' model calls are tiny: single-threaded they are fastest, while two OpenMP threads
+    spin-waiting on a busy 2-core host cost up to ~50x. Ray workers set their own threads."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real Taleqani development images, or skip: they are never part of the repository."""

@@ -17,16 +17,6 @@ from allcore.models import create_model
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny CPU forwards are fastest single-threaded; 2-thread OpenMP spin-waits on a busy host
-    cost ~50x. (Candidate for tests/conftest.py.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _card(label_set: str = "all4") -> ModelCard:
     labels = get_label_set(label_set)
     return ModelCard(classes=list(labels.classes), label_set=labels.name,

@@ -15,16 +15,6 @@ from allcore.models import WeightsUnavailableError, create_model, list_models
 SIZE = 64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny CPU forwards are fastest single-threaded; 2-thread OpenMP spin-waits on a busy host
-    cost ~50x. (Candidate for tests/conftest.py.)"""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(autouse=True)
 def _no_site_weights_dir(monkeypatch):
     """A user's ALLCORE_WEIGHTS_DIR must not change what these tests exercise."""
