@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.artifact import load_artifact  # noqa: E402
+from allcore.artifact import read_card  # noqa: E402
 from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     args = parser.parse_args(argv)
 
-    _, card = load_artifact(args.model)
+    card = read_card(args.model)
     samples = select_samples(args.data, card.label_set, split_manifest=args.split_manifest,
                              split=args.split)
     out = args.output or str(Path(args.model).parent / "evaluation")
