@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
           f"(held-out test accuracy {summary['accuracy']:.3f}, n={summary['n']})")
     print(f"  predictions    : {workdir / 'predictions'} "
           f"({summary_run.ok} ok, {summary_run.errors} errors, {summary_run.skipped} skipped)")
-    print(f"  query          : duckdb -c \"SELECT pred_label, count(*) FROM read_parquet("
-          f"'{workdir / 'predictions'}/predictions/**/*.parquet', hive_partitioning=true) GROUP BY 1\"")
+    table = f"{workdir / 'predictions'}/predictions/**/*.parquet"
+    print(f"  query          : .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT pred_label, "
+          f"count(*) FROM read_parquet('{table}', hive_partitioning=true) GROUP BY 1\\\").show()\"")
     return 0
 
 
