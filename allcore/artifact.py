@@ -69,6 +69,12 @@ class ModelCard:
     def data_config_obj(self) -> DataConfig:
         return DataConfig.from_dict(self.data_config)
 
+    @property
+    def mask_corner(self) -> bool:
+        """Whether the model was trained with the scale-bar corner painted out: evaluation and
+        scoring must then paint it out too (the recipe's ``mask_corner`` field)."""
+        return bool(self.recipe.get("mask_corner", False))
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -43,7 +43,7 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
     """Score ``samples`` with the artifact and write metrics.json, predictions.csv and report.html."""
     model, card = load_artifact(model_uri)
     data_config = card.data_config_obj()
-    mask_corner = bool(card.recipe.get("mask_corner", False))
+    mask_corner = card.mask_corner
     classes = list(card.classes)
     labels = np.array([classes.index(s.label) if s.label in classes else -1 for s in samples])
     if (labels < 0).any():

@@ -33,8 +33,7 @@ def _read_error(exc: OSError) -> str:
 def prepare_kwargs(card, *, max_pixels: int = 40_000_000) -> dict:
     """``prepare_batch`` keyword arguments for a model card: scoring preprocesses exactly as the
     model was evaluated in training (same data config, same scale-bar masking)."""
-    mask_corner = bool(card.recipe.get("augment", {}).get("mask_corner", False))
-    return {"data_config": dict(card.data_config), "mask_corner": mask_corner,
+    return {"data_config": dict(card.data_config), "mask_corner": card.mask_corner,
             "max_pixels": max_pixels}
 
 

@@ -51,9 +51,10 @@ class ScoringConfig:
     actors: tuple[int, int] = (1, 2)  # inference actor pool (min, max); Ray autoscales between
     max_error_rate: float = 0.05  # fail the run (after committing) when errors / scored exceed it
     specimen_pattern: str | None = None  # regex on source_uri; group 1 (or whole match) = specimen
-    commit_every: int = 4096  # inputs per commit: bounds driver memory and work lost to a crash
+    commit_every: int = 4096  # result rows per commit (cells count with --per-cell): bounds the work a crash loses
     max_pixels: int = 40_000_000  # decompression-bomb guard passed to decode_rgb
     fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
+    gpu: bool = False  # one GPU per actor even if none is up yet (autoscaling GPU workers)
     per_cell: bool = False  # also one row per detected white cell (allcore.percell, docs/SCORING.md)
 
     def __post_init__(self) -> None:

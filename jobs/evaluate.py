@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     card = read_card(args.model)
     samples = select_samples(args.data, card.label_set, split_manifest=args.split_manifest,
                              split=args.split)
+    if args.output is None and "://" in args.model:
+        parser.error("--output is required when --model is remote: the report is written locally")
     out = args.output or str(Path(args.model).parent / "evaluation")
     sigmas = tuple(float(s) for s in args.noise_sigmas.split(",") if s.strip())
     summary = evaluate_artifact(args.model, samples, out, noise_sigmas=sigmas, n_boot=args.bootstrap)

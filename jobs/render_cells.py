@@ -34,7 +34,7 @@ def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell],
     from allcore.transforms import preprocess_array
 
     model, card = load_artifact(model_uri)
-    data_config, mask_corner = card.data_config_obj(), card.recipe.get("mask_corner", False)
+    data_config, mask_corner = card.data_config_obj(), card.mask_corner
     batch = np.stack([preprocess_array(cell_crop(img, cell, config.crop_pad_fraction), data_config,
                                        mask_corner=mask_corner) for cell in cells])
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """Score an image archive with a trained model artifact into a Parquet table (Ray Data).
 
-    python jobs/score.py --model runs/s000/artifact --input /data/smears --output /data/predictions
+    python jobs/score.py --model runs/s000/model --input /data/smears --output /data/predictions
     ray job submit --working-dir . -- python jobs/score.py --model s3://models/s000 \\
         --input s3://lab/smears --output s3://lab/predictions --actors 1,8
 
@@ -59,10 +59,12 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--specimen-pattern", help="regex on the input path; capture group 1 is "
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
-                        help="inputs per commit (default %(default)s)")
+                        help="result rows per commit, cell rows included (default %(default)s)")
     parser.add_argument("--fast", action="store_true", help="fast inference path: ONNX Runtime "
                         "on CPU (pip install 'allcore[fast]'), bf16 autocast on GPU; see "
                         "docs/PERFORMANCE.md for speed and agreement with the default path")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per inference actor; "
+                        "without it GPUs are used when the cluster has some at start")
     parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
                         "cell (crop classified by the model) and a specimen_summary table; see "
                         "docs/SCORING.md")
@@ -72,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                              manifest=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
-                             commit_every=args.commit_every, fast=args.fast,
+                             commit_every=args.commit_every, fast=args.fast, gpu=args.gpu,
                              per_cell=args.per_cell)
     except ValueError as exc:
         parser.error(str(exc))

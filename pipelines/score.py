@@ -90,7 +90,7 @@ def run_scoring(config: ScoringConfig, *,
               if config.per_cell or card.label_set in BLAST_CLASSES else ())
     complete, specimens = CompleteInputs(), set()
     if refs:
-        num_gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
         log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
         scored_batches = (
             ray.data.from_arrow_refs(refs)

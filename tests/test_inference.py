@@ -14,6 +14,7 @@ from PIL import Image
 from allcore.artifact import load_artifact, read_card
 from allcore.inference import Predictor, prepare_batch, prepare_kwargs
 from allcore.io import decode_rgb
+from allcore.recipes import load_recipe
 from allcore.transforms import eval_transform
 
 
@@ -85,5 +86,6 @@ def test_prepare_kwargs_follow_the_model_card(tiny_artifact):
     card = read_card(tiny_artifact)
     assert prepare_kwargs(card)["data_config"]["input_size"] == 64
     assert prepare_kwargs(card)["mask_corner"] is False
-    masked = replace(card, recipe={"augment": {"mask_corner": True}})
+    # the card stores the training recipe as written by `jobs/train.py --set mask_corner=true`
+    masked = replace(card, recipe=load_recipe("demo").override(["mask_corner=true"]).to_dict())
     assert prepare_kwargs(masked, max_pixels=10)["mask_corner"] is True
