@@ -40,7 +40,12 @@ def select_samples(data: str | None, label_set_name: str, *, split_manifest: str
 def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path, *,
                       noise_sigmas: tuple[float, ...] = NOISE_SIGMAS, batch_size: int = 64,
                       n_boot: int = 1000) -> dict:
-    """Score ``samples`` with the artifact and write metrics.json, predictions.csv and report.html."""
+    """Score ``samples`` with the artifact and write metrics.json, predictions.csv and report.html.
+
+    The selected images are held in memory as float32 (N x 3 x S x S: ~0.2 MB each at 128 px),
+    because the noise-robustness table re-scores the same pixels at every sigma. That suits test
+    splits of thousands of images; score whole archives with ``jobs/score.py`` instead.
+    """
     model, card = load_artifact(model_uri)
     data_config = card.data_config_obj()
     mask_corner = card.mask_corner
