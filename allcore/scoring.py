@@ -21,6 +21,8 @@ import json
 import os
 import posixpath
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -365,10 +367,18 @@ class RunSummary:
 
 # ---------------------------------------------------------------- commit protocol
 
+WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
+
+
+class WriterLockedError(RuntimeError):
+    """Another scoring run is writing to the same output root."""
+
+
 @dataclass
 class OutputStore:
-    """The table root and its commit protocol. One writer per output root at a time: a run
-    starts by deleting whatever an earlier crashed run left uncommitted."""
+    """The table root and its commit protocol. One writer per output root at a time (enforced
+    by ``acquire_writer``): a run starts by deleting whatever an earlier crashed run left
+    uncommitted, which would destroy a concurrent run's just-published files."""
 
     root: str
     fs: object = field(init=False, repr=False)
@@ -400,6 +410,30 @@ class OutputStore:
         for path in sorted(self.fs.glob(self._p("_commits", "*.json"))):
             records.append(json.loads(self.fs.cat_file(path)))
         return records
+
+    def acquire_writer(self, run_id: str) -> None:
+        """Take ``_runs/_writer.lock`` for ``run_id``, or raise ``WriterLockedError``.
+
+        A lock left by a killed run is taken over when its process is gone (same host) or its
+        lease has expired (any host). Best effort on S3, which has no create-if-absent here.
+        """
+        path = self._p("_runs", "_writer.lock")
+        if self.fs.exists(path):
+            holder = json.loads(self.fs.cat_file(path))
+            age = time.time() - holder["since"]
+            same_host = holder["host"] == socket.gethostname()
+            if age < WRITER_LEASE_SECONDS and (not same_host or _process_alive(holder["pid"])):
+                raise WriterLockedError(
+                    f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has been "
+                    f"writing to {self.root} for {age / 60:.0f} min; wait for it to finish, or if "
+                    f"it is dead delete {self._uri(path)}")
+        self._write_atomic(path, json.dumps({"run_id": run_id, "host": socket.gethostname(),
+                                             "pid": os.getpid(), "since": time.time()}).encode())
+
+    def release_writer(self, run_id: str) -> None:
+        path = self._p("_runs", "_writer.lock")
+        if self.fs.exists(path) and json.loads(self.fs.cat_file(path))["run_id"] == run_id:
+            self.fs.rm(path)
 
     def recover(self) -> list[str]:
         """Delete staging leftovers and published files no commit record lists (a crash between
@@ -461,3 +495,13 @@ class OutputStore:
         """URIs of the table's files: what a strict reader should read."""
         return [join(self.root, f["path"]) for r in self.commit_records()
                 for f in r["files"]]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

@@ -69,13 +69,23 @@ def run_scoring(config: ScoringConfig, *,
     (``allcore.percell``); an input's rows are committed together, and at the end the specimen
     summary of the specimens this run scored is written beside the table.
     """
+    store = OutputStore(config.output)
+    run_id = new_run_id()
+    store.acquire_writer(run_id)  # a second concurrent run would delete this one's new files
+    try:
+        return _score(config, store, run_id, on_commit)
+    finally:
+        store.release_writer(run_id)
+
+
+def _score(config: ScoringConfig, store: OutputStore, run_id: str,
+           on_commit: Callable[[dict], None] | None) -> RunSummary:
     card = read_card(config.model)
     model_summary = card_summary(card)
-    store = OutputStore(config.output)
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
     done = set() if config.full else store.ledger(card.weights_sha256)
-    summary = RunSummary(run_id=new_run_id(), output=config.output,
+    summary = RunSummary(run_id=run_id, output=config.output,
                          max_error_rate=config.max_error_rate)
     store.write_config(summary.run_id, config)
     log.info("run %s: model %s %s (%s); %d inputs already committed for it",

@@ -146,3 +146,33 @@ def test_manifest_joins_relative_paths_and_keeps_missing_files_for_an_error_row(
 
 def test_chunked_covers_every_item_once():
     assert list(chunked(iter(range(7)), 3)) == [[0, 1, 2], [3, 4, 5], [6]]
+
+
+def test_one_writer_per_output_root(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from allcore.scoring import OutputStore, WriterLockedError
+
+    first, second = OutputStore(str(tmp_path)), OutputStore(str(tmp_path))
+    first.acquire_writer("run-a")
+    with pytest.raises(WriterLockedError, match="run-a .* delete"):
+        second.acquire_writer("run-b")
+    second.release_writer("run-b")  # not its lock: must not remove run-a's
+    with pytest.raises(WriterLockedError):
+        second.acquire_writer("run-b")
+    first.release_writer("run-a")
+    second.acquire_writer("run-b")
+    second.release_writer("run-b")
+
+    # a lock left by a killed run (its process is gone) is taken over
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    lock = tmp_path / "_runs" / "_writer.lock"
+    assert not lock.exists(), "released when the run ends"
+    first.acquire_writer("run-c")
+    stale = {**json.loads(lock.read_text()), "pid": int(dead.stdout)}
+    lock.write_text(json.dumps(stale))
+    second.acquire_writer("run-d")
+    assert json.loads(lock.read_text())["run_id"] == "run-d"
