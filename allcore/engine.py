@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from allcore import metrics
 from allcore.recipes import Recipe
 
 
@@ -149,8 +150,6 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device, precision:
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
              num_classes: int) -> dict[str, float]:
     """Validation loss (plain cross-entropy), accuracy and macro-F1."""
-    from allcore import metrics
-
     probs, labels = predict(model, loader, device, precision)
     if len(labels) == 0:
         raise ValueError("the validation split is empty: use a larger dataset or change split")

@@ -84,6 +84,24 @@ class FileInfo:
     mtime_or_etag: str  # changes when the content does: lets callers cache per file
 
 
+def _s3_file_info(uri: str, info: dict) -> FileInfo:
+    """S3's change detector is the ETag (LastModified when a store omits it)."""
+    return FileInfo(uri, int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or ""))
+
+
+def _local_file_info(path: str, stat: os.stat_result) -> FileInfo:
+    """Locally the mtime in ns: a rewrite of the file changes it."""
+    return FileInfo(path, stat.st_size, str(stat.st_mtime_ns))
+
+
+def stat_file(uri: str) -> FileInfo:
+    """FileInfo of one path, with the same change detector ``iter_image_files`` uses."""
+    if uri.startswith("s3://"):
+        fs, path = filesystem(uri)
+        return _s3_file_info(uri, fs.info(path))
+    return _local_file_info(uri, os.stat(uri))
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
@@ -95,8 +113,7 @@ def _walk_local(path: str) -> Iterator[FileInfo]:
         if entry.is_dir() and not entry.name.startswith("."):
             yield from _walk_local(entry.path)
         elif entry.is_file() and _is_image(entry.name):
-            stat = entry.stat()
-            yield FileInfo(entry.path, stat.st_size, str(stat.st_mtime_ns))
+            yield _local_file_info(entry.path, entry.stat())
 
 
 def iter_image_files(root: str) -> Iterator[FileInfo]:
@@ -117,9 +134,7 @@ def iter_image_files(root: str) -> Iterator[FileInfo]:
         dirs.update(visible)
         for name in sorted(files):
             if _is_image(name):
-                info = files[name]
-                etag = str(info.get("ETag") or info.get("LastModified") or "")
-                yield FileInfo(f"s3://{directory}/{name}", int(info.get("size") or 0), etag)
+                yield _s3_file_info(f"s3://{directory}/{name}", files[name])
 
 
 class ImageDecodeError(ValueError):

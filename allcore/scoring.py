@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from allcore.io import FileInfo, filesystem, iter_image_files, join
+from allcore.io import FileInfo, filesystem, iter_image_files, join, stat_file
 
 SCHEMA_METADATA_KEY = b"allcore.schema"
 SCHEMA_VERSION = 1
@@ -286,13 +286,7 @@ def stat_input(uri: str) -> FileInfo:
     A path that cannot be stat'ed keeps size -1, so the read stage records why as an error row.
     """
     try:
-        if uri.startswith("s3://"):
-            fs, path = filesystem(uri)
-            info = fs.info(path)
-            return FileInfo(uri, int(info.get("size") or 0),
-                            str(info.get("ETag") or info.get("LastModified") or ""))
-        stat = os.stat(uri)
-        return FileInfo(uri, stat.st_size, str(stat.st_mtime_ns))
+        return stat_file(uri)
     except OSError:
         return FileInfo(uri, -1, "")
 

@@ -4,12 +4,14 @@ class weights, and the checkpoint state format. Plain Python; Ray wiring is in `
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from allcore import engine
 from allcore.data import ImageDataset, Sample
 from allcore.labels import LabelSet
 from allcore.recipes import Recipe
@@ -76,6 +78,19 @@ def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
         missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
         raise ValueError(f"class index(es) {missing} have no training images; check the split")
     return counts.sum() / (num_classes * counts)
+
+
+def test_split_metrics(model: torch.nn.Module, manifest: SplitManifest, recipe: Recipe,
+                       label_set: LabelSet) -> dict:
+    """Held-out test accuracy and macro-F1 for the model card, computed on the CPU after
+    training; the full report with CIs and plots is ``jobs/evaluate.py``."""
+    test = build_datasets(manifest, recipe, label_set, model.data_config)["test"]
+    if len(test) == 0:
+        return {"n": 0, "accuracy": math.nan, "macro_f1": math.nan}
+    device = torch.device("cpu")
+    result = engine.evaluate(model, torch.utils.data.DataLoader(test, batch_size=recipe.batch_size),
+                             device, engine.Precision.resolve(device, False), label_set.num_classes)
+    return {"n": len(test), "accuracy": result["val_acc"], "macro_f1": result["val_macro_f1"]}
 
 
 def save_state(directory: str | Path, state: dict[str, Any]) -> None:

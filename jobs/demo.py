@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     from allcore.evaluation import evaluate_artifact, select_samples
     from allcore.scoring import ScoringConfig
     from pipelines.score import run_scoring
-    from pipelines.train import TrainJob, init_ray, run_training
+    from pipelines import init_ray
+    from pipelines.train import TrainJob, run_training
 
     workdir = Path(args.workdir).resolve()
     recipe = load_recipe("demo")

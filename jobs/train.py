@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{field}={getattr(args, field)}")
     recipe = load_recipe(args.recipe).override(overrides)
 
-    from pipelines.train import TrainJob, init_ray, run_training
+    from pipelines import init_ray
+    from pipelines.train import TrainJob, run_training
 
     init_ray()
     job = TrainJob(recipe=recipe, data=args.data, output=args.output, name=args.name or recipe.name,

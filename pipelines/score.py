@@ -20,6 +20,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import ray
 
+from pipelines import init_ray
 from allcore.artifact import read_card
 from allcore.inference import Predictor, prepare_batch, prepare_kwargs
 from allcore.percell import (BLAST_CLASSES, CompleteInputs, blast_classes, prepare_cells_batch,
@@ -45,17 +46,11 @@ def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> 
         summary.skipped += len(infos) - len(todo)
         # one block per model batch, so every actor of the pool gets work
         for block in chunked(todo, config.batch_size):
-            _ensure_ray()
+            init_ray()  # only once there is work: a rerun with nothing new costs just the listing
             refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                           "source_size": [i.size for i in block],
                                           "source_mtime": [i.mtime_or_etag for i in block]})))
     return refs
-
-
-def _ensure_ray() -> None:
-    """Start Ray only once there is work: a nightly rerun with nothing new costs just the listing."""
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS / `ray job submit`'s cluster, else starts one in-process
 
 
 def run_scoring(config: ScoringConfig, *,

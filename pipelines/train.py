@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -24,14 +23,15 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from allcore import engine, io, metrics
+from allcore import engine, io
 from allcore.artifact import ModelCard, save_artifact
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
 from allcore.models import create_model
 from allcore.recipes import Recipe
 from allcore.splits import SplitManifest, kfold_samples, split_samples
-from allcore.training import build_datasets, class_weights, load_state, save_state, targets_of
+from allcore.training import (build_datasets, class_weights, load_state, save_state, targets_of,
+                              test_split_metrics)
 
 BEST_METRIC = "val_macro_f1"
 
@@ -280,7 +280,7 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
                          input_size=recipe.input_size)
     model.load_state_dict(state["model"])
-    test_metrics = _test_metrics(model, manifest, recipe, label_set, model.data_config)
+    test_metrics = test_split_metrics(model, manifest, recipe, label_set)
     best_row = state["history"][-1]
     card = ModelCard(
         model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
@@ -300,20 +300,3 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     print(f"[allcore] model artifact: {artifact_uri}", flush=True)
     return artifact_uri
 
-
-def _test_metrics(model, manifest, recipe, label_set, data_config) -> dict:
-    test = build_datasets(manifest, recipe, label_set, data_config)["test"]
-    if len(test) == 0:
-        return {"n": 0, "accuracy": math.nan, "macro_f1": math.nan}
-    loader = torch.utils.data.DataLoader(test, batch_size=recipe.batch_size)
-    device = torch.device("cpu")
-    probs, labels = engine.predict(model, loader, device, engine.Precision.resolve(device, False))
-    pred = probs.argmax(1)
-    return {"n": int(len(labels)), "accuracy": metrics.accuracy(labels, pred),
-            "macro_f1": metrics.macro_f1(labels, pred, label_set.num_classes)}
-
-
-def init_ray() -> None:
-    """Join the cluster given by RAY_ADDRESS (``ray job submit``) or start Ray in-process."""
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
