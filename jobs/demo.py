@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from allcore.evaluation import evaluate_artifact, select_samples
     from allcore.scoring import ScoringConfig
-    from pipelines.score import run_scoring
     from pipelines import init_ray
+    from pipelines.score import run_scoring
     from pipelines.train import TrainJob, run_training
 
     workdir = Path(args.workdir).resolve()
@@ -44,15 +44,17 @@ def main(argv: list[str] | None = None) -> int:
                             per_class=args.per_class, seed=0)
     print(f"[demo] generated {len(samples)} sample images in {archive}")
 
+    def train(recipe, name: str) -> str:
+        [uri] = run_training(TrainJob(recipe=recipe, data=str(archive), output=str(workdir / "runs"),
+                                      name=name))
+        return uri
+
     init_ray()
-    job = TrainJob(recipe=recipe, data=str(archive), output=str(workdir / "runs"), name="demo")
     try:
-        [artifact] = run_training(job)
-    except WeightsUnavailableError as exc:
+        artifact = train(recipe, "demo")
+    except WeightsUnavailableError as exc:  # raised on the driver, before Ray Train starts
         print(f"[demo] {exc}\n[demo] retrying from random initialisation (accuracy will be lower)")
-        job = TrainJob(recipe=recipe.override(["pretrained=false"]), data=str(archive),
-                       output=str(workdir / "runs"), name="demo-random-init")
-        [artifact] = run_training(job)
+        artifact = train(recipe.override(["pretrained=false"]), "demo-random-init")
 
     evaluation = workdir / "evaluation"
     test_samples = select_samples(None, recipe.label_set, split="test",
