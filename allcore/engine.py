@@ -1,28 +1,32 @@
 """The training loop shared by every recipe, in plain PyTorch (no Ray).
 
-Device, autocast and gradient scaling are decided once in :class:`Precision` before the loop;
-``train_one_epoch`` and ``evaluate`` take every input explicitly so they can be tested on their
-own and wrapped by Ray Train unchanged.
+:func:`fit` is the loop: the Ray Train worker (``pipelines/train.py``) and the benchmark both call
+it, so they time and train the same thing. Autocast and gradient scaling are decided once in
+:class:`MixedPrecision` before the loop; ``train_one_epoch`` and ``evaluate`` take every input
+explicitly so they can be tested on their own. Reporting and checkpointing are the caller's,
+through ``on_epoch_end``, which keeps this module free of Ray.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
 from allcore import metrics
+from allcore.models import probabilities
 from allcore.recipes import Recipe
 
 
 @dataclass(frozen=True)
-class Precision:
-    """Mixed-precision settings resolved for one device.
+class MixedPrecision:
+    """Mixed-precision (autocast + gradient scaling) settings resolved for one device.
 
     fp16 autocast + GradScaler on CUDA when the recipe asks for mixed precision; full fp32
     elsewhere (CPU autocast is slower than fp32 for these convnets, so it is not used).
@@ -32,7 +36,7 @@ class Precision:
     dtype: torch.dtype | None
 
     @classmethod
-    def resolve(cls, device: torch.device, mixed_precision: bool) -> "Precision":
+    def resolve(cls, device: torch.device, mixed_precision: bool) -> "MixedPrecision":
         if mixed_precision and device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()
             return cls(device.type, torch.bfloat16 if bf16 else torch.float16)
@@ -106,7 +110,7 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     loader: Iterable,
     device: torch.device,
-    precision: Precision,
+    mixed_precision: MixedPrecision,
     scaler: torch.amp.GradScaler,
     batch_scheduler=None,
 ) -> dict[str, float]:
@@ -116,7 +120,7 @@ def train_one_epoch(
     for images, target in loader:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
-        with precision.autocast():
+        with mixed_precision.autocast():
             logits = model(images)
             loss = loss_fn(model, criterion, logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -134,23 +138,21 @@ def train_one_epoch(
     return {"train_loss": total_loss / seen, "train_acc": correct / seen}
 
 
-@torch.inference_mode()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision):
+def predict(model: nn.Module, loader: Iterable, device: torch.device,
+            mixed_precision: MixedPrecision):
     """Class probabilities and labels for every batch of ``loader`` (numpy arrays)."""
-    model.eval()
     probs, labels = [], []
     for images, target in loader:
-        with precision.autocast():
-            logits = model(images.to(device, non_blocking=True))
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+        with mixed_precision.autocast():
+            probs.append(probabilities(model, images.to(device, non_blocking=True)).cpu().numpy())
         labels.append(np.asarray(target))
     return np.concatenate(probs), np.concatenate(labels)
 
 
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: Precision,
-             num_classes: int) -> dict[str, float]:
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
+             mixed_precision: MixedPrecision, num_classes: int) -> dict[str, float]:
     """Validation loss (plain cross-entropy), accuracy and macro-F1."""
-    probs, labels = predict(model, loader, device, precision)
+    probs, labels = predict(model, loader, device, mixed_precision)
     if len(labels) == 0:
         raise ValueError("the validation split is empty: use a larger dataset or change split")
     loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
@@ -180,6 +182,104 @@ class EarlyStopping:
 
     def state_dict(self) -> dict:
         return {"best": self.best, "bad_epochs": self.bad_epochs}
+
+
+EpochEndCallback = Callable[[dict[str, Any], dict[str, Any]], None]
+
+
+def fit(
+    model: nn.Module,
+    criterion: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    device: torch.device,
+    recipe: Recipe,
+    *,
+    num_classes: int,
+    lr: float | None = None,
+    resume: dict[str, Any] | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
+    on_epoch_end: EpochEndCallback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train ``model`` (already on ``device``) for the recipe's epochs and return the history rows.
+
+    Mixed precision, optimizer, schedule and early stopping are built here, once, from the recipe
+    (``lr`` overrides ``recipe.lr``, e.g. with an LR-finder suggestion). ``resume`` is a state
+    from :func:`checkpoint_state` (the model's weights already loaded by the caller): training
+    continues after its epoch with its optimizer, schedule, scaler and early-stopping counters.
+
+    After every epoch ``on_epoch_end(row, state)`` gets the history row and the resumable state
+    (plain data); a caller reports and checkpoints there. ``log`` receives one progress line per
+    epoch (None: silent). Loaders whose dataset or sampler has
+    ``set_epoch`` (the augmenting datasets, ``DistributedSampler``) are told the epoch first, so
+    augmentation and shuffling differ per epoch yet repeat after a resume.
+    """
+    mixed_precision = MixedPrecision.resolve(device, recipe.mixed_precision)
+    scaler = mixed_precision.scaler()
+    lr = recipe.lr if lr is None else lr
+    optimizer = build_optimizer(model, recipe, lr=lr)
+    scheduler = build_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
+    stopper = EarlyStopping(recipe.early_stopping_patience)
+    history: list[dict[str, Any]] = []
+    start_epoch = 0
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume["scaler"])
+        stopper = EarlyStopping(recipe.early_stopping_patience, **resume["early_stopping"])
+        history, start_epoch = list(resume["history"]), resume["epoch"] + 1
+        _log(log, f"resumed from the checkpoint of epoch {resume['epoch']}")
+
+    batch_scheduler = scheduler if recipe.schedule == "one_cycle" else None
+    for epoch in range(start_epoch, recipe.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        for part in (getattr(train_loader, "dataset", None), getattr(train_loader, "sampler", None)):
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+        started = time.perf_counter()
+        row = {"epoch": epoch, "resumed_at_epoch": start_epoch,
+               "lr": optimizer.param_groups[0]["lr"]}
+        row.update(train_one_epoch(model, criterion, optimizer, train_loader, device,
+                                   mixed_precision, scaler, batch_scheduler))
+        row.update(evaluate(model, val_loader, device, mixed_precision, num_classes))
+        row["epoch_seconds"] = time.perf_counter() - started
+        if recipe.schedule == "plateau":
+            scheduler.step(row["val_loss"])
+        stop = stopper.step(row["val_loss"])
+        history.append(row)
+        if on_epoch_end is not None:
+            on_epoch_end(row, checkpoint_state(model, epoch=epoch, lr=lr, history=history,
+                                               optimizer=optimizer, scheduler=scheduler,
+                                               scaler=scaler, stopper=stopper))
+        _log(log, f"epoch {epoch + 1}/{recipe.epochs} "
+                  f"train_loss={row['train_loss']:.4f} train_acc={row['train_acc']:.3f} "
+                  f"val_loss={row['val_loss']:.4f} val_acc={row['val_acc']:.3f} "
+                  f"val_macro_f1={row['val_macro_f1']:.3f} ({row['epoch_seconds']:.0f}s)")
+        if stop:
+            _log(log, f"early stopping: no val-loss improvement for "
+                      f"{recipe.early_stopping_patience} epochs")
+            break
+    return history
+
+
+def checkpoint_state(model: nn.Module, *, epoch: int, lr: float, history: list[dict],
+                     optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                     stopper: EarlyStopping) -> dict[str, Any]:
+    """Everything :func:`fit` needs to resume after ``epoch``, as tensors and plain data (what
+    ``torch.load(weights_only=True)`` accepts). ``lr`` is the base rate the optimizer was built
+    with, so a resumed run rebuilds the same schedule."""
+    return {"model": unwrap(model).state_dict(), "epoch": epoch, "lr": lr, "history": history,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict()}
+
+
+def _log(log: Callable[[str], None] | None, message: str) -> None:
+    if log is not None:
+        log(f"[allcore] {message}")
 
 
 def find_lr(

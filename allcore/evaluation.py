@@ -18,6 +18,7 @@ from allcore import io, metrics, report
 from allcore.artifact import load_artifact
 from allcore.data import Sample, discover_samples
 from allcore.labels import get_label_set
+from allcore.models import probabilities
 from allcore.splits import SplitManifest
 from allcore.transforms import normalise_array, unit_array
 
@@ -41,6 +42,7 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
                       noise_sigmas: tuple[float, ...] = NOISE_SIGMAS, batch_size: int = 64,
                       n_boot: int = 1000) -> dict:
     """Score ``samples`` with the artifact and write metrics.json, predictions.csv and report.html.
+Confidence intervals resample the samples' duplicate ``group`` (set by a split manifest).
 
     The selected images are held in memory as float32 (N x 3 x S x S: ~0.2 MB each at 128 px),
     because the noise-robustness table re-scores the same pixels at every sigma. That suits test
@@ -60,14 +62,16 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
                                                    mask_corner=mask_corner), samples))
     images = torch.from_numpy(np.stack(units))
 
-    @torch.inference_mode()
     def predict(unit_batch: torch.Tensor) -> np.ndarray:
         batch = torch.from_numpy(normalise_array(unit_batch.numpy(), data_config))
-        return torch.softmax(model(batch), dim=1).numpy()
+        return probabilities(model, batch).numpy()
 
     probs = np.concatenate([predict(images[i:i + batch_size])
                             for i in range(0, len(images), batch_size)])
-    result = metrics.classification_report(labels, probs, classes, n_boot=n_boot)
+    # CIs resample the split manifest's duplicate groups; images without one stand alone
+    groups = (None if all(s.group is None for s in samples)
+              else [s.group if s.group is not None else s.path for s in samples])
+    result = metrics.classification_report(labels, probs, classes, groups=groups, n_boot=n_boot)
     noise = (metrics.noise_robustness_table(predict, images, labels, sigmas=noise_sigmas,
                                             batch_size=batch_size) if noise_sigmas else None)
     out = Path(out_dir)

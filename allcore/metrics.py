@@ -1,14 +1,18 @@
 """Classification metrics, bootstrap confidence intervals, calibration and noise robustness.
 
-Everything is plain numpy so a report can be rebuilt anywhere from saved predictions. Definitions
-follow scikit-learn (the tests check them against it) so numbers are comparable with the
-published recipes, which used sklearn / Keras metrics:
+The metrics are scikit-learn's, called with this project's conventions so a report can be
+rebuilt anywhere from saved predictions and compared with the published recipes (which used
+sklearn / Keras metrics). The thin wrappers below exist only where the project's meaning differs
+from sklearn's defaults:
 
+- Every function takes the label set's size ``num_classes`` and scores all classes ``0..C-1``
+  (sklearn's ``labels=range(C)``), so a class absent from a small test split still appears,
+  with zero counts, instead of silently shrinking the macro average.
 - precision / recall / F-beta use ``zero_division=0``: a class never predicted has precision 0.
-- Macro averages weigh every class of the label set equally, including classes absent from
-  ``y_true`` (like sklearn with ``labels=range(C)``).
-- One-vs-rest ROC-AUC is NaN for a class with no positives (or no negatives) in ``y_true``: the
-  AUC is undefined there, and the macro ROC-AUC is the mean over the classes where it is defined.
+- One-vs-rest ROC-AUC is NaN (sklearn raises) for a class with no positives or no negatives in
+  ``y_true``; the macro ROC-AUC is the mean over the classes where it is defined.
+- Confidence intervals resample duplicate *groups* (the split manifest's ``group`` column), not
+  images: near-duplicate fields are not independent evidence.
 
 Labels are integer class indices ``0..C-1``; ``y_prob`` is an ``n x C`` array of probabilities.
 """
@@ -17,14 +21,17 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
+from sklearn import metrics as skm
 
 from allcore.transforms import add_gaussian_noise
 
 CURVE_MAX_POINTS = 200  # per curve in the report JSON: enough to plot, small enough to diff
+CI_METHOD = "percentile"  # scipy's BCa needs a jackknife per group and is NaN on a perfect score
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -43,6 +50,14 @@ def _labels(y: Any, num_classes: int, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def _label_pair(y_true: Any, y_pred: Any, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    y_true = _labels(y_true, num_classes, "y_true")
+    y_pred = _labels(y_pred, num_classes, "y_pred")
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true and y_pred differ in length: {y_true.size} vs {y_pred.size}")
+    return y_true, y_pred
+
+
 def _probs(y_prob: Any, n: int) -> np.ndarray:
     y_prob = np.asarray(y_prob, dtype=np.float64)
     if y_prob.ndim != 2 or y_prob.shape[0] != n or y_prob.shape[1] < 2:
@@ -51,31 +66,12 @@ def _probs(y_prob: Any, n: int) -> np.ndarray:
     return y_prob
 
 
-def _binary(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray]:
-    y_true = np.asarray(y_true).astype(bool)
-    y_score = np.asarray(y_score, dtype=np.float64)
-    if y_true.ndim != 1 or y_true.shape != y_score.shape:
-        raise ValueError(f"y_true and y_score must be 1-D of equal length, got {y_true.shape} "
-                         f"and {y_score.shape}")
-    return y_true, y_score
-
-
-def _safe_divide(num: np.ndarray, den: np.ndarray) -> np.ndarray:
-    """num / den with 0 where den == 0 (sklearn's zero_division=0)."""
-    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    return np.divide(num, den, out=np.zeros(np.broadcast(num, den).shape), where=den != 0)
-
-
 # ----------------------------------------------------------------------------- label metrics
 
 def confusion_matrix(y_true: Any, y_pred: Any, num_classes: int) -> np.ndarray:
     """C x C counts; rows are true classes, columns predicted (sklearn's orientation)."""
-    y_true = _labels(y_true, num_classes, "y_true")
-    y_pred = _labels(y_pred, num_classes, "y_pred")
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true and y_pred differ in length: {y_true.size} vs {y_pred.size}")
-    return np.bincount(y_true * num_classes + y_pred,
-                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    y_true, y_pred = _label_pair(y_true, y_pred, num_classes)
+    return skm.confusion_matrix(y_true, y_pred, labels=np.arange(num_classes))
 
 
 def accuracy(y_true: Any, y_pred: Any) -> float:
@@ -83,96 +79,65 @@ def accuracy(y_true: Any, y_pred: Any) -> float:
     if y_true.shape != y_pred.shape or y_true.size == 0:
         raise ValueError(f"y_true and y_pred must be non-empty and equal in shape, got "
                          f"{y_true.shape} and {y_pred.shape}")
-    return float(np.mean(y_true == y_pred))
+    return float(skm.accuracy_score(y_true, y_pred))
 
 
-def _fbeta(tp: np.ndarray, predicted: np.ndarray, support: np.ndarray, beta: float) -> np.ndarray:
-    # (1+b^2) tp / ((1+b^2) tp + b^2 fn + fp), and b^2 (tp+fn) + (tp+fp) is the same denominator.
-    b2 = beta * beta
-    return _safe_divide((1 + b2) * tp, b2 * support + predicted)
+def _scores(y_true: Any, y_pred: Any, num_classes: int, average: str | None) -> dict[str, Any]:
+    """precision, recall, f1, f2 over every class of the label set (see the module notes)."""
+    y_true, y_pred = _label_pair(y_true, y_pred, num_classes)
+    common = {"labels": np.arange(num_classes), "average": average, "zero_division": 0}
+    precision, recall, f1, support = skm.precision_recall_fscore_support(y_true, y_pred, **common)
+    f2 = skm.fbeta_score(y_true, y_pred, beta=2.0, **common)
+    return {"precision": precision, "recall": recall, "f1": f1, "f2": f2, "support": support}
 
 
 def per_class_scores(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, np.ndarray]:
     """Arrays of length C: precision, recall, f1, f2 and support (true count) per class."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp, predicted, support = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
-    return {
-        "precision": _safe_divide(tp, predicted),
-        "recall": _safe_divide(tp, support),
-        "f1": _fbeta(tp, predicted, support, 1.0),
-        "f2": _fbeta(tp, predicted, support, 2.0),
-        "support": support,
-    }
+    return _scores(y_true, y_pred, num_classes, average=None)
 
 
 def averaged_scores(y_true: Any, y_pred: Any, num_classes: int) -> dict[str, float]:
     """``{precision,recall,f1,f2}_{macro,weighted}``: macro weighs classes equally (what matters
     for rare ALL subtypes), weighted by support (what the published papers mostly report)."""
-    scores = per_class_scores(y_true, y_pred, num_classes)
-    weights = scores["support"] / scores["support"].sum()
     out = {}
-    for name in ("precision", "recall", "f1", "f2"):
-        out[f"{name}_macro"] = float(scores[name].mean())
-        out[f"{name}_weighted"] = float(scores[name] @ weights)
+    for average in ("macro", "weighted"):
+        scores = _scores(y_true, y_pred, num_classes, average=average)
+        out.update({f"{name}_{average}": float(scores[name])
+                    for name in ("precision", "recall", "f1", "f2")})
     return out
 
 
 def macro_f1(y_true: Any, y_pred: Any, num_classes: int) -> float:
-    return float(per_class_scores(y_true, y_pred, num_classes)["f1"].mean())
+    return float(_scores(y_true, y_pred, num_classes, average="macro")["f1"])
 
 
 def cohen_kappa(y_true: Any, y_pred: Any, num_classes: int) -> float:
     """Agreement beyond chance; NaN when chance agreement is already perfect (one class only)."""
-    cm = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
-    n = cm.sum()
-    observed = np.trace(cm) / n
-    expected = float(cm.sum(axis=1) @ cm.sum(axis=0)) / (n * n)
-    return float("nan") if expected == 1.0 else float((observed - expected) / (1.0 - expected))
+    y_true, y_pred = _label_pair(y_true, y_pred, num_classes)
+    if np.unique(np.r_[y_true, y_pred]).size == 1:
+        return float("nan")  # sklearn would divide 0 by 0 here, with a RuntimeWarning
+    return float(skm.cohen_kappa_score(y_true, y_pred, labels=np.arange(num_classes)))
 
 
 def matthews_corrcoef(y_true: Any, y_pred: Any, num_classes: int) -> float:
     """Multiclass MCC (Gorodkin's R_K); 0 when undefined, as in sklearn."""
-    cm = confusion_matrix(y_true, y_pred, num_classes).astype(np.float64)
-    n, correct = cm.sum(), np.trace(cm)
-    true_counts, pred_counts = cm.sum(axis=1), cm.sum(axis=0)
-    cov_yp = correct * n - true_counts @ pred_counts
-    cov_pp = n * n - pred_counts @ pred_counts
-    cov_yy = n * n - true_counts @ true_counts
-    denom = math.sqrt(cov_pp * cov_yy)
-    return 0.0 if denom == 0 else float(cov_yp / denom)
+    y_true, y_pred = _label_pair(y_true, y_pred, num_classes)
+    return float(skm.matthews_corrcoef(y_true, y_pred))
 
 
 # ----------------------------------------------------------------------------- score metrics
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties sharing their mean rank (what makes rank AUC count a tie as 1/2)."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
-    ends = np.r_[starts[1:], values.size]
-    mean_rank = (starts + ends + 1) / 2.0
-    ranks = np.empty(values.size)
-    ranks[order] = np.repeat(mean_rank, ends - starts)
-    return ranks
-
-
-def binary_roc_auc(y_true: Any, y_score: Any) -> float:
-    """Mann-Whitney AUC: P(score of a positive > score of a negative), ties counting 1/2.
-    Equals the trapezoidal area under sklearn's ROC curve. NaN if either class is absent."""
-    y_true, y_score = _binary(y_true, y_score)
-    n_pos = int(y_true.sum())
-    n_neg = y_true.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    rank_sum = _average_ranks(y_score)[y_true].sum()
-    return float((rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
 def roc_auc_per_class(y_true: Any, y_prob: Any) -> np.ndarray:
-    """One-vs-rest ROC-AUC per class; NaN for a class without positives in y_true."""
+    """One-vs-rest ROC-AUC per class; NaN where it is undefined (a class without positives or
+    without negatives in y_true), where sklearn would raise."""
     y_prob = _probs(y_prob, np.asarray(y_true).size)
     y_true = _labels(y_true, y_prob.shape[1], "y_true")
-    return np.array([binary_roc_auc(y_true == k, y_prob[:, k]) for k in range(y_prob.shape[1])])
+    aucs = np.full(y_prob.shape[1], np.nan)
+    for k in range(y_prob.shape[1]):
+        positives = y_true == k
+        if positives.any() and not positives.all():
+            aucs[k] = skm.roc_auc_score(positives, y_prob[:, k])
+    return aucs
 
 
 def roc_auc_macro(y_true: Any, y_prob: Any) -> float:
@@ -181,56 +146,12 @@ def roc_auc_macro(y_true: Any, y_prob: Any) -> float:
     return float("nan") if np.isnan(aucs).all() else float(np.nanmean(aucs))
 
 
-def _binary_clf_curve(y_true: np.ndarray, y_score: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cumulative false/true positive counts at each distinct threshold, highest first."""
-    order = np.argsort(y_score, kind="mergesort")[::-1]
-    y_score, y_true = y_score[order], y_true[order]
-    last_of_each_value = np.r_[np.flatnonzero(np.diff(y_score)), y_true.size - 1]
-    tps = np.cumsum(y_true)[last_of_each_value].astype(np.float64)
-    fps = 1.0 + last_of_each_value - tps
-    return fps, tps, y_score[last_of_each_value]
-
-
-def roc_curve(y_true: Any, y_score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds) like ``sklearn.metrics.roc_curve`` (drop_intermediate=True):
-    collinear points are dropped, and the curve starts at (0, 0) with threshold +inf."""
-    y_true, y_score = _binary(y_true, y_score)
-    if y_true.all() or not y_true.any():
-        raise ValueError("roc_curve needs both positives and negatives in y_true; "
-                         "skip classes absent from the evaluation set")
-    fps, tps, thresholds = _binary_clf_curve(y_true, y_score)
-    if fps.size > 2:
-        corners = np.flatnonzero(np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True])
-        fps, tps, thresholds = fps[corners], tps[corners], thresholds[corners]
-    fpr, tpr = np.r_[0.0, fps] / fps[-1], np.r_[0.0, tps] / tps[-1]
-    return fpr, tpr, np.r_[np.inf, thresholds]
-
-
-def precision_recall_curve(y_true: Any, y_score: Any
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(precision, recall, thresholds) like ``sklearn.metrics.precision_recall_curve``: ordered
-    by increasing threshold, ending at the point (recall 0, precision 1)."""
-    y_true, y_score = _binary(y_true, y_score)
-    if not y_true.any():
-        raise ValueError("precision_recall_curve needs at least one positive in y_true; "
-                         "skip classes absent from the evaluation set")
-    fps, tps, thresholds = _binary_clf_curve(y_true, y_score)
-    precision, recall = _safe_divide(tps, tps + fps), tps / tps[-1]
-    return np.r_[precision[::-1], 1.0], np.r_[recall[::-1], 0.0], thresholds[::-1]
-
-
-def average_precision(y_true: Any, y_score: Any) -> float:
-    """Step-wise area under the PR curve (sklearn's average_precision_score, no interpolation)."""
-    precision, recall, _ = precision_recall_curve(y_true, y_score)
-    return float(-np.sum(np.diff(recall) * precision[:-1]))
-
-
 # ----------------------------------------------------------------------------- calibration
 
 def calibration_bins(y_true: Any, y_prob: Any, n_bins: int = 15) -> dict[str, np.ndarray]:
     """Top-label reliability data over equal-width confidence bins ``(lo, hi]``: per bin the
-    count, mean confidence and accuracy (NaN for empty bins), plus the bin edges."""
+    count, mean confidence and accuracy (NaN for empty bins), plus the bin edges. (sklearn's
+    ``calibration_curve`` is binary only; this is the multiclass top-label version.)"""
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
     y_prob = _probs(y_prob, np.asarray(y_true).size)
@@ -257,28 +178,48 @@ def expected_calibration_error(y_true: Any, y_prob: Any, n_bins: int = 15) -> fl
 # ----------------------------------------------------------------------------- uncertainty
 
 def bootstrap_ci(metric_fn: Callable[[np.ndarray, np.ndarray], float], y_true: Any,
-                 y_pred_or_prob: Any, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
-                 ) -> tuple[float, float]:
-    """Percentile bootstrap (1 - alpha) interval of ``metric_fn(y_true, y_pred_or_prob)``,
-    resampling evaluation images with replacement. Test sets here hold a few hundred images,
-    so a single accuracy hides an interval of several points; report it. Resamples where the
-    metric is undefined (NaN) are left out."""
+                 y_pred_or_prob: Any, *, groups: Sequence[Any] | None = None, n_boot: int = 1000,
+                 alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+    """(1 - alpha) percentile-bootstrap interval of ``metric_fn(y_true, y_pred_or_prob)``
+    (``scipy.stats.bootstrap``, seeded).
+
+    Whole ``groups`` are resampled with replacement (one id per row, e.g. the split manifest's
+    duplicate group): near-duplicate images share their errors, so resampling them one by one
+    would count the same evidence several times and give too narrow an interval. Without
+    ``groups`` every image is its own group. Test sets here hold a few hundred images, so a
+    single accuracy hides an interval of several points; report it. NaN when there are fewer
+    than two groups (nothing to resample).
+    """
     if n_boot < 1 or not 0.0 < alpha < 1.0:
         raise ValueError(f"need n_boot >= 1 and 0 < alpha < 1, got n_boot={n_boot}, alpha={alpha}")
     y_true, y_other = np.asarray(y_true), np.asarray(y_pred_or_prob)
     if y_true.size == 0 or y_other.shape[0] != y_true.shape[0]:
         raise ValueError(f"y_true and y_pred_or_prob must be non-empty with the same number of "
                          f"rows, got {y_true.shape} and {y_other.shape}")
-    rng = np.random.default_rng(seed)
-    stats = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, y_true.size, y_true.size)
-        stats[b] = metric_fn(y_true[idx], y_other[idx])
-    stats = stats[~np.isnan(stats)]
-    if stats.size == 0:
+    members = _group_members(groups, y_true.shape[0])
+    if len(members) < 2:
         return float("nan"), float("nan")
-    low, high = np.percentile(stats, [100 * alpha / 2, 100 * (1 - alpha / 2)])
-    return float(low), float(high)
+
+    def statistic(chosen: np.ndarray) -> float:
+        rows = np.concatenate([members[g] for g in chosen])
+        return metric_fn(y_true[rows], y_other[rows])
+
+    result = stats.bootstrap((np.arange(len(members)),), statistic, n_resamples=n_boot,
+                             vectorized=False, confidence_level=1.0 - alpha, method=CI_METHOD,
+                             rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def _group_members(groups: Sequence[Any] | None, n: int) -> list[np.ndarray]:
+    """Row indices of each group (each row alone when ``groups`` is None)."""
+    if groups is None:
+        return list(np.arange(n)[:, None])
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must hold one id per row ({n}), got shape {groups.shape}")
+    inverse = np.unique(groups, return_inverse=True)[1]
+    order = np.argsort(inverse, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
 
 
 # ----------------------------------------------------------------------------- report bundle
@@ -306,9 +247,11 @@ def to_jsonable(value: Any) -> Any:
 
 
 def classification_report(y_true: Any, y_prob: Any, class_names: list[str] | tuple[str, ...], *,
-                          n_boot: int = 1000, seed: int = 0) -> dict:
+                          groups: Sequence[Any] | None = None, n_boot: int = 1000,
+                          seed: int = 0) -> dict:
     """Everything the HTML report and metrics.json need, as JSON-ready data (NaN -> None).
-    Predictions are the argmax of ``y_prob``; CIs are 95% percentile bootstraps."""
+    Predictions are the argmax of ``y_prob``; CIs are 95% percentile bootstraps over ``groups``
+    (see :func:`bootstrap_ci`), and ``ci95_method`` says how they were drawn."""
     class_names = [str(c) for c in class_names]
     y_prob = _probs(y_prob, np.asarray(y_true).size)
     if y_prob.shape[1] != len(class_names):
@@ -324,20 +267,25 @@ def classification_report(y_true: Any, y_prob: Any, class_names: list[str] | tup
     for k, name in enumerate(class_names):
         positives = y_true == k
         if positives.any():
-            precision, recall, _ = precision_recall_curve(positives, y_prob[:, k])
+            precision, recall, _ = skm.precision_recall_curve(positives, y_prob[:, k])
             curves["pr"][name] = dict(zip(("precision", "recall"), _downsample(precision, recall)))
         if positives.any() and not positives.all():
-            fpr, tpr, _ = roc_curve(positives, y_prob[:, k])
+            fpr, tpr, _ = skm.roc_curve(positives, y_prob[:, k])
             curves["roc"][name] = dict(zip(("fpr", "tpr"), _downsample(fpr, tpr)))
 
+    n_groups = y_true.size if groups is None else len(set(groups))
+    ci = partial(bootstrap_ci, y_true=y_true, y_pred_or_prob=y_pred, groups=groups,
+                 n_boot=n_boot, seed=seed)
     report = {
         "n": int(y_true.size),
         "class_names": class_names,
         "accuracy": accuracy(y_true, y_pred),
-        "accuracy_ci95": bootstrap_ci(accuracy, y_true, y_pred, n_boot=n_boot, seed=seed),
+        "accuracy_ci95": ci(accuracy),
         **averaged_scores(y_true, y_pred, num_classes),
-        "macro_f1_ci95": bootstrap_ci(partial(macro_f1, num_classes=num_classes), y_true, y_pred,
-                                      n_boot=n_boot, seed=seed),
+        "macro_f1_ci95": ci(partial(macro_f1, num_classes=num_classes)),
+        "ci95_method": (f"{CI_METHOD} bootstrap (scipy.stats.bootstrap, seed {seed}), "
+                        f"{n_boot} resamples of {n_groups} "
+                        f"{'images' if groups is None else 'duplicate groups'}"),
         "per_class": {name: {**{key: values[k] for key, values in per_class.items()},
                              "roc_auc": aucs[k]}
                       for k, name in enumerate(class_names)},

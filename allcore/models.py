@@ -209,6 +209,17 @@ class Classifier(nn.Module):
         return self
 
 
+def probabilities(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """N x C class probabilities (softmax of the logits) for a batch of normalised N x 3 x S x S
+    pixels: the one place a model's output becomes the probabilities that validation, evaluation
+    and scoring report. Eval mode (dropout off, BatchNorm on its running statistics) and no
+    autograd; the softmax runs in float32 even when the logits come from an autocast region, so
+    fp16 rounding never reaches the reported numbers."""
+    model.eval()
+    with torch.no_grad():
+        return torch.softmax(model(pixels).float(), dim=1)
+
+
 # --------------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Everything a training worker needs besides the loop itself: datasets for a split manifest,
-class weights, and the checkpoint state format. Plain Python; Ray wiring is in ``pipelines/``.
+"""Everything a training run needs besides the loop itself (``engine.fit``): the model, datasets,
+loaders and loss of a recipe, and the checkpoint file. Plain Python; the Ray Train worker
+(``pipelines/train.py``) and the benchmark build their runs from the same functions here.
 """
 
 from __future__ import annotations
@@ -9,11 +10,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 
 from allcore import engine
 from allcore.data import ImageDataset, Sample
 from allcore.labels import LabelSet
+from allcore.models import Classifier, create_model
 from allcore.recipes import Recipe
 from allcore.splits import SplitManifest
 from allcore.transforms import DataConfig, desaturate_hsv, eval_transform, train_transform
@@ -72,12 +76,43 @@ def targets_of(dataset: torch.utils.data.Dataset) -> list[int]:
 
 
 def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights n / (C * count): a balanced loss on imbalanced data."""
-    counts = torch.bincount(torch.tensor(targets), minlength=num_classes).float()
-    if (counts == 0).any():
-        missing = [i for i, c in enumerate(counts.tolist()) if c == 0]
+    """Inverse-frequency weights n / (C * count) (sklearn's "balanced"): a balanced loss on
+    imbalanced data."""
+    missing = sorted(set(range(num_classes)) - set(targets))
+    if missing:
         raise ValueError(f"class index(es) {missing} have no training images; check the split")
-    return counts.sum() / (num_classes * counts)
+    weights = compute_class_weight("balanced", classes=np.arange(num_classes), y=np.asarray(targets))
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
+def build_model(recipe: Recipe, label_set: LabelSet) -> Classifier:
+    """The recipe's model for the label set, with its body frozen when the recipe says so."""
+    model = create_model(recipe.model, num_classes=label_set.num_classes,
+                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+    if recipe.freeze_backbone:
+        model.freeze_backbone()
+    return model
+
+
+def build_criterion(recipe: Recipe, train: torch.utils.data.Dataset, num_classes: int,
+                    device: torch.device) -> torch.nn.Module:
+    """Cross-entropy, class-weighted when the recipe balances by weights."""
+    weights = (class_weights(targets_of(train), num_classes).to(device)
+               if recipe.balance == "class_weights" else None)
+    return torch.nn.CrossEntropyLoss(weight=weights)
+
+
+def build_loaders(datasets: dict[str, torch.utils.data.Dataset], recipe: Recipe,
+                  device: torch.device) -> tuple[torch.utils.data.DataLoader,
+                                                 torch.utils.data.DataLoader]:
+    """Shuffled training and ordered validation loaders. The last training batch is dropped when
+    there is more than one: a batch of one breaks BatchNorm."""
+    loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
+                   "pin_memory": device.type == "cuda"}
+    train = torch.utils.data.DataLoader(datasets["train"], shuffle=True,
+                                        drop_last=len(datasets["train"]) > recipe.batch_size,
+                                        **loader_args)
+    return train, torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args)
 
 
 def test_split_metrics(model: torch.nn.Module, manifest: SplitManifest, recipe: Recipe,
@@ -89,7 +124,8 @@ def test_split_metrics(model: torch.nn.Module, manifest: SplitManifest, recipe: 
         return {"n": 0, "accuracy": math.nan, "macro_f1": math.nan}
     device = torch.device("cpu")
     result = engine.evaluate(model, torch.utils.data.DataLoader(test, batch_size=recipe.batch_size),
-                             device, engine.Precision.resolve(device, False), label_set.num_classes)
+                             device, engine.MixedPrecision.resolve(device, False),
+                             label_set.num_classes)
     return {"n": len(test), "accuracy": result["val_acc"], "macro_f1": result["val_macro_f1"]}
 
 

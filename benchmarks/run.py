@@ -202,21 +202,17 @@ def child_baseline(spec: dict) -> dict:
     from allcore.artifact import load_artifact
     from allcore.data import ImageDataset, discover_samples
     from allcore.labels import get_label_set
+    from allcore.models import probabilities
     from allcore.transforms import eval_transform
 
     started = time.perf_counter()
     model, card = load_artifact(spec["artifact"])
-    model.eval()
     label_set = get_label_set(card.label_set)
     samples = discover_samples(spec["images"], label_set)
     loader = torch.utils.data.DataLoader(
         ImageDataset(samples, label_set, eval_transform(card.data_config_obj())),
         batch_size=spec["batch_size"], num_workers=os.cpu_count() or 1)
-    probs = []
-    with torch.no_grad():
-        for images, _ in loader:
-            probs.append(torch.softmax(model(images), dim=1))
-    probs = torch.cat(probs).numpy()
+    probs = torch.cat([probabilities(model, images) for images, _ in loader]).numpy()
     table = {"source_uri": [s.path for s in samples],
              "pred_label": [card.classes[i] for i in probs.argmax(1)],
              **{f"prob_{c}": probs[:, j] for j, c in enumerate(card.classes)}}
@@ -271,43 +267,31 @@ def child_ray_train(spec: dict) -> dict:
 
 
 def child_plain_train(spec: dict) -> dict:
-    """The same epochs in plain PyTorch: what train_loop_per_worker does, minus Ray."""
+    """The same epochs in plain PyTorch: the loop train_loop_per_worker runs (engine.fit), minus
+    Ray; seconds are fit's own epoch timing, as for the Ray Train row."""
     import torch
 
     from allcore import engine
     from allcore.labels import get_label_set
-    from allcore.models import create_model
     from allcore.recipes import Recipe
     from allcore.splits import SplitManifest
-    from allcore.training import build_datasets
+    from allcore.training import build_criterion, build_datasets, build_loaders, build_model
 
     recipe = Recipe.from_dict(spec["recipe"])
     label_set = get_label_set(recipe.label_set)
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(recipe, label_set).to(device)
     datasets = build_datasets(SplitManifest.read(spec["split_manifest"]), recipe, label_set,
                               model.data_config)
-    loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers}
-    train_loader = torch.utils.data.DataLoader(
-        datasets["train"], shuffle=True, drop_last=len(datasets["train"]) > recipe.batch_size,
-        **loader_args)
-    val_loader = torch.utils.data.DataLoader(datasets["val"], **loader_args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    precision = engine.Precision.resolve(device, recipe.mixed_precision)
-    optimizer, scaler = engine.build_optimizer(model, recipe), precision.scaler()
-    criterion = torch.nn.CrossEntropyLoss()
-    seconds = 0.0
-    for epoch in range(recipe.epochs):
-        datasets["train"].set_epoch(epoch)
-        started = time.perf_counter()
-        engine.train_one_epoch(model, criterion, optimizer, train_loader, device, precision, scaler)
-        engine.evaluate(model, val_loader, device, precision, label_set.num_classes)
-        seconds += time.perf_counter() - started
-    return {"images": _train_images(spec, recipe) * recipe.epochs, "seconds": seconds}
+    history = engine.fit(model, build_criterion(recipe, datasets["train"], label_set.num_classes,
+                                                device),
+                         *build_loaders(datasets, recipe, device), device, recipe,
+                         num_classes=label_set.num_classes)
+    return {"images": _train_images(spec, recipe) * len(history),
+            "seconds": sum(row["epoch_seconds"] for row in history)}
 
 
 CHILDREN = {"baseline": child_baseline, "score": child_score, "ray_train": child_ray_train,

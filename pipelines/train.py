@@ -15,6 +15,7 @@ import math
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import ray
@@ -30,8 +31,8 @@ from allcore.labels import get_label_set
 from allcore.models import create_model
 from allcore.recipes import Recipe
 from allcore.splits import SplitManifest, kfold_samples, split_samples
-from allcore.training import (build_datasets, class_weights, load_state, save_state, targets_of,
-                              test_split_metrics)
+from allcore.training import (build_criterion, build_datasets, build_loaders, build_model,
+                              load_state, save_state, test_split_metrics)
 
 BEST_METRIC = "val_macro_f1"
 
@@ -144,25 +145,16 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     torch.manual_seed(recipe.seed)
 
-    model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
-    if recipe.freeze_backbone:
-        model.freeze_backbone()
+    model = build_model(recipe, label_set)
     data_config = model.data_config  # the recipe's input size was applied by create_model
     datasets = build_datasets(SplitManifest.read(config["split_manifest"]), recipe, label_set,
                               data_config)
-    weights = (class_weights(targets_of(datasets["train"]), label_set.num_classes)
-               if recipe.balance == "class_weights" else None)
-    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weights is not None else None)
-    loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
-                   "pin_memory": device.type == "cuda"}
-    train_loader = ray.train.torch.prepare_data_loader(
-        torch.utils.data.DataLoader(datasets["train"], shuffle=True, drop_last=len(datasets["train"]) > recipe.batch_size, **loader_args))
+    criterion = build_criterion(recipe, datasets["train"], label_set.num_classes, device)
+    train_loader, val_loader = build_loaders(datasets, recipe, device)
+    train_loader = ray.train.torch.prepare_data_loader(train_loader)
     # every worker validates on the whole split: plateau LR, early stopping and the checkpoint
     # score then agree across workers instead of each following its own shard
-    val_loader = ray.train.torch.prepare_data_loader(
-        torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args),
-        add_dist_sampler=False)
+    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
     model.to(device)
 
     state = _restore(model)
@@ -174,55 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
                         device)
         print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
     model = ray.train.torch.prepare_model(model)
-    precision = engine.Precision.resolve(device, recipe.mixed_precision)
-    scaler = precision.scaler()
-    optimizer = engine.build_optimizer(model, recipe, lr=lr)
-    scheduler = engine.build_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
-    stopper = engine.EarlyStopping(recipe.early_stopping_patience)
-    history: list[dict] = []
-    start_epoch = 0
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        stopper = engine.EarlyStopping(recipe.early_stopping_patience, **state["early_stopping"])
-        history, start_epoch = state["history"], state["epoch"] + 1
-        print(f"[allcore] resumed from the checkpoint of epoch {state['epoch']}", flush=True)
 
-    batch_scheduler = scheduler if recipe.schedule == "one_cycle" else None
-    for epoch in range(start_epoch, recipe.epochs):
-        _maybe_inject_failure(config, epoch)
-        datasets["train"].set_epoch(epoch)
-        if world > 1:
-            train_loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        row = {"epoch": epoch, "resumed_at_epoch": start_epoch,
-               "lr": optimizer.param_groups[0]["lr"]}
-        row.update(engine.train_one_epoch(model, criterion, optimizer, train_loader, device,
-                                          precision, scaler, batch_scheduler))
-        row.update(engine.evaluate(model, val_loader, device, precision, label_set.num_classes))
-        row["epoch_seconds"] = time.perf_counter() - started
-        if recipe.schedule == "plateau":
-            scheduler.step(row["val_loss"])
-        stop = stopper.step(row["val_loss"])
-        history.append(row)
-        _report(model, row, rank, {
-            "epoch": epoch, "lr": lr, "history": history,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "scaler": scaler.state_dict(), "early_stopping": stopper.state_dict(),
-            "data_config": data_config.to_dict(),
-        })
-        if rank == 0:
-            print(f"[allcore] epoch {epoch + 1}/{recipe.epochs} "
-                  f"train_loss={row['train_loss']:.4f} train_acc={row['train_acc']:.3f} "
-                  f"val_loss={row['val_loss']:.4f} val_acc={row['val_acc']:.3f} "
-                  f"val_macro_f1={row['val_macro_f1']:.3f} ({row['epoch_seconds']:.0f}s)", flush=True)
-        if stop:
-            print(f"[allcore] early stopping: no val-loss improvement for "
-                  f"{recipe.early_stopping_patience} epochs", flush=True)
-            break
+    def report(row: dict, checkpoint: dict) -> None:
+        _report(row, rank, {**checkpoint, "data_config": data_config.to_dict()})
+
+    engine.fit(model, criterion, train_loader, val_loader, device, recipe,
+               num_classes=label_set.num_classes, lr=lr, resume=state,
+               on_epoch_start=lambda epoch: _maybe_inject_failure(config, epoch),
+               on_epoch_end=report, log=partial(print, flush=True) if rank == 0 else None)
 
 
 def _restore(model: torch.nn.Module) -> dict | None:
@@ -244,13 +195,13 @@ def _agreed_lr(lr: float, world: int, device: torch.device) -> float:
     return float(math.exp(value.item() / world))
 
 
-def _report(model: torch.nn.Module, row: dict, rank: int, state: dict) -> None:
+def _report(row: dict, rank: int, state: dict) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     if rank != 0:
         ray.train.report(row)
         return
     with tempfile.TemporaryDirectory() as directory:
-        save_state(directory, {"model": engine.unwrap(model).state_dict(), **state})
+        save_state(directory, state)
         ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -33,18 +34,52 @@ def test_train_one_epoch_steps_once_per_batch_and_learns():
     model = create_model("mobilenet_v2", num_classes=2, input_size=32)
     optimizer = CountingAdam(model.parameters(), lr=1e-3)
     device = torch.device("cpu")
-    precision = engine.Precision.resolve(device, mixed_precision=True)
-    assert not precision.enabled, "no autocast on CPU"
+    mixed_precision = engine.MixedPrecision.resolve(device, mixed_precision=True)
+    assert not mixed_precision.enabled, "no autocast on CPU"
     loader = _loader()
     first = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
-                                   precision, precision.scaler())
+                                   mixed_precision, mixed_precision.scaler())
     assert CountingAdam.steps == len(loader)
     for _ in range(4):
         last = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
-                                      precision, precision.scaler())
+                                      mixed_precision, mixed_precision.scaler())
     assert last["train_loss"] < first["train_loss"]
-    result = engine.evaluate(model, loader, device, precision, num_classes=2)
+    result = engine.evaluate(model, loader, device, mixed_precision, num_classes=2)
     assert set(result) == {"val_loss", "val_acc", "val_macro_f1"}
+
+
+def _fit(model, recipe, **kw):
+    return engine.fit(model, torch.nn.CrossEntropyLoss(), _loader(), _loader(seed=1),
+                      torch.device("cpu"), recipe, num_classes=2, **kw)
+
+
+def test_fit_hands_out_a_state_that_resumes_the_schedule_where_it_stopped():
+    recipe = _recipe(epochs=3, schedule="one_cycle", lr=1e-2)
+    torch.manual_seed(0)
+    states, lines = [], []
+    history = _fit(create_model("mobilenet_v2", num_classes=2, input_size=32), recipe,
+                   on_epoch_end=lambda row, state: states.append(copy.deepcopy(state)),
+                   log=lines.append)
+    assert [row["epoch"] for row in history] == [0, 1, 2] and len(lines) == 3
+    assert [state["epoch"] for state in states] == [0, 1, 2]
+    assert set(history[0]) >= {"lr", "train_loss", "val_loss", "val_macro_f1", "epoch_seconds"}
+
+    started = []
+    model = create_model("mobilenet_v2", num_classes=2, input_size=32)
+    model.load_state_dict(states[0]["model"])
+    resumed = _fit(model, recipe, resume=states[0], on_epoch_start=started.append)
+    assert started == [1, 2]
+    assert [row["resumed_at_epoch"] for row in resumed] == [0, 1, 1]
+    # the one-cycle schedule continues (a fresh schedule would start epoch 1 at its low rate)
+    assert [row["lr"] for row in resumed] == pytest.approx([row["lr"] for row in history])
+
+
+def test_fit_stops_early_when_the_validation_loss_stalls():
+    torch.manual_seed(0)
+    model = create_model("mobilenet_v2", num_classes=2, input_size=32)
+    model.freeze_backbone()  # with lr 0 nothing changes, not even BatchNorm statistics
+    history = _fit(model, _recipe(epochs=5, lr=0.0, early_stopping_patience=1))
+    assert [row["epoch"] for row in history] == [0, 1]
 
 
 def test_l1_penalty_is_added_for_mobilenet_m():

@@ -1,5 +1,6 @@
-"""allcore.metrics against scikit-learn on random predictions, plus calibration, bootstrap and
-noise-robustness behaviour."""
+"""allcore.metrics: the project's conventions on top of scikit-learn (every class of the label
+set counts, undefined AUCs are NaN), grouped bootstrap intervals, calibration, the report
+contract and noise robustness."""
 
 from __future__ import annotations
 
@@ -9,12 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn import metrics as skm
 
 from allcore import metrics
-
-CASES = [(num_classes, seed) for num_classes in (2, 4) for seed in range(4)]
-
 
 def random_predictions(num_classes: int, seed: int, n: int = 150, never_predicted: bool = False):
     """Noisy probabilities loosely tied to the labels, rounded to 2 decimals so ties occur."""
@@ -27,44 +24,6 @@ def random_predictions(num_classes: int, seed: int, n: int = 150, never_predicte
     return y_true, np.round(y_prob, 2)
 
 
-@pytest.fixture(params=[*CASES, (4, 99, "never_predicted")], ids=str)
-def case(request):
-    num_classes, seed, *edge = request.param
-    y_true, y_prob = random_predictions(num_classes, seed, never_predicted=bool(edge))
-    return num_classes, y_true, y_prob, y_prob.argmax(axis=1)
-
-
-def test_label_metrics_match_sklearn(case):
-    num_classes, y_true, _, y_pred = case
-    labels = list(range(num_classes))
-    np.testing.assert_array_equal(metrics.confusion_matrix(y_true, y_pred, num_classes),
-                                  skm.confusion_matrix(y_true, y_pred, labels=labels))
-    assert metrics.accuracy(y_true, y_pred) == pytest.approx(skm.accuracy_score(y_true, y_pred))
-
-    scores = metrics.per_class_scores(y_true, y_pred, num_classes)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, zero_division=0)
-    f2 = skm.fbeta_score(y_true, y_pred, beta=2, labels=labels, average=None, zero_division=0)
-    for ours, theirs in [("precision", precision), ("recall", recall), ("f1", f1), ("f2", f2),
-                         ("support", support)]:
-        np.testing.assert_allclose(scores[ours], theirs, err_msg=ours)
-
-    averaged = metrics.averaged_scores(y_true, y_pred, num_classes)
-    for average in ("macro", "weighted"):
-        p, r, f, _ = skm.precision_recall_fscore_support(y_true, y_pred, labels=labels,
-                                                         average=average, zero_division=0)
-        f2_avg = skm.fbeta_score(y_true, y_pred, beta=2, labels=labels, average=average,
-                                 zero_division=0)
-        for name, expected in [("precision", p), ("recall", r), ("f1", f), ("f2", f2_avg)]:
-            assert averaged[f"{name}_{average}"] == pytest.approx(expected), (name, average)
-    assert metrics.macro_f1(y_true, y_pred, num_classes) == pytest.approx(averaged["f1_macro"])
-
-    assert metrics.cohen_kappa(y_true, y_pred, num_classes) == pytest.approx(
-        skm.cohen_kappa_score(y_true, y_pred, labels=labels))
-    assert metrics.matthews_corrcoef(y_true, y_pred, num_classes) == pytest.approx(
-        skm.matthews_corrcoef(y_true, y_pred))
-
-
 def test_never_predicted_class_scores_zero():
     y_true, y_prob = random_predictions(4, 99, never_predicted=True)
     scores = metrics.per_class_scores(y_true, y_prob.argmax(axis=1), 4)
@@ -72,35 +31,29 @@ def test_never_predicted_class_scores_zero():
     assert scores["precision"][-1] == scores["recall"][-1] == scores["f1"][-1] == 0.0
 
 
-def test_score_metrics_match_sklearn(case):
-    num_classes, y_true, y_prob, _ = case
-    aucs = metrics.roc_auc_per_class(y_true, y_prob)
-    for k in range(num_classes):
-        positives = y_true == k
-        assert aucs[k] == pytest.approx(skm.roc_auc_score(positives, y_prob[:, k]))
+def test_a_class_missing_from_the_split_keeps_its_row_and_counts_in_macro():
+    # a small test split without any "Pro" image: the label set still has four classes, so the
+    # report keeps a zero row for it and the macro average is over all four (not the three seen)
+    y_true = np.array([0, 0, 1, 1, 2, 2])
+    y_pred = np.array([0, 0, 1, 1, 2, 3])
+    cm = metrics.confusion_matrix(y_true, y_pred, 4)
+    assert cm.shape == (4, 4) and cm[3].sum() == 0 and cm[2, 3] == 1
+    scores = metrics.per_class_scores(y_true, y_pred, 4)
+    assert scores["support"].tolist() == [2, 2, 2, 0]
+    assert scores["recall"].tolist() == [1.0, 1.0, 0.5, 0.0]
+    averaged = metrics.averaged_scores(y_true, y_pred, 4)
+    assert averaged["recall_macro"] == pytest.approx(2.5 / 4)
+    assert averaged["recall_weighted"] == pytest.approx(5 / 6)  # support-weighted: Pro weighs 0
+    assert metrics.macro_f1(y_true, y_pred, 4) == pytest.approx(averaged["f1_macro"])
 
-        fpr, tpr, thresholds = metrics.roc_curve(positives, y_prob[:, k])
-        sk_fpr, sk_tpr, sk_thresholds = skm.roc_curve(positives, y_prob[:, k])
-        np.testing.assert_allclose(fpr, sk_fpr)
-        np.testing.assert_allclose(tpr, sk_tpr)
-        np.testing.assert_allclose(thresholds[1:], sk_thresholds[1:])
-        assert skm.auc(fpr, tpr) == pytest.approx(aucs[k])
 
-        precision, recall, pr_thresholds = metrics.precision_recall_curve(positives, y_prob[:, k])
-        sk_precision, sk_recall, sk_pr_thresholds = skm.precision_recall_curve(positives,
-                                                                               y_prob[:, k])
-        np.testing.assert_allclose(precision, sk_precision)
-        np.testing.assert_allclose(recall, sk_recall)
-        np.testing.assert_allclose(pr_thresholds, sk_pr_thresholds)
-        assert metrics.average_precision(positives, y_prob[:, k]) == pytest.approx(
-            skm.average_precision_score(positives, y_prob[:, k]))
-
-    normalised = y_prob / y_prob.sum(axis=1, keepdims=True)  # sklearn's ovr insists on sum 1
-    if num_classes > 2:
-        expected_macro = skm.roc_auc_score(y_true, normalised, multi_class="ovr", average="macro")
-    else:
-        expected_macro = skm.roc_auc_score(y_true, normalised[:, 1])
-    assert metrics.roc_auc_macro(y_true, normalised) == pytest.approx(expected_macro)
+def test_agreement_scores_on_perfect_and_single_class_predictions():
+    y = np.array([0, 1, 2, 0, 1, 2])
+    assert metrics.cohen_kappa(y, y, 3) == pytest.approx(1.0)
+    assert metrics.matthews_corrcoef(y, y, 3) == pytest.approx(1.0)
+    only_benign = np.zeros(6, dtype=int)
+    assert math.isnan(metrics.cohen_kappa(only_benign, only_benign, 3))  # chance is already 1
+    assert metrics.matthews_corrcoef(y, only_benign, 3) == 0.0  # undefined: 0, as in sklearn
 
 
 def test_class_without_positives_has_nan_auc_and_is_left_out_of_macro():
@@ -139,6 +92,29 @@ def test_bootstrap_ci_contains_estimate_and_narrows_with_more_data():
         metrics.bootstrap_ci(metrics.accuracy, y_true, y_pred, n_boot=50, seed=3)
 
 
+def test_bootstrap_resamples_duplicate_groups_not_images():
+    # every image copied 5 times: resampling copies one by one pretends there is 5x the evidence
+    # (an interval ~sqrt(5) narrower); resampling the copy groups gives the original's interval
+    y_true, y_prob = random_predictions(4, 7, n=200)
+    y_pred = y_prob.argmax(axis=1)
+    original = metrics.bootstrap_ci(metrics.accuracy, y_true, y_pred, n_boot=400, seed=2)
+    copies_true, copies_pred = np.repeat(y_true, 5), np.repeat(y_pred, 5)
+    groups = np.repeat([f"group-{i}" for i in range(200)], 5)
+    by_image = metrics.bootstrap_ci(metrics.accuracy, copies_true, copies_pred, n_boot=400, seed=2)
+    by_group = metrics.bootstrap_ci(metrics.accuracy, copies_true, copies_pred, groups=groups,
+                                    n_boot=400, seed=2)
+    width = lambda ci: ci[1] - ci[0]
+    assert width(by_group) == pytest.approx(width(original), rel=0.25)
+    assert width(by_image) < 0.6 * width(by_group)
+    report = metrics.classification_report(copies_true, np.repeat(y_prob, 5, axis=0),
+                                           ["a", "b", "c", "d"], groups=groups, n_boot=100)
+    assert "200 duplicate groups" in report["ci95_method"]
+    assert math.isnan(metrics.bootstrap_ci(metrics.accuracy, y_true, y_pred,
+                                           groups=["one"] * 200)[0])  # nothing to resample
+    with pytest.raises(ValueError, match="one id per row"):
+        metrics.bootstrap_ci(metrics.accuracy, y_true, y_pred, groups=["a", "b"])
+
+
 def test_classification_report_is_json_ready_and_consistent():
     y_true, y_prob = random_predictions(4, 2, n=600)
     y_true[y_true == 3] = 0  # class "Pro" absent: its AUC must become null, not NaN
@@ -152,7 +128,8 @@ def test_classification_report_is_json_ready_and_consistent():
     assert report["per_class"]["Pro"]["roc_auc"] is None
     assert report["per_class"]["Pro"]["support"] == 0
     assert sum(map(sum, report["confusion_matrix"])) == 600
-    assert report["accuracy"] == pytest.approx(skm.accuracy_score(y_true, y_prob.argmax(1)))
+    assert report["accuracy"] == pytest.approx(np.mean(y_true == y_prob.argmax(1)))
+    assert "600 images" in report["ci95_method"] and "seed 0" in report["ci95_method"]
     assert set(report["curves"]["roc"]) == {"Benign", "Early", "Pre"}
     for curve in report["curves"]["roc"].values():
         assert 2 <= len(curve["fpr"]) == len(curve["tpr"]) <= metrics.CURVE_MAX_POINTS

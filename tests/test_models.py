@@ -49,6 +49,12 @@ def test_every_model_answers_the_same_calls(name, label_set):
     assert model.data_config.input_size == SIZE
     assert model.model_name == name and model.model_kwargs["input_size"] == SIZE
 
+    probs = models.probabilities(model.train(), x)  # a model left in training mode by the caller
+    assert not model.training and not probs.requires_grad and probs.dtype == torch.float32
+    assert probs.shape == (2, num_classes)
+    torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
+    torch.testing.assert_close(probs, models.probabilities(model, x))  # dropout off: repeatable
+
 
 def test_l1_penalty_is_the_sum_of_final_weights():
     model = create_model("mobilenet_m", num_classes=2, input_size=SIZE)
