@@ -20,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
+import imagehash
 import numpy as np
 from PIL import Image
+from scipy.cluster.hierarchy import DisjointSet
 
 from allcore.data import Sample
 from allcore.io import decode_rgb, read_bytes, write_bytes
@@ -30,24 +32,12 @@ STRATEGIES = ("duplicates", "blocks", "none")
 SPLIT_COLUMNS = ("path", "label", "group", "split")
 
 
-def _dct_matrix(n: int) -> np.ndarray:
-    """Unnormalised DCT-II basis, the transform imagehash.phash uses (via scipy.fftpack.dct)."""
-    k, i = np.arange(n)[:, None], np.arange(n)[None, :]
-    return 2.0 * np.cos(np.pi * k * (2 * i + 1) / (2 * n))
-
-
-_DCT32 = _dct_matrix(32)
-
-
 def perceptual_hash(img: Image.Image) -> int:
-    """64-bit DCT hash of a 32x32 grey thumbnail: low frequencies above their median.
-
-    Re-encoding, small shifts and mild colour changes flip only a few bits, so the Hamming
-    distance between hashes finds near-identical fields.
-    """
-    pixels = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = (_DCT32 @ pixels @ _DCT32.T)[:8, :8]
-    return int(np.packbits(low > np.median(low)).view(">u8")[0])
+    """``imagehash.phash`` as a 64-bit int: low DCT frequencies of a 32x32 grey thumbnail above
+    their median. Re-encoding, small shifts and mild colour changes flip only a few bits, so the
+    Hamming distance between hashes finds near-identical fields; an int keeps the banded search
+    in :func:`near_duplicate_pairs` on numpy's uint64."""
+    return int(str(imagehash.phash(img)), 16)
 
 
 @dataclass(frozen=True)
@@ -91,21 +81,6 @@ def near_duplicate_pairs(phashes: Sequence[int], max_distance: int) -> list[tupl
     return sorted(pairs)
 
 
-class _UnionFind:
-    def __init__(self, size: int):
-        self.parent = list(range(size))
-
-    def find(self, i: int) -> int:
-        while self.parent[i] != i:
-            self.parent[i] = self.parent[self.parent[i]]
-            i = self.parent[i]
-        return i
-
-    def union(self, i: int, j: int) -> None:
-        root_i, root_j = self.find(i), self.find(j)
-        self.parent[max(root_i, root_j)] = min(root_i, root_j)
-
-
 def _block_key(sample: Sample, block_size: int) -> str:
     numbers = re.findall(r"\d+", os.path.splitext(os.path.basename(sample.path))[0])
     if not numbers:
@@ -131,22 +106,22 @@ def assign_groups(samples: Sequence[Sample], *, strategy: str = "duplicates", bl
         raise ValueError(f"block_size must be at least 1, got {block_size}")
     keys = [s.group if s.group is not None
             else _block_key(s, block_size) if strategy == "blocks" else s.path for s in samples]
-    components = _UnionFind(len(samples))
+    components = DisjointSet(range(len(samples)))
     first_with_key: dict[str, int] = {}
     for i, key in enumerate(keys):
-        components.union(first_with_key.setdefault(key, i), i)
+        components.merge(first_with_key.setdefault(key, i), i)
     if strategy != "none":
         hashes = hash_samples(samples)
         first_with_content: dict[str, int] = {}
         for i, h in enumerate(hashes):
-            components.union(first_with_content.setdefault(h.sha256, i), i)
+            components.merge(first_with_content.setdefault(h.sha256, i), i)
         for i, j in near_duplicate_pairs([h.phash for h in hashes], phash_distance):
-            components.union(i, j)
+            components.merge(i, j)
     names: dict[int, str] = {}
     for i, key in enumerate(keys):
-        root = components.find(i)
+        root = components[i]
         names[root] = min(names.get(root, key), key)
-    return [names[components.find(i)] for i in range(len(samples))]
+    return [names[components[i]] for i in range(len(samples))]
 
 
 @dataclass(frozen=True)
