@@ -218,7 +218,11 @@ def _maybe_inject_failure(config: dict, epoch: int) -> None:
 
 def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifest,
                  fold_dir: str, name: str) -> str:
-    """Evaluate the best checkpoint on the held-out test split and export it as an artifact."""
+    """Evaluate the best checkpoint on the held-out test split and export it as an artifact.
+
+    This is the one export step of a run (every fold passes here): whatever is fitted on the
+    trained model before it ships (e.g. on the validation split) is computed here and stored
+    in the ``ModelCard`` below."""
     best = result.get_best_checkpoint(BEST_METRIC, "max") or result.checkpoint
     if best is None:
         raise RuntimeError(f"training run {name} produced no checkpoint; see the log above")
