@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 import allcore
-from allcore.io import filesystem, join, read_bytes
+from allcore.io import filesystem, join, read_bytes, write_atomic
 from allcore.transforms import DataConfig
 
 if TYPE_CHECKING:  # models (timm, torchvision) load lazily: reading a card must stay cheap
@@ -124,20 +121,10 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
                    model_version=card.model_version or f"{model.model_name}-{card.created_at}")
     fs, path = filesystem(out_dir)
     fs.makedirs(path, exist_ok=True)
-    _write_file(fs, f"{path}/{WEIGHTS_FILE}", weights)
-    _write_file(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    write_atomic(fs, f"{path}/{WEIGHTS_FILE}", weights)
+    write_atomic(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return out_dir
 
-
-def _write_file(fs, path: str, data: bytes) -> None:
-    """Local files go to a temporary name then are renamed; object-store PUTs are already atomic."""
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 def read_card(uri: str) -> ModelCard:

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from allcore.artifact import load_artifact, read_card
-from allcore.inference import Predictor, prepare_batch, prepare_kwargs
+from allcore.scoring.predict import Predictor
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.io import decode_rgb
 from allcore.recipes import load_recipe
 from allcore.transforms import eval_transform
@@ -51,7 +52,7 @@ def test_prepare_batch_turns_every_bad_input_into_an_error_row(tmp_path, tiny_ar
     assert out["pixels"].shape == (len(paths), 3, 64, 64) and out["pixels"].dtype == np.float32
     first = Path(good[0]).read_bytes()
     assert out["content_sha256"][0] == hashlib.sha256(first).hexdigest()
-    assert (out["width"][0], out["height"][0]) == (90, 70)
+    assert (out["box_x1"][0], out["box_y1"][0]) == (90, 70)
     expected = eval_transform(read_card(tiny_artifact).data_config_obj())(decode_rgb(first))
     np.testing.assert_allclose(out["pixels"][0], expected.numpy(), atol=1e-6)
 
