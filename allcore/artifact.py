@@ -64,13 +64,10 @@ class ModelCard:
         return self.weights_sha256
 
     def data_config_obj(self) -> DataConfig:
-        return DataConfig.from_dict(self.data_config)
-
-    @property
-    def mask_corner(self) -> bool:
-        """Whether the model was trained with the scale-bar corner painted out: evaluation and
-        scoring must then paint it out too (the recipe's ``mask_corner`` field)."""
-        return bool(self.recipe.get("mask_corner", False))
+        """The preprocessing of this model. Cards written before the data config carried
+        ``mask_corner`` kept it only in the recipe: read it from there, so they score as before."""
+        return DataConfig.from_dict({"mask_corner": self.recipe.get("mask_corner", False),
+                                     **self.data_config})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -48,7 +48,6 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
     """
     model, card = load_artifact(model_uri)
     data_config = card.data_config_obj()
-    mask_corner = card.mask_corner
     classes = list(card.classes)
     labels = np.array([classes.index(s.label) if s.label in classes else -1 for s in samples])
     if (labels < 0).any():
@@ -56,8 +55,8 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
         raise ValueError(f"labels {unknown} are not classes of this model ({classes}); "
                          "evaluate with data of the model's label set")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        units = list(pool.map(lambda s: unit_array(io.decode_rgb(io.read_bytes(s.path)), data_config,
-                                                   mask_corner=mask_corner), samples))
+        units = list(pool.map(lambda s: unit_array(io.decode_rgb(io.read_bytes(s.path)), data_config),
+                              samples))
     images = torch.from_numpy(np.stack(units))
 
     @torch.inference_mode()

@@ -34,9 +34,8 @@ def minority_class(samples: list[Sample]) -> str:
 def build_datasets(manifest: SplitManifest, recipe: Recipe, label_set: LabelSet,
                    data_config: DataConfig) -> dict[str, torch.utils.data.Dataset]:
     """train / val / test datasets of one split manifest, augmented as the recipe says."""
-    augment = {**recipe.augment, "mask_corner": recipe.mask_corner}
-    train_tf = train_transform(data_config, augment)
-    eval_tf = eval_transform(data_config, mask_corner=recipe.mask_corner)
+    train_tf = train_transform(data_config, recipe.augment)
+    eval_tf = eval_transform(data_config)
     missing = {"train", "val"} - set(manifest.names)
     if missing:
         raise ValueError(f"split manifest has no {' or '.join(sorted(missing))} images; "

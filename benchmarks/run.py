@@ -288,7 +288,8 @@ def child_plain_train(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+                         pretrained=recipe.pretrained, input_size=recipe.input_size,
+                         mask_corner=recipe.mask_corner)
     datasets = build_datasets(SplitManifest.read(spec["split_manifest"]), recipe, label_set,
                               model.data_config)
     loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers}

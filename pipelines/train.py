@@ -145,7 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(recipe.seed)
 
     model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+                         pretrained=recipe.pretrained, input_size=recipe.input_size,
+                         mask_corner=recipe.mask_corner)
     if recipe.freeze_backbone:
         model.freeze_backbone()
     data_config = model.data_config  # the recipe's input size was applied by create_model
@@ -278,7 +279,7 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     with result.checkpoint.as_directory() as directory:
         history = load_state(directory)["history"]  # the whole run, not just up to the best epoch
     model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
-                         input_size=recipe.input_size)
+                         input_size=recipe.input_size, mask_corner=recipe.mask_corner)
     model.load_state_dict(state["model"])
     test_metrics = test_split_metrics(model, manifest, recipe, label_set)
     best_row = state["history"][-1]

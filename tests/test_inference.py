@@ -86,7 +86,12 @@ def test_predictor_refuses_an_artifact_replaced_mid_run(tiny_artifact):
 def test_prepare_kwargs_follow_the_model_card(tiny_artifact):
     card = read_card(tiny_artifact)
     assert prepare_kwargs(card)["data_config"]["input_size"] == 64
-    assert prepare_kwargs(card)["mask_corner"] is False
-    # the card stores the training recipe as written by `jobs/train.py --set mask_corner=true`
-    masked = replace(card, recipe=load_recipe("demo").override(["mask_corner=true"]).to_dict())
-    assert prepare_kwargs(masked, max_pixels=10)["mask_corner"] is True
+    assert prepare_kwargs(card)["data_config"]["mask_corner"] is False
+    masked = replace(card, data_config={**card.data_config, "mask_corner": True})
+    assert prepare_kwargs(masked, max_pixels=10)["data_config"]["mask_corner"] is True
+    # a card written before the data config carried mask_corner kept it only in the recipe
+    # (`jobs/train.py --set mask_corner=true`): it must still score with the corner masked
+    old = {k: v for k, v in card.data_config.items() if k != "mask_corner"}
+    legacy = replace(card, data_config=old,
+                     recipe=load_recipe("demo").override(["mask_corner=true"]).to_dict())
+    assert prepare_kwargs(legacy)["data_config"]["mask_corner"] is True

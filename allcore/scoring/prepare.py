@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 
 import numpy as np
 from PIL import Image
@@ -38,9 +39,9 @@ FIELD_MEASUREMENTS: dict[str, FieldMeasurement] = {}
 def prepare_kwargs(card, *, max_pixels: int = MAX_PIXELS,
                    cell_finder: CellFinderConfig | None = None) -> dict:
     """``prepare_batch`` keyword arguments for a model card: scoring preprocesses exactly as the
-    model was evaluated in training (same data config, same scale-bar masking)."""
-    return {"data_config": dict(card.data_config), "mask_corner": card.mask_corner,
-            "max_pixels": max_pixels, "cell_finder": cell_finder}
+    model was evaluated in training (the card's data config, scale-bar masking included)."""
+    return {"data_config": card.data_config_obj().to_dict(), "max_pixels": max_pixels,
+            "cell_finder": cell_finder}
 
 
 def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> tuple[str | None, Image.Image | None, str | None]:
@@ -58,8 +59,7 @@ def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> tuple[str | None, I
         return sha, None, str(exc)
 
 
-def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corner: bool = False,
-                  max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
+def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
                   measurements: Mapping[str, FieldMeasurement] = FIELD_MEASUREMENTS,
                   ) -> dict[str, np.ndarray]:
     """Rows of the inputs ``batch`` names (``source_uri``; its other columns, e.g. the rest of
@@ -69,10 +69,11 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corne
     Adds content_sha256, row_kind, status, error, note, box_x0/y0/x1/y1 (field rows: the whole
     image), cell_count, cell_area, circularity, nucleus_cell_ratio, one column per measurement
     and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
-    With ``mask_corner`` the scale bar is painted out before cells are searched, so its label is
-    neither found as a cell nor seen in a crop.
+    With the data config's ``mask_corner`` the scale bar is painted out before cells are searched,
+    so its label is neither found as a cell nor seen in a crop.
     """
     cfg = DataConfig.from_dict(data_config)
+    crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
     rows: list[dict] = []
     for i, uri in enumerate(batch["source_uri"]):
         sha, img, error = load_image(str(uri), max_pixels=max_pixels)
@@ -85,12 +86,12 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corne
             rows.append({**field_row, "status": ERROR, "error": error})
             continue
         field_row.update({"box": (0, 0, *img.size),
-                          "pixels": preprocess_array(img, cfg, mask_corner=mask_corner),
+                          "pixels": preprocess_array(img, cfg),
                           **{name: float(measure(img)) for name, measure in measurements.items()}})
         if cell_finder is None:
             rows.append(field_row)
             continue
-        searched = mask_scale_bar(img) if mask_corner else img
+        searched = mask_scale_bar(img) if cfg.mask_corner else img
         cells = find_cells(searched, cell_finder)
         rows.append({**field_row, "cell_count": len(cells),
                      "note": "" if cells else NO_CELLS_NOTE})
@@ -100,7 +101,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corne
                                          else cell.nucleus_cell_ratio),
                   **{name: math.nan for name in measurements},
                   "pixels": preprocess_array(
-                      cell_crop(searched, cell, cell_finder.crop_pad_fraction), cfg)}
+                      cell_crop(searched, cell, cell_finder.crop_pad_fraction), crop_cfg)}
                  for cell in cells]
     return _columns(batch, rows, cfg, measurements)
 
