@@ -74,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     args = parser.parse_args(argv)
     try:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
-                             manifest=args.manifest, full=args.full, batch_size=args.batch_size,
+                             input_list=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, fast=args.fast, gpu=args.gpu,

@@ -56,6 +56,9 @@ def test_config_rejects_bad_values_with_clear_messages():
 def test_config_json_round_trip_and_unknown_keys_fail():
     config = ScoringConfig(model="m", input="i", output="o", actors=(2, 4), full=True)
     assert ScoringConfig.from_json(config.to_json()) == config
+    # config.json of earlier runs named the input list "manifest"
+    earlier = json.dumps({"model": "m", "input": "i", "output": "o", "manifest": "list.txt"})
+    assert ScoringConfig.from_json(earlier).input_list == "list.txt"
     with pytest.raises(ValueError, match="unknown scoring config keys.*'workers'"):
         ScoringConfig.from_json(json.dumps({"model": "m", "input": "i", "output": "o",
                                             "workers": 3}))
@@ -156,6 +159,12 @@ def test_input_list_joins_relative_paths_and_keeps_missing_files_for_an_error_ro
     assert [i.uri for i in infos] == [str(present), str(tmp_path / "imgs" / "gone.jpg")]
     assert infos[0].size == 5 and infos[0].mtime_or_etag == str(os.stat(present).st_mtime_ns)
     assert infos[1].size == -1
+
+
+def test_progress_line_reads_images_done_rate_and_time_left():
+    summary = RunSummary("r", "o", listed=10, skipped=2, ok=3, errors=1, seconds=2.0)
+    assert summary.progress() == "4/8 images (50.0%), 1 errors, 2.0 images/s, about 0h00m02s left"
+    assert RunSummary("r", "o", listed=5).progress().endswith("about unknown left")
 
 
 def test_chunked_covers_every_item_once():

@@ -15,9 +15,9 @@ class ScoringConfig:
     """One scoring run. Written to ``<out>/_runs/<run_id>/config.json`` next to the outputs."""
 
     model: str  # artifact folder or s3:// prefix
-    input: str  # image folder or s3:// prefix, listed recursively (or the base for --manifest)
+    input: str  # image folder or s3:// prefix, listed recursively (or the base of input_list)
     output: str  # table root, local or s3://
-    manifest: str | None = None  # input list: text file, one path per line, instead of listing --input
+    input_list: str | None = None  # --manifest: text file, one path per line, instead of listing --input
     full: bool = False  # rescore inputs already committed for this model
     batch_size: int = 64
     actors: tuple[int, int] = (1, 2)  # inference actor pool (min, max); Ray autoscales between
@@ -54,6 +54,8 @@ class ScoringConfig:
     @classmethod
     def from_json(cls, text: str) -> "ScoringConfig":
         values = json.loads(text)
+        if "manifest" in values:  # the name of input_list in config.json of earlier runs
+            values["input_list"] = values.pop("manifest")
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown scoring config keys {sorted(unknown)}; "

@@ -46,8 +46,8 @@ def iter_input_list(input_list: str, base: str) -> Iterator[FileInfo]:
 
 
 def iter_inputs(config: ScoringConfig) -> Iterator[FileInfo]:
-    if config.manifest:
-        return iter_input_list(config.manifest, config.input)
+    if config.input_list:
+        return iter_input_list(config.input_list, config.input)
     return iter_image_files(config.input)
 
 
