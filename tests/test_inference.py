@@ -57,6 +57,18 @@ def test_prepare_batch_turns_every_bad_input_into_an_error_row(tmp_path, tiny_ar
     np.testing.assert_allclose(out["pixels"][0], expected.numpy(), atol=1e-6)
 
 
+def test_field_measurements_become_columns_null_where_there_is_no_field(tmp_path, tiny_artifact):
+    paths = write_images(tmp_path / "good", 2)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    out = prepare_batch(batch_of([*paths, str(tmp_path / "empty.jpg")]),
+                        **prepare_kwargs(read_card(tiny_artifact)),
+                        measurements={"mean_red": lambda img: np.asarray(img)[..., 0].mean()})
+    reds = [np.asarray(decode_rgb(Path(p).read_bytes()))[..., 0].mean() for p in paths]
+    np.testing.assert_allclose(out["mean_red"][:2], reds, rtol=1e-5)
+    assert out["mean_red"].dtype == np.float32 and np.isnan(out["mean_red"][2])
+    assert list(out["row_kind"]) == ["field"] * 3
+
+
 def test_predictor_matches_the_model_and_passes_error_rows_through(tmp_path, tiny_artifact):
     paths = write_images(tmp_path, 5) + [str(tmp_path / "missing.jpg")]
     card = read_card(tiny_artifact)
