@@ -130,7 +130,7 @@ def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> 
         summary.skipped += len(infos) - len(todo)
         # one block per model batch, so every actor of the pool gets work
         for block in chunked(todo, config.batch_size):
-            init_ray()  # only once there is work: a rerun with nothing new costs just the listing
+            init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
             refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                           "source_size": [i.size for i in block],
                                           "source_mtime": [i.mtime_or_etag for i in block]})))
