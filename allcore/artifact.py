@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
 import allcore
-from allcore.io import filesystem, join, read_bytes
+from allcore.io import filesystem, join, read_bytes, write_atomic
 from allcore.transforms import DataConfig
 
 if TYPE_CHECKING:  # models (timm, torchvision) load lazily: reading a card must stay cheap
@@ -67,13 +64,10 @@ class ModelCard:
         return self.weights_sha256
 
     def data_config_obj(self) -> DataConfig:
-        return DataConfig.from_dict(self.data_config)
-
-    @property
-    def mask_corner(self) -> bool:
-        """Whether the model was trained with the scale-bar corner painted out: evaluation and
-        scoring must then paint it out too (the recipe's ``mask_corner`` field)."""
-        return bool(self.recipe.get("mask_corner", False))
+        """The preprocessing of this model. Cards written before the data config carried
+        ``mask_corner`` kept it only in the recipe: read it from there, so they score as before."""
+        return DataConfig.from_dict({"mask_corner": self.recipe.get("mask_corner", False),
+                                     **self.data_config})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -124,20 +118,10 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
                    model_version=card.model_version or f"{model.model_name}-{card.created_at}")
     fs, path = filesystem(out_dir)
     fs.makedirs(path, exist_ok=True)
-    _write_file(fs, f"{path}/{WEIGHTS_FILE}", weights)
-    _write_file(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
+    write_atomic(fs, f"{path}/{WEIGHTS_FILE}", weights)
+    write_atomic(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return out_dir
 
-
-def _write_file(fs, path: str, data: bytes) -> None:
-    """Local files go to a temporary name then are renamed; object-store PUTs are already atomic."""
-    if isinstance(fs, LocalFileSystem):
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 def read_card(uri: str) -> ModelCard:

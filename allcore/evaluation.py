@@ -50,7 +50,6 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
     """
     model, card = load_artifact(model_uri)
     data_config = card.data_config_obj()
-    mask_corner = card.mask_corner
     classes = list(card.classes)
     labels = np.array([classes.index(s.label) if s.label in classes else -1 for s in samples])
     if (labels < 0).any():
@@ -58,8 +57,8 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
         raise ValueError(f"labels {unknown} are not classes of this model ({classes}); "
                          "evaluate with data of the model's label set")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        units = list(pool.map(lambda s: unit_array(io.decode_rgb(io.read_bytes(s.path)), data_config,
-                                                   mask_corner=mask_corner), samples))
+        units = list(pool.map(lambda s: unit_array(io.decode_rgb(io.read_bytes(s.path)), data_config),
+                              samples))
     images = torch.from_numpy(np.stack(units))
 
     def predict(unit_batch: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import os
+import posixpath
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -18,6 +20,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Decompression-bomb guard: the largest image decode_rgb accepts. 40 MP holds a whole-slide
+# field tile of a 100x objective; anything larger is refused with an error row, not an OOM.
+MAX_PIXELS = 40_000_000
 
 
 def _s3_options() -> dict:
@@ -53,6 +58,18 @@ def join(base: str, relative: str) -> str:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return fs.cat_file(path)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the whole file or nothing: an object-store
+    PUT is atomic; a local file is written under a temporary name, then renamed."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
 
 
 def exists(uri: str) -> bool:
@@ -172,7 +189,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
 
 
-def decode_rgb(data: bytes, *, max_pixels: int = 40_000_000) -> Image.Image:
+def decode_rgb(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to a fully loaded RGB image, or raise ``ImageDecodeError``.
 
     The whole image is decoded here (not lazily), so a truncated file fails now, inside the

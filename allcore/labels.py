@@ -7,6 +7,7 @@ reorder probabilities.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -17,7 +18,13 @@ class LabelSet:
     name: str
     classes: tuple[str, ...]
     aliases: dict[str, str]  # lower-cased raw label (folder name, manifest value) -> class
+    blast_classes: tuple[str, ...]  # the malignant classes: summed into blast_probability
     description: str = ""
+
+    def __post_init__(self) -> None:
+        if not set(self.blast_classes) <= set(self.classes):
+            raise ValueError(f"label set {self.name!r}: blast classes {self.blast_classes} "
+                             f"are not all in its classes {self.classes}")
 
     def to_class(self, raw_label: str) -> str:
         """Map a raw label (folder name or manifest value) to a class of this set."""
@@ -32,6 +39,15 @@ class LabelSet:
 
     def index(self, cls: str) -> int:
         return self.classes.index(cls)
+
+    def blast_classes_of(self, classes: Sequence[str]) -> tuple[str, ...]:
+        """The blast classes, checked against a model card's class list (which owns the order)."""
+        missing = set(self.blast_classes) - set(classes)
+        if missing:
+            raise ValueError(f"model card classes {list(classes)} lack the blast classes "
+                             f"{sorted(missing)} of label set {self.name!r}; the card is "
+                             "inconsistent: re-export the model")
+        return self.blast_classes
 
     @property
     def num_classes(self) -> int:
@@ -48,6 +64,7 @@ LABEL_SETS: dict[str, LabelSet] = {
         classes=("Benign", "Early", "Pre", "Pro"),
         aliases=_aliases({"Benign": ["hematogones"], "Early": ["early_pre_b", "early pre-b"],
                           "Pre": ["pre_b", "pre-b"], "Pro": ["pro_b", "pro-b"]}),
+        blast_classes=("Early", "Pre", "Pro"),
         description="Taleqani 4-class: hematogones vs Early Pre-B, Pre-B, Pro-B ALL",
     ),
     "binary": LabelSet(
@@ -55,12 +72,14 @@ LABEL_SETS: dict[str, LabelSet] = {
         classes=("benign", "malignant"),
         aliases=_aliases({"benign": ["hem", "normal"],
                           "malignant": ["early", "pre", "pro", "all"]}),
+        blast_classes=("malignant",),
         description="benign vs malignant (Taleqani Benign vs Early+Pre+Pro; C-NMC hem vs all)",
     ),
     "all_hem": LabelSet(
         name="all_hem",
         classes=("HEM", "ALL"),
         aliases=_aliases({"HEM": ["normal", "benign"], "ALL": ["malignant", "blast"]}),
+        blast_classes=("ALL",),
         description="C-NMC 2019 style: HEM (normal) vs ALL (blast) single-cell images",
     ),
 }

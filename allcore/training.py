@@ -38,9 +38,8 @@ def minority_class(samples: list[Sample]) -> str:
 def build_datasets(manifest: SplitManifest, recipe: Recipe, label_set: LabelSet,
                    data_config: DataConfig) -> dict[str, torch.utils.data.Dataset]:
     """train / val / test datasets of one split manifest, augmented as the recipe says."""
-    augment = {**recipe.augment, "mask_corner": recipe.mask_corner}
-    train_tf = train_transform(data_config, augment)
-    eval_tf = eval_transform(data_config, mask_corner=recipe.mask_corner)
+    train_tf = train_transform(data_config, recipe.augment)
+    eval_tf = eval_transform(data_config)
     missing = {"train", "val"} - set(manifest.names)
     if missing:
         raise ValueError(f"split manifest has no {' or '.join(sorted(missing))} images; "
@@ -88,7 +87,8 @@ def class_weights(targets: list[int], num_classes: int) -> torch.Tensor:
 def build_model(recipe: Recipe, label_set: LabelSet) -> Classifier:
     """The recipe's model for the label set, with its body frozen when the recipe says so."""
     model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
+                         pretrained=recipe.pretrained, input_size=recipe.input_size,
+                         mask_corner=recipe.mask_corner)
     if recipe.freeze_backbone:
         model.freeze_backbone()
     return model

@@ -33,6 +33,10 @@ class DataConfig:
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"
     crop_pct: float = 1.0  # resize to input_size / crop_pct, then centre-crop input_size
+    # Paint out the bottom-right scale-bar label first (``mask_scale_bar``): a class shortcut in
+    # Taleqani images. Part of the data config so that training, evaluation and scoring of a
+    # model all read it from the one place its card keeps it (set by the recipe's mask_corner).
+    mask_corner: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +49,7 @@ class DataConfig:
             std=tuple(float(x) for x in d["std"]),
             interpolation=str(d.get("interpolation", "bilinear")),
             crop_pct=float(d.get("crop_pct", 1.0)),
+            mask_corner=bool(d.get("mask_corner", False)),
         )
 
 
@@ -148,20 +153,20 @@ def normalise_array(unit: np.ndarray, cfg: DataConfig) -> np.ndarray:
     return (unit - mean) / std
 
 
-def unit_array(img: Image.Image, cfg: DataConfig, *, mask_corner: bool = False) -> np.ndarray:
-    """Decode-side preprocessing before normalisation: RGB, optional scale-bar mask, resize the
+def unit_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:
+    """Decode-side preprocessing before normalisation: RGB, scale-bar mask if ``cfg.mask_corner``, resize the
     shorter side to ``round(input_size / crop_pct)``, centre-crop ``input_size``; float32 CHW
     in [0, 1]. Noise for robustness tests is added at this stage, in pixel space."""
     img = prepare_pil(img, cfg)
-    if mask_corner:
+    if cfg.mask_corner:
         img = mask_scale_bar(img)
     return _unit_array(_resize_centre_crop(img, cfg))
 
 
-def preprocess_array(img: Image.Image, cfg: DataConfig, *, mask_corner: bool = False) -> np.ndarray:
+def preprocess_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:
     """The model's input for one image as float32 CHW: the scoring batch function stacks these,
     and ``eval_transform`` wraps it, so evaluation and scoring share one code path."""
-    return normalise_array(unit_array(img, cfg, mask_corner=mask_corner), cfg)
+    return normalise_array(unit_array(img, cfg), cfg)
 
 
 # --- pixel operations shared by augmentation and robustness tests ------------------------------
@@ -196,25 +201,25 @@ class EvalTransform:
     """PIL image -> normalised float tensor CHW (``preprocess_array``). With ``noise_sigma`` > 0
     it adds Gaussian noise before normalisation and then needs a generator per call."""
 
-    def __init__(self, cfg: DataConfig, *, mask_corner: bool = False, noise_sigma: float = 0.0):
+    def __init__(self, cfg: DataConfig, *, noise_sigma: float = 0.0):
         _validate(cfg)
         if noise_sigma < 0:
             raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
-        self.cfg, self.mask_corner, self.noise_sigma = cfg, mask_corner, noise_sigma
+        self.cfg, self.noise_sigma = cfg, noise_sigma
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         if not self.noise_sigma:
-            return torch.from_numpy(preprocess_array(img, self.cfg, mask_corner=self.mask_corner))
+            return torch.from_numpy(preprocess_array(img, self.cfg))
         if generator is None:
             raise ValueError("noise_sigma > 0 needs a torch.Generator per image, for reproducible noise")
-        unit = torch.from_numpy(unit_array(img, self.cfg, mask_corner=self.mask_corner))
+        unit = torch.from_numpy(unit_array(img, self.cfg))
         noisy = add_gaussian_noise(unit, self.noise_sigma, generator)
         return torch.from_numpy(normalise_array(noisy.numpy(), self.cfg))
 
 
-def eval_transform(cfg: DataConfig, *, mask_corner: bool = False, noise_sigma: float = 0.0) -> EvalTransform:
+def eval_transform(cfg: DataConfig, *, noise_sigma: float = 0.0) -> EvalTransform:
     """Evaluation / scoring preprocessing for ``cfg`` (see ``EvalTransform``)."""
-    return EvalTransform(cfg, mask_corner=mask_corner, noise_sigma=noise_sigma)
+    return EvalTransform(cfg, noise_sigma=noise_sigma)
 
 
 def _unit_interval(key: str, value: Any) -> float:
@@ -272,7 +277,6 @@ class Augment:
     contrast: tuple[float, float] = (1.0, 1.0)  # factor range, blending with the mean grey
     gaussian_noise_sigma: tuple[float, ...] = ()  # one sigma (pixel units) drawn per image
     desaturate: bool = False  # not per image: the dataset adds desaturated minority copies
-    mask_corner: bool = False  # mask the scale-bar label (see mask_scale_bar)
     random_resized_crop: bool = False  # instead of resize + centre crop
 
     @classmethod
@@ -298,7 +302,6 @@ _AUGMENT_PARSERS = {
     "contrast": _factor_range,
     "gaussian_noise_sigma": _sigmas,
     "desaturate": _flag,
-    "mask_corner": _flag,
     "random_resized_crop": _flag,
 }
 VALID_AUGMENT_KEYS = tuple(_AUGMENT_PARSERS)
@@ -325,7 +328,7 @@ class TrainTransform:
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
         aug = self.augment
         img = prepare_pil(img, self.cfg)
-        if aug.mask_corner:
+        if self.cfg.mask_corner:
             img = mask_scale_bar(img)
         if aug.random_resized_crop:
             img = self._random_resized_crop(img, generator)

@@ -6,7 +6,7 @@
 On the test split of the model's own leakage-safe split manifest (never used in training or model
 selection) it compares, per field:
   (B) field:  the field model on the whole field (what whole-image scoring reports);
-  (A) cells:  the same model on every crop ``--per-cell`` scoring makes (``prepare_cells_batch``),
+  (A) cells:  the same model on every crop ``--per-cell`` scoring makes (``prepare_batch`` with a cell finder),
               aggregated per field as the mean of the cell probabilities, and as a majority vote;
               fields without cells fall back to (B) and are counted.
 Cell labels are inherited from the field (weak labels), so the per-cell agreement with the field
@@ -27,20 +27,22 @@ from sklearn.metrics import accuracy_score, f1_score
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allcore.artifact import read_card  # noqa: E402
-from allcore.inference import Predictor, prepare_kwargs  # noqa: E402
-from allcore.percell import prepare_cells_batch  # noqa: E402
+from allcore.cells import CellFinderConfig  # noqa: E402
+from allcore.scoring.predict import Predictor  # noqa: E402
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs  # noqa: E402
 from allcore.splits import SplitManifest  # noqa: E402
 
 
 def score_split(model: str, paths: list[str], batch_size: int = 16) -> dict[str, np.ndarray]:
     """Field and cell rows of ``paths`` exactly as ``--per-cell`` scoring produces them."""
-    kwargs, predictor = prepare_kwargs(read_card(model)), Predictor(model)
+    kwargs = prepare_kwargs(read_card(model), cell_finder=CellFinderConfig())
+    predictor = Predictor(model)
     parts = []
     for start in range(0, len(paths), batch_size):
         chunk = np.array(paths[start:start + batch_size], dtype=object)
         batch = {"source_uri": chunk, "source_size": np.zeros(len(chunk), np.int64),
                  "source_mtime": np.array([""] * len(chunk), dtype=object)}
-        parts.append(predictor(prepare_cells_batch(batch, **kwargs)))
+        parts.append(predictor(prepare_batch(batch, **kwargs)))
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 

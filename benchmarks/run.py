@@ -135,7 +135,7 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
     import torch
 
     from allcore.artifact import load_artifact
-    from allcore.inference import probability_function
+    from allcore.scoring.predict import probability_function
 
     model, card = load_artifact(artifact)
     size = int(card.data_config["input_size"])
@@ -170,7 +170,8 @@ def agreement(artifact: str, images: Path, batch_size: int) -> dict:
     import torch
 
     from allcore.artifact import load_artifact, read_card
-    from allcore.inference import prepare_batch, prepare_kwargs, probability_function
+    from allcore.scoring.predict import probability_function
+    from allcore.scoring.prepare import prepare_batch, prepare_kwargs
     from allcore.io import iter_image_files
 
     uris = np.array([info.uri for info in iter_image_files(str(images))], dtype=object)
@@ -230,7 +231,7 @@ def _init_ray() -> None:
 def child_score(spec: dict) -> dict:
     """The Ray Data job as ``jobs/score.py`` runs it; seconds are the job's own (after Ray has
     started, including actor start-up and model loading)."""
-    from allcore.scoring import ScoringConfig
+    from allcore.scoring.config import ScoringConfig
     from pipelines.score import run_scoring
 
     _init_ray()

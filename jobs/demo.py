@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from allcore.evaluation import evaluate_artifact, select_samples
-    from allcore.scoring import ScoringConfig
+    from allcore.scoring.config import ScoringConfig
     from pipelines import init_ray
     from pipelines.score import run_scoring
     from pipelines.train import TrainJob, run_training

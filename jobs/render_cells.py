@@ -34,9 +34,9 @@ def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell],
     from allcore.transforms import preprocess_array
 
     model, card = load_artifact(model_uri)
-    data_config, mask_corner = card.data_config_obj(), card.mask_corner
-    batch = np.stack([preprocess_array(cell_crop(img, cell, config.crop_pad_fraction), data_config,
-                                       mask_corner=mask_corner) for cell in cells])
+    data_config = card.data_config_obj()
+    batch = np.stack([preprocess_array(cell_crop(img, cell, config.crop_pad_fraction), data_config)
+                      for cell in cells])
     with torch.no_grad():
         probabilities = torch.softmax(model.eval()(torch.from_numpy(batch)), dim=1)
     confidence, index = probabilities.max(dim=1)

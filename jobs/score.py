@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.scoring import ScoringConfig  # noqa: E402
+from allcore.scoring.config import ScoringConfig  # noqa: E402
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -68,14 +68,17 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
                         "cell (crop classified by the model) and a specimen_summary table; see "
                         "docs/SCORING.md")
+    parser.add_argument("--verbose", action="store_true", help="Ray's INFO logs and progress "
+                        "bars (default: one progress line per commit: images done / total, "
+                        "rate, time left)")
     args = parser.parse_args(argv)
     try:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
-                             manifest=args.manifest, full=args.full, batch_size=args.batch_size,
+                             input_list=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, fast=args.fast, gpu=args.gpu,
-                             per_cell=args.per_cell)
+                             per_cell=args.per_cell, verbose=args.verbose)
     except ValueError as exc:
         parser.error(str(exc))
 

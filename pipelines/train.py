@@ -233,7 +233,7 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     with result.checkpoint.as_directory() as directory:
         history = load_state(directory)["history"]  # the whole run, not just up to the best epoch
     model = create_model(recipe.model, num_classes=label_set.num_classes, pretrained=False,
-                         input_size=recipe.input_size)
+                         input_size=recipe.input_size, mask_corner=recipe.mask_corner)
     model.load_state_dict(state["model"])
     test_metrics = test_split_metrics(model, manifest, recipe, label_set)
     best_row = state["history"][-1]

@@ -112,3 +112,11 @@ def test_save_refuses_card_that_disagrees_with_model(tmp_path):
     card.model_name = "vgg16_cnn"
     with pytest.raises(ValueError, match="model_name"):
         save_artifact(str(tmp_path), model, card)
+
+
+def test_card_carries_scale_bar_masking_in_its_data_config(tmp_path):
+    model = create_model("mobilenet_v2", num_classes=4, input_size=SIZE, mask_corner=True)
+    save_artifact(str(tmp_path), model, _card())
+    loaded, card = load_artifact(str(tmp_path))
+    assert card.data_config["mask_corner"] is True
+    assert card.data_config_obj().mask_corner and loaded.data_config.mask_corner

@@ -1,4 +1,4 @@
-"""The fast inference path scores like the eager reference path (allcore.inference)."""
+"""The fast inference path scores like the eager reference path (allcore.scoring.predict)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from allcore.artifact import load_artifact
-from allcore.inference import Predictor, probability_function
-from allcore.scoring import OK, prob_column
+from allcore.scoring.predict import Predictor, probability_function
+from allcore.scoring.table import OK, prob_column
 
 # fp32 throughout (ONNX Runtime or a frozen trace): only operator fusion and summation order
 # differ from eager, so probabilities agree far below anything that could flip a decision.
@@ -25,7 +25,7 @@ def test_fast_path_agrees_with_eager(tiny_artifact, pixels, onnx, monkeypatch):
     if onnx:
         pytest.importorskip("onnxruntime")
     else:  # the fallback when the `fast` extra is not installed
-        monkeypatch.setattr("allcore.inference._onnx_session", lambda model, size: None)
+        monkeypatch.setattr("allcore.scoring.predict._onnx_session", lambda model, size: None)
     cpu = torch.device("cpu")
     eager = probability_function(load_artifact(tiny_artifact)[0], input_size=64, fast=False,
                                  device=cpu)(pixels)
@@ -52,7 +52,7 @@ def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):
 
 
 def test_fast_flag_reaches_the_scoring_config():
-    from allcore.scoring import ScoringConfig
+    from allcore.scoring.config import ScoringConfig
     from jobs.score import parse_args
 
     paths = ["--model", "m", "--input", "i", "--output", "o"]

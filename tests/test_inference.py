@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from allcore.artifact import load_artifact, read_card
-from allcore.inference import Predictor, prepare_batch, prepare_kwargs
+from allcore.scoring.predict import Predictor
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.io import decode_rgb
 from allcore.recipes import load_recipe
 from allcore.transforms import eval_transform
@@ -51,9 +52,21 @@ def test_prepare_batch_turns_every_bad_input_into_an_error_row(tmp_path, tiny_ar
     assert out["pixels"].shape == (len(paths), 3, 64, 64) and out["pixels"].dtype == np.float32
     first = Path(good[0]).read_bytes()
     assert out["content_sha256"][0] == hashlib.sha256(first).hexdigest()
-    assert (out["width"][0], out["height"][0]) == (90, 70)
+    assert (out["box_x1"][0], out["box_y1"][0]) == (90, 70)
     expected = eval_transform(read_card(tiny_artifact).data_config_obj())(decode_rgb(first))
     np.testing.assert_allclose(out["pixels"][0], expected.numpy(), atol=1e-6)
+
+
+def test_field_measurements_become_columns_null_where_there_is_no_field(tmp_path, tiny_artifact):
+    paths = write_images(tmp_path / "good", 2)
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    out = prepare_batch(batch_of([*paths, str(tmp_path / "empty.jpg")]),
+                        **prepare_kwargs(read_card(tiny_artifact)),
+                        measurements={"mean_red": lambda img: np.asarray(img)[..., 0].mean()})
+    reds = [np.asarray(decode_rgb(Path(p).read_bytes()))[..., 0].mean() for p in paths]
+    np.testing.assert_allclose(out["mean_red"][:2], reds, rtol=1e-5)
+    assert out["mean_red"].dtype == np.float32 and np.isnan(out["mean_red"][2])
+    assert list(out["row_kind"]) == ["field"] * 3
 
 
 def test_predictor_matches_the_model_and_passes_error_rows_through(tmp_path, tiny_artifact):
@@ -85,7 +98,12 @@ def test_predictor_refuses_an_artifact_replaced_mid_run(tiny_artifact):
 def test_prepare_kwargs_follow_the_model_card(tiny_artifact):
     card = read_card(tiny_artifact)
     assert prepare_kwargs(card)["data_config"]["input_size"] == 64
-    assert prepare_kwargs(card)["mask_corner"] is False
-    # the card stores the training recipe as written by `jobs/train.py --set mask_corner=true`
-    masked = replace(card, recipe=load_recipe("demo").override(["mask_corner=true"]).to_dict())
-    assert prepare_kwargs(masked, max_pixels=10)["mask_corner"] is True
+    assert prepare_kwargs(card)["data_config"]["mask_corner"] is False
+    masked = replace(card, data_config={**card.data_config, "mask_corner": True})
+    assert prepare_kwargs(masked, max_pixels=10)["data_config"]["mask_corner"] is True
+    # a card written before the data config carried mask_corner kept it only in the recipe
+    # (`jobs/train.py --set mask_corner=true`): it must still score with the corner masked
+    old = {k: v for k, v in card.data_config.items() if k != "mask_corner"}
+    legacy = replace(card, data_config=old,
+                     recipe=load_recipe("demo").override(["mask_corner=true"]).to_dict())
+    assert prepare_kwargs(legacy)["data_config"]["mask_corner"] is True

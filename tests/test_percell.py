@@ -14,11 +14,14 @@ import pytest
 from PIL import Image
 
 from allcore.artifact import read_card
-from allcore.inference import Predictor, prepare_kwargs
-from allcore.labels import get_label_set
-from allcore.percell import (NO_CELLS_NOTE, CompleteInputs, blast_classes, prepare_cells_batch,
-                            specimen_summary, wilson_interval)
-from allcore.scoring import ScoringConfig, build_output_table, card_summary
+from allcore.cells import CellFinderConfig
+from allcore.labels import LabelSet, get_label_set
+from allcore.scoring.config import ScoringConfig
+from allcore.scoring.predict import Predictor
+from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
+from allcore.scoring.store import CompleteInputs
+from allcore.scoring.summary import specimen_summary, wilson_interval
+from allcore.scoring.table import build_output_table, card_summary
 from allcore.synthetic import make_field, write_archive
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,11 +60,11 @@ def iou(a, b) -> float:
 
 def score_cells(paths: list[str], artifact: str) -> pa.Table:
     card = read_card(artifact)
-    prepared = prepare_cells_batch(batch_of(paths), **prepare_kwargs(card))
+    prepared = prepare_batch(batch_of(paths), **prepare_kwargs(card, cell_finder=CellFinderConfig()))
     return build_output_table(pa.table(Predictor(artifact)(prepared)), run_id="r1",
                               scored_at=__import__("datetime").datetime(2025, 1, 2),
                               model_summary=card_summary(card), specimen_pattern=None,
-                              blast_classes=blast_classes(card.label_set, card.classes))
+                              blast_classes=get_label_set(card.label_set).blast_classes_of(card.classes))
 
 
 def test_cell_rows_follow_the_known_boxes_and_every_input_keeps_its_field_row(tmp_path,
@@ -98,7 +101,7 @@ def test_cell_rows_follow_the_known_boxes_and_every_input_keeps_its_field_row(tm
 def test_complete_inputs_never_splits_an_input_across_batches(tmp_path, tiny_artifact):
     paths, _ = write_fields(tmp_path / "S1")
     card = read_card(tiny_artifact)
-    prepared = prepare_cells_batch(batch_of(paths), **prepare_kwargs(card))
+    prepared = prepare_batch(batch_of(paths), **prepare_kwargs(card, cell_finder=CellFinderConfig()))
     table = pa.table({k: v for k, v in prepared.items() if k != "pixels"})
     shuffled = table.take(np.random.default_rng(0).permutation(table.num_rows))
     buffer, released = CompleteInputs(), []
@@ -122,13 +125,14 @@ def test_wilson_interval_matches_the_textbook_value_and_rejects_bad_counts():
 
 
 def test_blast_classes_follow_the_label_set():
-    assert blast_classes("all4", get_label_set("all4").classes) == ("Early", "Pre", "Pro")
-    assert blast_classes("binary", ("benign", "malignant")) == ("malignant",)
-    assert blast_classes("all_hem", ("HEM", "ALL")) == ("ALL",)
-    with pytest.raises(ValueError, match="BLAST_CLASSES"):
-        blast_classes("cnmc9", ("a", "b"))
+    all4 = get_label_set("all4")
+    assert all4.blast_classes_of(all4.classes) == ("Early", "Pre", "Pro")
+    assert get_label_set("binary").blast_classes_of(("benign", "malignant")) == ("malignant",)
+    assert get_label_set("all_hem").blast_classes_of(("HEM", "ALL")) == ("ALL",)
+    with pytest.raises(ValueError, match="not all in its classes"):
+        LabelSet(name="x", classes=("a", "b"), aliases={}, blast_classes=("c",))
     with pytest.raises(ValueError, match="inconsistent"):
-        blast_classes("all4", ("Benign", "Early"))
+        all4.blast_classes_of(("Benign", "Early"))
 
 
 def test_specimen_summary_counts_cells_per_class_and_picks_the_most_suspicious():

@@ -22,7 +22,8 @@ import torch
 from allcore.artifact import load_artifact
 from allcore.io import decode_rgb
 from allcore.labels import get_label_set
-from allcore.scoring import SCHEMA_METADATA_KEY, ScoringConfig
+from allcore.scoring.config import ScoringConfig
+from allcore.scoring.table import SCHEMA_METADATA_KEY
 from allcore.synthetic import write_archive
 from allcore.transforms import eval_transform
 
@@ -137,7 +138,7 @@ def test_bad_inputs_become_one_error_row_each_and_fail_the_run(tmp_path, ray_ses
     assert set(errors) == set(bad) and len(bad) >= 10
     assert all(fragment in errors[path] for path, fragment in bad.items())
     assert Counter(r["source_uri"] for r in table) == Counter(good + convertible + list(bad))
-    manifest_json = json.loads(next(Path(out, "_runs").glob("*/manifest.json")).read_text())
+    manifest_json = json.loads(next(Path(out, "_runs").glob("*/summary.json")).read_text())
     assert manifest_json["balanced"] and manifest_json["errors"] == len(bad)
     assert manifest_json["ok"] == len(good) + len(convertible)
     assert not list(Path(out, "_runs").glob("*/_SUCCESS"))

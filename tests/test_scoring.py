@@ -5,15 +5,19 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from allcore.scoring import (SCHEMA_METADATA_KEY, OutputStore, RunSummary, ScoringConfig,
-                             build_output_table, chunked, input_digest, iter_manifest,
-                             output_schema, specimen_id)
+from allcore.scoring.config import ScoringConfig
+from allcore.scoring.inputs import chunked, input_digest, iter_input_list
+from allcore.scoring.store import OutputStore
+from allcore.scoring.summary import RunSummary
+from allcore.scoring.table import (SCHEMA_METADATA_KEY, build_output_table, columns_markdown,
+                                   output_schema, specimen_id)
 
 SUMMARY = {"model_name": "tiny", "model_version": "1", "weights_sha256": "ab" * 32,
            "classes": ["Benign", "Early"], "data_config": {"input_size": 64}}
@@ -21,11 +25,16 @@ SCORED_AT = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.timezone.utc)
 
 
 def scored_table() -> pa.Table:
-    """Columns as the inference stage returns them: one ok row, one error row (out of order)."""
+    """Columns as the predict stage returns them: one ok row, one error row (out of order)."""
     return pa.table({
         "source_uri": ["/a/S2/x.jpg", "/a/S1/y.jpg"], "source_size": [10, 0],
         "source_mtime": ["1", "2"], "content_sha256": ["f" * 64, None],
-        "width": np.array([80, 0], np.int32), "height": np.array([60, 0], np.int32),
+        "row_kind": ["field", "field"], "note": ["", ""],
+        "box_x0": np.zeros(2, np.int32), "box_y0": np.zeros(2, np.int32),
+        "box_x1": np.array([80, 0], np.int32), "box_y1": np.array([60, 0], np.int32),
+        "cell_count": np.full(2, -1, np.int32), "cell_area": np.full(2, -1, np.int32),
+        "circularity": np.full(2, np.nan, np.float32),
+        "nucleus_cell_ratio": np.full(2, np.nan, np.float32),
         "status": ["ok", "error"], "error": [None, "zero-byte file: the file is empty"],
         "pred_label": ["Early", None], "confidence": np.array([0.75, np.nan], np.float32),
         "prob_Benign": np.array([0.25, np.nan], np.float32),
@@ -47,6 +56,9 @@ def test_config_rejects_bad_values_with_clear_messages():
 def test_config_json_round_trip_and_unknown_keys_fail():
     config = ScoringConfig(model="m", input="i", output="o", actors=(2, 4), full=True)
     assert ScoringConfig.from_json(config.to_json()) == config
+    # config.json of earlier runs named the input list "manifest"
+    earlier = json.dumps({"model": "m", "input": "i", "output": "o", "manifest": "list.txt"})
+    assert ScoringConfig.from_json(earlier).input_list == "list.txt"
     with pytest.raises(ValueError, match="unknown scoring config keys.*'workers'"):
         ScoringConfig.from_json(json.dumps({"model": "m", "input": "i", "output": "o",
                                             "workers": 3}))
@@ -65,6 +77,11 @@ def test_schema_describes_every_column_and_keeps_card_class_order():
     assert set(meta["columns"]) == set(schema.names)
     assert [n for n in schema.names if n.startswith("prob_")] == ["prob_Pro", "prob_Benign"]
     assert meta["model"]["weights_sha256"] == SUMMARY["weights_sha256"]
+
+
+def test_readme_column_table_is_the_declared_columns():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert columns_markdown() in readme, "regenerate the README table with columns_markdown()"
 
 
 def test_output_table_nulls_predictions_of_error_rows():
@@ -124,24 +141,30 @@ def test_finish_writes_success_only_when_the_run_passed(tmp_path):
                       max_error_rate=0.1)
     bad = RunSummary("bad", str(tmp_path), listed=4, ok=2, errors=2, max_error_rate=0.1)
     for summary in (good, bad):
-        store.finish(summary)
+        store.finish(summary.run_id, summary.to_dict(), passed=not summary.failed)
     assert (tmp_path / "_runs" / "good" / "_SUCCESS").exists()
     assert not (tmp_path / "_runs" / "bad" / "_SUCCESS").exists()
-    manifest = json.loads((tmp_path / "_runs" / "bad" / "manifest.json").read_text())
-    assert manifest["failed"] and manifest["error_rate"] == 0.5 and manifest["balanced"]
+    accounting = json.loads((tmp_path / "_runs" / "bad" / "summary.json").read_text())
+    assert accounting["failed"] and accounting["error_rate"] == 0.5 and accounting["balanced"]
     assert not RunSummary("x", "o", listed=3, ok=1).balanced
 
 
-def test_manifest_joins_relative_paths_and_keeps_missing_files_for_an_error_row(tmp_path):
+def test_input_list_joins_relative_paths_and_keeps_missing_files_for_an_error_row(tmp_path):
     (tmp_path / "imgs").mkdir()
     present = tmp_path / "imgs" / "a.jpg"
     present.write_bytes(b"12345")
-    manifest = tmp_path / "list.txt"
-    manifest.write_text(f"# nightly list\nimgs/a.jpg\n\n{tmp_path}/imgs/gone.jpg\n")
-    infos = list(iter_manifest(str(manifest), str(tmp_path)))
+    input_list = tmp_path / "list.txt"
+    input_list.write_text(f"# nightly list\nimgs/a.jpg\n\n{tmp_path}/imgs/gone.jpg\n")
+    infos = list(iter_input_list(str(input_list), str(tmp_path)))
     assert [i.uri for i in infos] == [str(present), str(tmp_path / "imgs" / "gone.jpg")]
     assert infos[0].size == 5 and infos[0].mtime_or_etag == str(os.stat(present).st_mtime_ns)
     assert infos[1].size == -1
+
+
+def test_progress_line_reads_images_done_rate_and_time_left():
+    summary = RunSummary("r", "o", listed=10, skipped=2, ok=3, errors=1, seconds=2.0)
+    assert summary.progress() == "4/8 images (50.0%), 1 errors, 2.0 images/s, about 0h00m02s left"
+    assert RunSummary("r", "o", listed=5).progress().endswith("about unknown left")
 
 
 def test_chunked_covers_every_item_once():
@@ -153,7 +176,7 @@ def test_one_writer_per_output_root(tmp_path):
     import subprocess
     import sys
 
-    from allcore.scoring import OutputStore, WriterLockedError
+    from allcore.scoring.store import OutputStore, WriterLockedError
 
     first, second = OutputStore(str(tmp_path)), OutputStore(str(tmp_path))
     first.acquire_writer("run-a")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,8 +127,8 @@ def test_mask_corner_option_changes_only_the_corner_in_eval_and_train():
     img = random_image(32)
     box_w, box_h = round(32 * SCALE_BAR_FRACTION[0]), round(32 * SCALE_BAR_FRACTION[1])
     for masked, plain in [
-        (eval_transform(UNIT, mask_corner=True)(img), eval_transform(UNIT)(img)),
-        (augmented({"mask_corner": True}, img), augmented({}, img)),
+        (eval_transform(replace(UNIT, mask_corner=True))(img), eval_transform(UNIT)(img)),
+        (augmented({}, img, cfg=replace(UNIT, mask_corner=True)), augmented({}, img)),
     ]:
         differs = (masked != plain).any(0)
         assert differs[-box_h:, -box_w:].float().mean() > 0.9
@@ -268,7 +269,7 @@ def test_random_resized_crop_outputs_input_size_and_varies():
 ALL_RANDOM = {
     "hflip": 0.5, "vflip": 0.5, "rotation": 45, "rotate90": True, "shear": 3, "zoom": [0.8, 1.0],
     "shift": 0.1, "brightness": [0.4, 0.8], "contrast": 0.2, "gaussian_noise_sigma": [3, 9],
-    "mask_corner": True, "random_resized_crop": True, "desaturate": True,
+    "random_resized_crop": True, "desaturate": True,
 }
 
 
@@ -328,5 +329,5 @@ def test_real_fields_preprocess_and_scale_bar_mask_leaves_no_label_edge():
         with_edge += int(strip.all(1).sum() >= 3)
     assert with_edge / len(paths) < 0.05
     with Image.open(paths[0]) as img:
-        out = eval_transform(DataConfig(input_size=224), mask_corner=True)(img)
+        out = eval_transform(DataConfig(input_size=224, mask_corner=True))(img)
     assert out.shape == (3, 224, 224) and torch.isfinite(out).all()

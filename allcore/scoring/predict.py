@@ -1,82 +1,23 @@
-"""The two batch functions of scoring: read + decode + preprocess (CPU), and the model (CPU/GPU).
+"""The predict stage: the model on prepared pixels, on CPU or GPU, eager or fast.
 
-Both take and return ``dict[str, np.ndarray]`` batches, the shape Ray Data's ``map_batches``
-passes, so they are tested here without Ray and wired in ``pipelines/score.py``. Neither ever
-raises for a bad input: the row gets ``status='error'`` and a message, and flows on to the output
-table so that every listed input is accounted for.
+``Predictor`` is the ``map_batches`` class of ``pipelines/score.py`` (one per actor, so the model
+is loaded once per actor); it takes and returns ``dict[str, np.ndarray]`` batches, so it is
+tested without Ray. ``probability_function`` is the pixels -> probabilities function alone.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 from collections.abc import Callable
 
 import numpy as np
 import torch
-from PIL import Image
 
 from allcore.artifact import load_artifact
-from allcore.io import ImageDecodeError, decode_rgb, read_bytes
-from allcore.scoring import ERROR, OK, prob_column
-from allcore.transforms import DataConfig, preprocess_array
+from allcore.scoring.table import OK, prob_column
 
-log = logging.getLogger("allcore.inference")
-
-
-def _read_error(exc: OSError) -> str:
-    return (f"unreadable input ({type(exc).__name__}: {exc}); check that the file still exists "
-            "and that this job may read it")
-
-
-def prepare_kwargs(card, *, max_pixels: int = 40_000_000) -> dict:
-    """``prepare_batch`` keyword arguments for a model card: scoring preprocesses exactly as the
-    model was evaluated in training (same data config, same scale-bar masking)."""
-    return {"data_config": dict(card.data_config), "mask_corner": card.mask_corner,
-            "max_pixels": max_pixels}
-
-
-def load_image(uri: str, *, max_pixels: int = 40_000_000) -> tuple[str | None, Image.Image | None, str | None]:
-    """(content sha256, RGB image, error) of one input; never raises for a bad input. The sha is
-    kept when the bytes could be read, even if they do not decode, so broken copies can be found."""
-    try:
-        data = read_bytes(uri)
-    except OSError as exc:
-        return None, None, _read_error(exc)
-    sha = hashlib.sha256(data).hexdigest()
-    try:
-        return sha, decode_rgb(data, max_pixels=max_pixels), None
-    except ImageDecodeError as exc:
-        return sha, None, str(exc)
-
-
-def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, mask_corner: bool = False,
-                  max_pixels: int = 40_000_000) -> dict[str, np.ndarray]:
-    """Read, hash, decode and preprocess each ``source_uri`` of the batch.
-
-    Adds ``content_sha256``, ``width``/``height`` (of the original image), ``status``, ``error``
-    and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
-    """
-    cfg = DataConfig.from_dict(data_config)
-    uris = batch["source_uri"]
-    n = len(uris)
-    pixels = np.zeros((n, 3, cfg.input_size, cfg.input_size), np.float32)
-    # missing text is "" (null in the table): Ray Data cannot re-batch an all-None column
-    sha = np.full(n, "", dtype=object)
-    status = np.full(n, OK, dtype=object)
-    error = np.full(n, "", dtype=object)
-    width, height = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    for i, uri in enumerate(uris):
-        digest, img, message = load_image(str(uri), max_pixels=max_pixels)
-        sha[i], error[i] = digest or "", message or ""
-        if img is None:
-            status[i] = ERROR
-            continue
-        width[i], height[i] = img.size
-        pixels[i] = preprocess_array(img, cfg, mask_corner=mask_corner)
-    return {**batch, "content_sha256": sha, "width": width, "height": height,
-            "status": status, "error": error, "pixels": pixels}
+log = logging.getLogger("allcore.scoring.predict")
 
 
 def eager_probabilities(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:

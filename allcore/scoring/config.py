@@ -1,0 +1,65 @@
+"""One scoring run's settings, written next to its outputs (``_runs/<run_id>/config.json``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+
+from allcore.io import MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class ScoringConfig:
+    """One scoring run. Written to ``<out>/_runs/<run_id>/config.json`` next to the outputs."""
+
+    model: str  # artifact folder or s3:// prefix
+    input: str  # image folder or s3:// prefix, listed recursively (or the base of input_list)
+    output: str  # table root, local or s3://
+    input_list: str | None = None  # --manifest: text file, one path per line, instead of listing --input
+    full: bool = False  # rescore inputs already committed for this model
+    batch_size: int = 64
+    actors: tuple[int, int] = (1, 2)  # inference actor pool (min, max); Ray autoscales between
+    max_error_rate: float = 0.05  # fail the run (after committing) when errors / scored exceed it
+    specimen_pattern: str | None = None  # regex on source_uri; group 1 (or whole match) = specimen
+    commit_every: int = 4096  # result rows per commit (cells count with --per-cell): bounds the work a crash loses
+    max_pixels: int = MAX_PIXELS  # decompression-bomb guard passed to decode_rgb
+    fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
+    gpu: bool = False  # one GPU per actor even if none is up yet (autoscaling GPU workers)
+    per_cell: bool = False  # also one row per detected white cell (docs/SCORING.md)
+    verbose: bool = False  # Ray's INFO logs and progress bars (else one progress line per commit)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.commit_every < 1:
+            raise ValueError("batch_size and commit_every must be at least 1")
+        low, high = self.actors
+        if not 1 <= low <= high:
+            raise ValueError(f"actors must be MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if self.specimen_pattern is not None:
+            try:
+                groups = re.compile(self.specimen_pattern).groups
+            except re.error as exc:
+                raise ValueError(f"specimen_pattern {self.specimen_pattern!r} is not a valid "
+                                 f"regex: {exc}") from None
+            if groups > 1:
+                raise ValueError("specimen_pattern may have at most one capture group "
+                                 f"(the specimen id); {self.specimen_pattern!r} has {groups}")
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ScoringConfig":
+        values = json.loads(text)
+        if "manifest" in values:  # the name of input_list in config.json of earlier runs
+            values["input_list"] = values.pop("manifest")
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown scoring config keys {sorted(unknown)}; "
+                             f"valid keys: {[f.name for f in dataclasses.fields(cls)]}")
+        if "actors" in values:
+            values["actors"] = tuple(values["actors"])
+        return cls(**values)

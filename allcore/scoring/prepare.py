@@ -1,0 +1,124 @@
+"""The prepare stage (CPU): read, hash, decode and preprocess each input of a batch.
+
+One input gives its field row (the whole field, preprocessed as the model card says; an error
+row for a bad input) and, when a cell finder is given (``--per-cell``), one row per white cell,
+whose pixels are the square crop around the cell preprocessed the same way. Every row has
+``row_kind`` ('field' or 'cell'), so later stages never guess the mode.
+
+Batches are ``dict[str, np.ndarray]``, the shape Ray Data's ``map_batches`` passes; nothing here
+raises for a bad input: the row gets ``status='error'`` and a message, and flows on to the table
+so that every listed input is accounted for.
+
+Per-row measurements of the decoded field (e.g. image-quality numbers) are added by putting a
+function into ``FIELD_MEASUREMENTS`` (column name -> function of the decoded RGB image, returning
+a float) and declaring the column in ``allcore.scoring.table.COLUMNS``. Cell and error rows get
+NaN (null in the table).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+import numpy as np
+from PIL import Image
+
+from allcore.cells import CellFinderConfig, cell_crop, find_cells
+from allcore.io import MAX_PIXELS, ImageDecodeError, decode_rgb, read_bytes
+from allcore.scoring.table import CELL, ERROR, FIELD, OK
+from allcore.transforms import DataConfig, mask_scale_bar, preprocess_array
+
+NO_CELLS_NOTE = "no cells found"
+FieldMeasurement = Callable[[Image.Image], float]
+# column name -> measurement of the decoded field image; declare each column in table.COLUMNS
+FIELD_MEASUREMENTS: dict[str, FieldMeasurement] = {}
+
+
+def prepare_kwargs(card, *, max_pixels: int = MAX_PIXELS,
+                   cell_finder: CellFinderConfig | None = None) -> dict:
+    """``prepare_batch`` keyword arguments for a model card: scoring preprocesses exactly as the
+    model was evaluated in training (the card's data config, scale-bar masking included)."""
+    return {"data_config": card.data_config_obj().to_dict(), "max_pixels": max_pixels,
+            "cell_finder": cell_finder}
+
+
+def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> tuple[str | None, Image.Image | None, str | None]:
+    """(content sha256, RGB image, error) of one input; never raises for a bad input. The sha is
+    kept when the bytes could be read, even if they do not decode, so broken copies can be found."""
+    try:
+        data = read_bytes(uri)
+    except OSError as exc:
+        return None, None, (f"unreadable input ({type(exc).__name__}: {exc}); check that the "
+                            "file still exists and that this job may read it")
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        return sha, decode_rgb(data, max_pixels=max_pixels), None
+    except ImageDecodeError as exc:
+        return sha, None, str(exc)
+
+
+def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
+                  measurements: Mapping[str, FieldMeasurement] = FIELD_MEASUREMENTS,
+                  ) -> dict[str, np.ndarray]:
+    """Rows of the inputs ``batch`` names (``source_uri``; its other columns, e.g. the rest of
+    ``INPUT_KEY``, are carried onto every row of the input): the field row of each, plus its cell
+    rows when ``cell_finder`` is given.
+
+    Adds content_sha256, row_kind, status, error, note, box_x0/y0/x1/y1 (field rows: the whole
+    image), cell_count, cell_area, circularity, nucleus_cell_ratio, one column per measurement
+    and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
+    With the data config's ``mask_corner`` the scale bar is painted out before cells are searched,
+    so its label is neither found as a cell nor seen in a crop.
+    """
+    cfg = DataConfig.from_dict(data_config)
+    crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
+    rows: list[dict] = []
+    for i, uri in enumerate(batch["source_uri"]):
+        sha, img, error = load_image(str(uri), max_pixels=max_pixels)
+        field_row = {"input": i, "content_sha256": sha or "",
+                     "row_kind": FIELD, "status": OK, "error": "", "note": "", "cell_count": -1,
+                     "cell_area": -1, "circularity": math.nan, "nucleus_cell_ratio": math.nan,
+                     "box": (0, 0, 0, 0), "pixels": None,
+                     **{name: math.nan for name in measurements}}
+        if img is None:
+            rows.append({**field_row, "status": ERROR, "error": error})
+            continue
+        field_row.update({"box": (0, 0, *img.size),
+                          "pixels": preprocess_array(img, cfg),
+                          **{name: float(measure(img)) for name, measure in measurements.items()}})
+        if cell_finder is None:
+            rows.append(field_row)
+            continue
+        searched = mask_scale_bar(img) if cfg.mask_corner else img
+        cells = find_cells(searched, cell_finder)
+        rows.append({**field_row, "cell_count": len(cells),
+                     "note": "" if cells else NO_CELLS_NOTE})
+        rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
+                  "cell_area": cell.area, "circularity": cell.circularity,
+                  "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
+                                         else cell.nucleus_cell_ratio),
+                  **{name: math.nan for name in measurements},
+                  "pixels": preprocess_array(
+                      cell_crop(searched, cell, cell_finder.crop_pad_fraction), crop_cfg)}
+                 for cell in cells]
+    return _columns(batch, rows, cfg, measurements)
+
+
+def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
+             measurements: Mapping) -> dict[str, np.ndarray]:
+    """The rows as a column batch; the batch's own columns are repeated onto each input's rows."""
+    inputs = np.array([r["input"] for r in rows], np.int64)
+    out = {k: np.asarray(v)[inputs] for k, v in batch.items()}
+    out.update({k: np.array([r[k] for r in rows], dtype=object)
+                for k in ("content_sha256", "row_kind", "status", "error", "note")})
+    out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "cell_area")})
+    out.update({k: np.array([r[k] for r in rows], np.float32)
+                for k in ("circularity", "nucleus_cell_ratio", *measurements)})
+    out.update({f"box_{k}": np.array([r["box"][j] for r in rows], np.int32)
+                for j, k in enumerate(("x0", "y0", "x1", "y1"))})
+    blank = np.zeros((3, cfg.input_size, cfg.input_size), np.float32)
+    out["pixels"] = (np.stack([blank if r["pixels"] is None else r["pixels"] for r in rows])
+                     if rows else np.zeros((0, *blank.shape), np.float32))
+    return out

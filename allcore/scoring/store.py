@@ -1,0 +1,206 @@
+"""The output root and its commit protocol: one writer at a time, every file published the same
+way (staged, then moved into place), and a chunk counted only once its commit record exists.
+
+The output is a Hive-partitioned Parquet table under ``<out>/predictions/``. A file becomes part
+of the table only when a commit record under ``<out>/_commits/`` lists it; those records are also
+the incremental ledger, so a crash at any point leaves nothing that a rerun would score twice.
+Layout (see docs/SCORING.md)::
+
+    <out>/_staging/<run_id>/...                                   written first, never read
+    <out>/predictions/scored_date=YYYY-MM-DD/part-<run_id>-<chunk>.parquet
+    <out>/specimen_summary/scored_date=YYYY-MM-DD/part-<run_id>.parquet    (--per-cell)
+    <out>/_commits/<run_id>-<chunk>.json                          files, row counts, input keys
+    <out>/_runs/<run_id>/{config.json, summary.json, _SUCCESS}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import posixpath
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from allcore.io import filesystem, join, write_atomic
+from allcore.scoring.config import ScoringConfig
+from allcore.scoring.inputs import INPUT_KEY, input_digest
+from allcore.scoring.table import CELL, ERROR, FIELD, OK
+
+WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
+class WriterLockedError(RuntimeError):
+    """Another scoring run is writing to the same output root."""
+
+
+class CompleteInputs:
+    """Holds scored rows until every row of their input has arrived, so a commit never splits an
+    input's field row from its cell rows (Ray Data may reorder and re-batch rows of one input).
+    Complete means: the field row, plus as many cell rows as its ``cell_count`` says (an error
+    row, or a field row of a run without cells, needs none)."""
+
+    def __init__(self) -> None:
+        self._pending: list[pa.Table] = []
+
+    @property
+    def pending_rows(self) -> int:
+        return sum(t.num_rows for t in self._pending)
+
+    def add(self, table: pa.Table) -> pa.Table:
+        """Rows of every input now complete, in arrival order; the rest stay pending."""
+        rows = pa.concat_tables([*self._pending, table]) if self._pending else table
+        keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
+        kinds, counts = rows["row_kind"].to_pylist(), rows["cell_count"].to_pylist()
+        expected: dict[tuple, int] = {}
+        seen: dict[tuple, int] = {}
+        for key, kind, count in zip(keys, kinds, counts):
+            if kind == FIELD:
+                expected[key] = max(int(count), 0)
+            else:
+                seen[key] = seen.get(key, 0) + 1
+        done = np.array([key in expected and seen.get(key, 0) == expected[key] for key in keys],
+                        dtype=bool)
+        self._pending = [rows.filter(pa.array(~done))] if not done.all() else []
+        return rows.filter(pa.array(done))
+
+
+@dataclass
+class OutputStore:
+    """The table root and its commit protocol. One writer per output root at a time (enforced
+    by ``acquire_writer``): a run starts by deleting whatever an earlier crashed run left
+    uncommitted, which would destroy a concurrent run's just-published files."""
+
+    root: str
+    fs: object = field(init=False, repr=False)
+    path: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fs, self.path = filesystem(self.root)
+        if not self.root.startswith("s3://"):
+            self.root = self.path  # absolute, so the uris this store reports are too
+
+    def uri(self, relative: str) -> str:
+        return join(self.root, relative)
+
+    def _p(self, *parts: str) -> str:
+        return posixpath.join(self.path, *parts)
+
+    def publish(self, table: pa.Table, relative: str, *, run_id: str) -> str:
+        """Write ``table`` to ``<root>/<relative>`` so that readers see the whole file or none:
+        written under ``_staging/<run_id>/`` first, then moved into place. Returns ``relative``.
+        The one way a Parquet file enters the output root."""
+        staged = self._p("_staging", run_id, f"{uuid.uuid4().hex[:8]}-{posixpath.basename(relative)}")
+        self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        with self.fs.open(staged, "wb") as handle:
+            pq.write_table(table, handle)
+        self.fs.makedirs(posixpath.dirname(self._p(relative)), exist_ok=True)
+        self.fs.mv(staged, self._p(relative))
+        return relative
+
+    def commit_records(self) -> list[dict]:
+        records = []
+        for path in sorted(self.fs.glob(self._p("_commits", "*.json"))):
+            records.append(json.loads(self.fs.cat_file(path)))
+        return records
+
+    def acquire_writer(self, run_id: str) -> None:
+        """Take ``_runs/_writer.lock`` for ``run_id``, or raise ``WriterLockedError``.
+
+        A lock left by a killed run is taken over when its process is gone (same host) or its
+        lease has expired (any host). Best effort on S3, which has no create-if-absent here.
+        """
+        path = self._p("_runs", "_writer.lock")
+        if self.fs.exists(path):
+            holder = json.loads(self.fs.cat_file(path))
+            age = time.time() - holder["since"]
+            same_host = holder["host"] == socket.gethostname()
+            if age < WRITER_LEASE_SECONDS and (not same_host or _process_alive(holder["pid"])):
+                raise WriterLockedError(
+                    f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has been "
+                    f"writing to {self.root} for {age / 60:.0f} min; wait for it to finish, or if "
+                    f"it is dead delete {self.uri('_runs/_writer.lock')}")
+        write_atomic(self.fs, path, json.dumps({"run_id": run_id, "host": socket.gethostname(),
+                                                "pid": os.getpid(), "since": time.time()}).encode())
+
+    def release_writer(self, run_id: str) -> None:
+        path = self._p("_runs", "_writer.lock")
+        if self.fs.exists(path) and json.loads(self.fs.cat_file(path))["run_id"] == run_id:
+            self.fs.rm(path)
+
+    def recover(self) -> list[str]:
+        """Delete staging leftovers and published files no commit record lists (a crash between
+        publishing and recording); their inputs are not in the ledger, so they get rescored."""
+        committed = {f["path"] for r in self.commit_records() for f in r["files"]}
+        orphans = [p for p in self.fs.glob(self._p("predictions", "**", "*.parquet"))
+                   if posixpath.relpath(p, self.path) not in committed]
+        if self.fs.exists(self._p("_staging")):
+            self.fs.rm(self._p("_staging"), recursive=True)
+        for orphan in orphans:
+            self.fs.rm(orphan)
+        return [self.uri(posixpath.relpath(p, self.path)) for p in orphans]
+
+    def ledger(self, model_sha256: str) -> set[bytes]:
+        """``input_digest`` of every input committed for this model: what a run skips."""
+        return {input_digest(*key) for r in self.commit_records()
+                if r["model_sha256"] == model_sha256 for key in r["inputs"]}
+
+    def write_config(self, run_id: str, config: ScoringConfig) -> None:
+        write_atomic(self.fs, self._p("_runs", run_id, "config.json"), config.to_json().encode())
+
+    def commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
+               scored_at: dt.datetime) -> dict:
+        """Publish, then record one chunk; the record is what makes it count. The record lists
+        the inputs of exactly the rows in the file: they become the ledger. Counts and inputs
+        come from the field rows (one per input), so cell rows do not inflate the accounting;
+        the caller commits an input's field and cell rows together (``CompleteInputs``)."""
+        relative = self.publish(table, posixpath.join(
+            "predictions", f"scored_date={scored_at:%Y-%m-%d}", f"part-{run_id}-{chunk:05d}.parquet"),
+            run_id=run_id)
+        field_rows = table.filter(pc.equal(table["row_kind"], FIELD))
+        status = field_rows["status"].to_pylist()
+        record = {"run_id": run_id, "chunk": chunk, "model_sha256": model_sha256,
+                  "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+                  "files": [{"path": relative, "rows": table.num_rows}],
+                  "counts": {OK: status.count(OK), ERROR: status.count(ERROR),
+                             CELL: table.num_rows - field_rows.num_rows},
+                  "inputs": [list(k) for k in zip(*(field_rows[c].to_pylist() for c in INPUT_KEY))]}
+        write_atomic(self.fs, self._p("_commits", f"{run_id}-{chunk:05d}.json"),
+                     json.dumps(record).encode())
+        return record
+
+    def finish(self, run_id: str, accounting: dict, *, passed: bool) -> None:
+        """The run's accounting (``_runs/<run_id>/summary.json``) always; ``_SUCCESS`` only when
+        the run passed its checks. Runs before this release wrote ``manifest.json`` instead."""
+        write_atomic(self.fs, self._p("_runs", run_id, "summary.json"),
+                     json.dumps(accounting, indent=2).encode())
+        if passed:
+            write_atomic(self.fs, self._p("_runs", run_id, "_SUCCESS"), b"")
+        if self.fs.exists(self._p("_staging", run_id)):
+            self.fs.rm(self._p("_staging", run_id), recursive=True)
+
+    def committed_files(self) -> list[str]:
+        """URIs of the table's files: what a strict reader should read."""
+        return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True

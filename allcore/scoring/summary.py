@@ -1,0 +1,194 @@
+"""What a run reports at its end: its accounting (every listed input is ok, an error, or
+skipped) and, for ``--per-cell`` runs, one row per specimen summarising its cells.
+
+Why per specimen: a field label says "this smear has blasts", not which cell is one. Counting
+the cells classified as blasts gives a blast fraction per specimen, the quantity a
+haematologist reports, and lists the most suspicious cells for review. The crops are classified
+with the field model (docs/CELLS.md: "Which model classifies a cell"), so cell labels are weak
+labels inherited from the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import duckdb
+import pyarrow as pa
+from scipy.stats import binomtest
+
+from allcore.scoring.store import OutputStore
+from allcore.scoring.table import SCHEMA_METADATA_KEY
+
+TOP_SUSPICIOUS = 5
+
+
+@dataclass
+class RunSummary:
+    """Accounting for one run. Invariant: listed == ok + errors + skipped."""
+
+    run_id: str
+    output: str
+    listed: int = 0
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0  # already committed for this model (or listed twice)
+    cells: int = 0  # cell rows written (--per-cell); not inputs, so not in the balance
+    chunks: int = 0
+    seconds: float = 0.0
+    max_error_rate: float = 1.0
+
+    @property
+    def scored(self) -> int:
+        return self.ok + self.errors
+
+    @property
+    def to_score(self) -> int:
+        return self.listed - self.skipped
+
+    @property
+    def balanced(self) -> bool:
+        return self.listed == self.ok + self.errors + self.skipped
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.scored if self.scored else 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.error_rate > self.max_error_rate or not self.balanced
+
+    def add_commit(self, record: dict) -> None:
+        """Count one commit record (``OutputStore.commit``) into the accounting."""
+        self.ok += record["counts"]["ok"]
+        self.errors += record["counts"]["error"]
+        self.cells += record["counts"]["cell"]
+        self.chunks += 1
+
+    def progress(self) -> str:
+        """Images done / total, rate and time left: the driver's line after each commit."""
+        rate = self.scored / self.seconds if self.seconds > 0 else 0.0
+        left = (self.to_score - self.scored) / rate if rate > 0 else math.inf
+        eta = "unknown" if math.isinf(left) else f"{left // 3600:.0f}h{left % 3600 // 60:02.0f}m{left % 60:02.0f}s"
+        share = self.scored / self.to_score if self.to_score else 1.0
+        return (f"{self.scored:,}/{self.to_score:,} images ({share:.1%}), {self.errors:,} errors, "
+                f"{rate:.1f} images/s, about {eta} left")
+
+    def line(self) -> str:
+        rate = self.scored / self.seconds if self.seconds > 0 else 0.0
+        return (f"run {self.run_id}: {self.listed} inputs = {self.ok} ok + {self.errors} errors "
+                f"+ {self.skipped} skipped ({'balanced' if self.balanced else 'UNBALANCED'}); "
+                f"error rate {self.error_rate:.2%} (max {self.max_error_rate:.2%}); "
+                f"{rate:.1f} images/s; {self.chunks} chunks committed to {self.output}")
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "scored": self.scored, "balanced": self.balanced,
+                "error_rate": self.error_rate, "failed": self.failed}
+
+
+def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
+    """95% Wilson score interval for a proportion (SciPy's): unlike the normal approximation it
+    stays inside [0, 1] and is sensible for the few cells a specimen may have. NaN for 0 trials
+    (SciPy refuses them; a specimen without cells has no fraction)."""
+    if trials < 0 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials, got {successes}/{trials}")
+    if trials == 0:
+        return math.nan, math.nan
+    interval = binomtest(successes, trials).proportion_ci(confidence_level=0.95, method="wilson")
+    return float(interval.low), float(interval.high)
+
+
+SUMMARY_DESCRIPTIONS = {
+    "specimen_id": "specimen (as in the cell table)",
+    "model_sha256": "model whose predictions are summarised",
+    "run_id": "run that wrote this summary",
+    "fields_scored": "fields (inputs) of the specimen scored ok",
+    "fields_with_errors": "inputs that could not be scored",
+    "fields_without_cells": "fields scored ok in which no white cell was found",
+    "cells_total": "white cells classified",
+    "cells_<class>": "cells predicted as <class>",
+    "blast_cells": "cells predicted as a blast class",
+    "blast_fraction": "blast_cells / cells_total (null without cells)",
+    "blast_ci_low": "95% Wilson interval, lower bound",
+    "blast_ci_high": "95% Wilson interval, upper bound",
+    "top_suspicious_cells": f"cell_id of the {TOP_SUSPICIOUS} cells with the highest "
+                            "blast_probability, for review",
+}
+
+
+def specimen_summary(rows: pa.Table, classes: Sequence[str]) -> pa.Table:
+    """One row per specimen from the rows of a per-cell table (field and cell rows of one model,
+    latest scoring per input). Counts are a plain group-by, so they can be checked with SQL."""
+    con = duckdb.connect()
+    con.register("scored", rows)
+    per_class = ", ".join(f"count(*) FILTER (row_kind = 'cell' AND pred_label = '{c}')::BIGINT "
+                          f"AS \"cells_{c}\"" for c in classes)
+    table = con.sql(f"""
+        SELECT specimen_id, any_value(model_sha256) AS model_sha256,
+               count(*) FILTER (row_kind = 'field' AND status = 'ok')::BIGINT AS fields_scored,
+               count(*) FILTER (row_kind = 'field' AND status = 'error')::BIGINT
+                   AS fields_with_errors,
+               count(*) FILTER (row_kind = 'field' AND status = 'ok' AND cell_count = 0)::BIGINT
+                   AS fields_without_cells,
+               count(*) FILTER (row_kind = 'cell')::BIGINT AS cells_total, {per_class},
+               count(*) FILTER (row_kind = 'cell' AND is_blast)::BIGINT AS blast_cells,
+               coalesce(list(cell_id ORDER BY blast_probability DESC, cell_id)
+                        FILTER (row_kind = 'cell')[1:{TOP_SUSPICIOUS}], [])
+                   AS top_suspicious_cells
+        FROM scored GROUP BY specimen_id ORDER BY specimen_id""").to_arrow_table()
+    blast, total = table["blast_cells"].to_pylist(), table["cells_total"].to_pylist()
+    intervals = [wilson_interval(b, n) for b, n in zip(blast, total)]
+    extra = {"blast_fraction": [b / n if n else None for b, n in zip(blast, total)],
+             "blast_ci_low": [None if n == 0 else low for (low, _), n in zip(intervals, total)],
+             "blast_ci_high": [None if n == 0 else high for (_, high), n in zip(intervals, total)]}
+    at = table.column_names.index("top_suspicious_cells")
+    for offset, (name, values) in enumerate(extra.items()):
+        table = table.add_column(at + offset, pa.field(name, pa.float64()), pa.array(values))
+    return table
+
+
+def latest_rows(store: OutputStore, model_sha256: str, specimens: Iterable[str]) -> pa.Table:
+    """Committed rows of ``model_sha256`` for ``specimens``, newest scoring per input: what the
+    summary describes, so a resumed or repeated run summarises the same cells."""
+    files = store.committed_files()
+    specimens = sorted(set(specimens))
+    if not files or not specimens:
+        return pa.table({})
+    con = duckdb.connect()
+    if store.root.startswith("s3://"):
+        con.register_filesystem(store.fs)
+    con.execute("CREATE TABLE wanted (specimen_id VARCHAR)")
+    con.executemany("INSERT INTO wanted VALUES (?)", [[s] for s in specimens])
+    return con.sql("""
+        WITH rows AS (
+            SELECT * FROM read_parquet(?, union_by_name = true)
+            WHERE model_sha256 = ? AND specimen_id IN (SELECT specimen_id FROM wanted)),
+        latest AS (
+            SELECT source_uri, run_id FROM rows WHERE coalesce(row_kind, 'field') = 'field'
+            QUALIFY row_number() OVER (PARTITION BY source_uri
+                                       ORDER BY scored_at DESC, run_id DESC) = 1)
+        SELECT rows.* FROM rows JOIN latest USING (source_uri, run_id)""",
+                   params=[files, model_sha256]).to_arrow_table()
+
+
+def write_specimen_summary(store: OutputStore, *, run_id: str, model_sha256: str,
+                           classes: Sequence[str], specimens: Iterable[str],
+                           scored_date: str) -> str | None:
+    """Write ``<out>/specimen_summary/scored_date=<date>/part-<run_id>.parquet`` for the
+    specimens this run scored, after all its chunks are committed. Derived data, published like
+    a chunk (readers never see a partial file); a crash before it loses only this file,
+    and any later run over the specimen writes it again. Returns the file's uri."""
+    rows = latest_rows(store, model_sha256, specimens)
+    if rows.num_rows == 0:
+        return None
+    table = specimen_summary(rows, classes)
+    table = table.add_column(2, "run_id", pa.array([run_id] * table.num_rows, pa.string()))
+    descriptions = {**{k: v for k, v in SUMMARY_DESCRIPTIONS.items() if k != "cells_<class>"},
+                    **{f"cells_{c}": f"cells predicted as {c}" for c in classes}}
+    table = table.replace_schema_metadata(
+        {SCHEMA_METADATA_KEY: json.dumps({"columns": descriptions}).encode()})
+    return store.uri(store.publish(
+        table, f"specimen_summary/scored_date={scored_date}/part-{run_id}.parquet", run_id=run_id))

@@ -1,0 +1,245 @@
+"""The output table: its columns, declared once, and the rows built from scored batches.
+
+Every column is one ``Column`` entry in ``COLUMNS``: its name, Arrow type and description. The
+schema (with the descriptions in its metadata, so a file explains itself), the docs' column
+table (``columns_markdown``) and the rows all follow from that list. To add a column, add an
+entry: by default its values are the scored batch's column of the same name (computed by the
+prepare or predict stage), null on error rows and where the value is missing; give ``derive``
+when the value is computed from other columns.
+
+Missing values travel through Ray Data as NaN (floats), -1 (integers) and "" (text), because
+Ray Data cannot re-batch an all-None column; the table stores them as nulls.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import posixpath
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_METADATA_KEY = b"allcore.schema"
+SCHEMA_VERSION = 1
+OK, ERROR = "ok", "error"  # status
+FIELD, CELL = "field", "cell"  # row_kind: one field row per input, plus cell rows with --per-cell
+
+
+@dataclass(frozen=True)
+class ScoredRows:
+    """A chunk of scored rows (prepare + predict output, sorted) and the run facts the table's
+    columns are derived from."""
+
+    table: pa.Table
+    run_id: str
+    scored_at: dt.datetime
+    model_summary: dict
+    specimen_pattern: str | None
+    blast_classes: tuple[str, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.table.num_rows
+
+    @cached_property
+    def ok(self) -> np.ndarray:
+        return np.array([s == OK for s in self.table["status"].to_pylist()], dtype=bool)
+
+    def text(self, name: str) -> list[str | None]:
+        """Missing text arrives as None, "" or NaN (an all-None column re-batched): all null."""
+        return [v if isinstance(v, str) and v else None for v in self.table[name].to_pylist()]
+
+    def numbers(self, name: str) -> np.ndarray:
+        return self.table[name].to_numpy(zero_copy_only=False)
+
+    def repeat(self, value) -> list:
+        return [value] * self.num_rows
+
+
+@dataclass(frozen=True)
+class Column:
+    """One output column. ``derive`` computes its values from the scored rows; without it they
+    are the scored column of the same name, nulled where missing and (``ok_only``) on error rows.
+    ``per_class`` columns are repeated for each class of the model card, ``{cls}`` in the name
+    and description standing for the class."""
+
+    name: str
+    type: pa.DataType
+    description: str
+    derive: Callable[[ScoredRows], Sequence | pa.Array] | None = None
+    ok_only: bool = True
+    per_class: bool = False
+
+    def expand(self, classes: Sequence[str]) -> list["Column"]:
+        if not self.per_class:
+            return [self]
+        return [Column(self.name.format(cls=c), self.type, self.description.format(cls=c),
+                       self.derive, self.ok_only) for c in classes]
+
+    def values(self, rows: ScoredRows) -> pa.Array | pa.ChunkedArray:
+        if self.derive is not None:
+            values = self.derive(rows)
+            if isinstance(values, (pa.Array, pa.ChunkedArray)):
+                return values.cast(self.type)
+            return pa.array(values, type=self.type)
+        missing = ~rows.ok if self.ok_only else np.zeros(rows.num_rows, bool)
+        if pa.types.is_string(self.type):
+            text = rows.text(self.name)
+            return pa.array([None if m else v for v, m in zip(text, missing)], type=self.type)
+        data = rows.numbers(self.name)
+        missing |= np.isnan(data.astype(np.float64))
+        if pa.types.is_integer(self.type):
+            missing |= data < 0
+        return pa.array(data, mask=missing).cast(self.type)
+
+
+def prob_column(cls: str) -> str:
+    return f"prob_{cls}"
+
+
+def specimen_id(uri: str, pattern: str | None) -> str | None:
+    """Group 1 of ``pattern`` (or the whole match) searched in ``uri``; default: parent folder."""
+    if pattern is None:
+        return posixpath.basename(posixpath.dirname(uri.replace(os.sep, "/"))) or None
+    match = re.search(pattern, uri)
+    if match is None:
+        return None
+    return match.group(1) if match.re.groups else match.group(0)
+
+
+def cell_id(sha: str, row_kind: str, box: tuple[int, int, int, int]) -> str:
+    """Deterministic row id: the same bytes and box give the same id in every run and model."""
+    return f"{sha[:16]}:field" if row_kind == FIELD else f"{sha[:16]}:{','.join(map(str, box))}"
+
+
+def _cell_ids(rows: ScoredRows) -> list[str | None]:
+    boxes = zip(*(rows.numbers(f"box_{k}").tolist() for k in ("x0", "y0", "x1", "y1")))
+    return [cell_id(sha, kind, box) if good and sha else None
+            for sha, kind, box, good in zip(rows.text("content_sha256"),
+                                            rows.table["row_kind"].to_pylist(), boxes, rows.ok)]
+
+
+def _blast_probability(rows: ScoredRows) -> pa.Array:
+    if not rows.blast_classes:
+        return pa.nulls(rows.num_rows, pa.float32())
+    total = sum(rows.numbers(prob_column(c)).astype(np.float64) for c in rows.blast_classes)
+    return pa.array(total, mask=~rows.ok | np.isnan(total))
+
+
+def _is_blast(rows: ScoredRows) -> list[bool | None]:
+    blast = set(rows.blast_classes)
+    return [(label in blast) if good and blast else None
+            for label, good in zip(rows.table["pred_label"].to_pylist(), rows.ok)]
+
+
+def _as_listed(rows: ScoredRows, name: str) -> pa.ChunkedArray:
+    return rows.table[name]
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("run_id", pa.string(), "scoring run that wrote the row (UTC start time + random suffix)",
+           lambda r: r.repeat(r.run_id)),
+    Column("scored_at", pa.timestamp("us", tz="UTC"), "UTC time the row's chunk was scored",
+           lambda r: r.repeat(r.scored_at)),
+    Column("model_name", pa.string(), "model architecture name from the model card",
+           lambda r: r.repeat(r.model_summary["model_name"])),
+    Column("model_version", pa.string(), "model version from the model card",
+           lambda r: r.repeat(r.model_summary["model_version"])),
+    Column("model_sha256", pa.string(),
+           "sha256 of the model weights (the incremental ledger is per model_sha256)",
+           lambda r: r.repeat(r.model_summary["weights_sha256"])),
+    Column("source_uri", pa.string(), "local path or s3:// uri of the input image",
+           lambda r: _as_listed(r, "source_uri")),
+    Column("source_size", pa.int64(),
+           "input size in bytes at listing time (-1 if it could not be listed)",
+           lambda r: _as_listed(r, "source_size")),
+    Column("source_mtime", pa.string(),
+           "mtime in ns (local) or ETag (s3) at listing time: the change detector",
+           lambda r: _as_listed(r, "source_mtime")),
+    Column("content_sha256", pa.string(), "sha256 of the bytes actually scored (null if unreadable)",
+           ok_only=False),
+    Column("specimen_id", pa.string(),
+           "specimen the image belongs to (regex on source_uri; default parent folder)",
+           lambda r: [specimen_id(u, r.specimen_pattern) for u in r.table["source_uri"].to_pylist()]),
+    Column("cell_id", pa.string(), "deterministic id: content_sha256[:16]:x0,y0,x1,y1 for a cell, "
+           "content_sha256[:16]:field for the whole field (null for error rows)", _cell_ids),
+    Column("row_kind", pa.string(), "'field' (one per input, also for errors) or 'cell' (one per "
+           "detected white cell, --per-cell runs only)", lambda r: _as_listed(r, "row_kind")),
+    Column("box_x0", pa.int32(), "cell box left, pixels of the original image (field rows: 0)"),
+    Column("box_y0", pa.int32(), "cell box top (field rows: 0)"),
+    Column("box_x1", pa.int32(), "cell box right, exclusive (field rows: width)"),
+    Column("box_y1", pa.int32(), "cell box bottom, exclusive (field rows: height)"),
+    Column("cell_count", pa.int32(),
+           "white cells found in the field (field rows of --per-cell runs; else null)"),
+    Column("cell_area", pa.int32(), "cell area in pixels (cell rows; else null)"),
+    Column("circularity", pa.float32(),
+           "4 pi area / perimeter^2 of the cell, 1 for a disk (cell rows; else null)"),
+    Column("nucleus_cell_ratio", pa.float32(),
+           "nucleus area / cell area (cell rows where the nucleus is distinct)"),
+    Column("pred_label", pa.string(), "class with the highest probability (null for error rows)"),
+    Column("confidence", pa.float32(), "probability of pred_label (null for error rows)"),
+    Column("prob_{cls}", pa.float32(), "softmax probability of class {cls!r} (null for error rows)",
+           per_class=True),
+    Column("blast_probability", pa.float32(), "sum of the probabilities of the label set's blast "
+           "classes (LabelSet.blast_classes in allcore/labels.py); null for error rows",
+           _blast_probability),
+    Column("is_blast", pa.bool_(), "pred_label is a blast class (null for error rows)", _is_blast),
+    Column("status", pa.string(), "'ok' or 'error'", lambda r: _as_listed(r, "status")),
+    Column("error", pa.string(), "why the input could not be scored (null for ok rows)",
+           lambda r: [None if good else e for e, good in zip(r.text("error"), r.ok)]),
+    Column("note", pa.string(), "remark on an ok row, e.g. 'no cells found' on a --per-cell field "
+           "row without cells", ok_only=False),
+)
+
+
+def output_columns(classes: Iterable[str]) -> list[Column]:
+    """``COLUMNS`` with the per-class columns expanded in the model card's class order."""
+    classes = list(classes)
+    return [c for column in COLUMNS for c in column.expand(classes)]
+
+
+def output_schema(classes: Iterable[str], model_summary: dict) -> pa.Schema:
+    """Arrow schema of a predictions file; column descriptions and the model card summary are
+    stored in the schema metadata so a file explains itself without this repository."""
+    columns = output_columns(classes)
+    metadata = {"version": SCHEMA_VERSION, "columns": {c.name: c.description for c in columns},
+                "model": model_summary,
+                "partitioning": "hive: scored_date=YYYY-MM-DD (UTC date of scored_at)"}
+    return pa.schema([pa.field(c.name, c.type) for c in columns],
+                     metadata={SCHEMA_METADATA_KEY: json.dumps(metadata).encode()})
+
+
+def columns_markdown() -> str:
+    """The column table of docs/SCORING.md, generated from ``COLUMNS``."""
+    lines = ["| column | type | meaning |", "|---|---|---|"]
+    lines += [f"| `{c.name.replace('{cls}', '<class>')}` | {c.type} | "
+              f"{c.description.replace('{cls!r}', '<class>')} |" for c in COLUMNS]
+    return "\n".join(lines)
+
+
+def card_summary(card) -> dict:
+    """What a predictions file records about the model that produced it."""
+    return {"model_name": card.model_name, "model_version": str(card.model_version),
+            "weights_sha256": card.weights_sha256, "classes": list(card.classes),
+            "data_config": dict(card.data_config)}
+
+
+def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
+                       model_summary: dict, specimen_pattern: str | None,
+                       blast_classes: Iterable[str] = ()) -> pa.Table:
+    """Rows of the output schema from the predict stage's columns (see ``allcore.scoring.prepare``
+    and ``allcore.scoring.predict``). Rows are sorted by source_uri, field row first, then cells
+    top to bottom, so a chunk's file is reproducible."""
+    scored = scored.sort_by([("source_uri", "ascending"), ("row_kind", "descending"),
+                             ("box_y0", "ascending"), ("box_x0", "ascending")])
+    classes = model_summary["classes"]
+    rows = ScoredRows(scored, run_id, scored_at, model_summary, specimen_pattern,
+                      tuple(c for c in classes if c in set(blast_classes)))
+    schema = output_schema(classes, model_summary)
+    return pa.Table.from_arrays([c.values(rows) for c in output_columns(classes)], schema=schema)
