@@ -41,10 +41,10 @@ DEFAULT_DATA = Path(os.environ.get("ALLCORE_SHARED_DATA")
 def reference_mask(segmented: np.ndarray, config: CellFinderConfig) -> np.ndarray:
     """The dataset's kept (non-black) pixels, cleaned like ours: 3 x 3 opening against JPEG
     speckle, holes filled (their masks drop dark nuclei in places), blobs below the finder's
-    minimum cell area dropped."""
-    side = min(segmented.shape[:2])
+    minimum cell area dropped (at the working resolution: Taleqani fields are about that scale
+    as they are)."""
     mask = ndi.binary_opening(segmented.max(axis=2) > REFERENCE_MIN_CHANNEL, np.ones((3, 3), bool))
-    min_area = int(config.min_area_fraction * side ** 2)
+    min_area = int(config.min_area * config.working_diameter_px ** 2)
     return morphology.remove_small_objects(ndi.binary_fill_holes(mask), max_size=min_area)
 
 
