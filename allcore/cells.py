@@ -18,6 +18,7 @@ stained blobs (``estimate_cell_diameter``). No learning.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -84,9 +85,10 @@ class CellFinderConfig:
     split_distance: float = 0.4
     # Watershed markers are peaks of the dense stain's distance transform at least this far apart
     # (11 px at 28 px cells): the centres of two touching cells are ~1 diameter apart.
-    marker_radius: float = 0.2
-    # ... and at least this deep inside the dense stain (5.6 px): a blast's nucleus is ~0.4 cell
+    marker_radius: float = 0.25
+    # ... and at least this deep inside the dense stain (7 px): a blast's nucleus is ~0.4 cell
     # diameters in radius, each lobe of a neutrophil's nucleus ~0.1, so lobes do not split a cell.
+    # 0.2, 0.25 and 0.3 tried on the tuning parts (docs/CELLS.md): 0.25 best on BCCD and ALL-IDB.
     nucleus_contrast: float = 10.0
     # L* gap (lightness, 0-100) between the darker and lighter halves of a cell needed to call them
     # nucleus and cytoplasm; below it the cell is uniformly stained and no ratio is reported.
@@ -100,8 +102,8 @@ class CellFinderConfig:
                 continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
                 raise ValueError(f"CellFinderConfig.{f.name} must be a finite number, got {value!r}")
-        for name in ("smoothing_sigma", "opening_radius", "min_area", "max_hole_area", "split_distance", "marker_radius",
-                     "nucleus_contrast", "crop_pad_fraction"):
+        for name in ("smoothing_sigma", "opening_radius", "min_area", "max_hole_area", "split_distance",
+                     "marker_radius", "nucleus_contrast", "crop_pad_fraction"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CellFinderConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("cell_diameter_px", "working_diameter_px"):
@@ -210,6 +212,15 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
               and r.axis_minor_length >= ESTIMATE_MIN_AXIS_RATIO * r.axis_major_length]
     # The convex hull, not the stained area: a lobed nucleus or a pale rim still spans its cell.
     return float(np.median([np.sqrt(4 * r.area_convex / np.pi) for r in single or blobs]) / scale)
+
+
+def median_cell_diameter(images: Iterable[Image.Image | np.ndarray],
+                         config: CellFinderConfig = CellFinderConfig()) -> float | None:
+    """One ``cell_diameter_px`` for a set of fields from one microscope: the median of their
+    per-field estimates (fields without white-cell stain skipped), steadier than any one field's.
+    None when no field has any stain to measure."""
+    estimates = [d for d in (estimate_cell_diameter(img, config) for img in images) if d is not None]
+    return float(np.median(estimates)) if estimates else None
 
 
 def working_scale(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> float | None:

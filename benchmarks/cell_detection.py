@@ -27,25 +27,25 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-
-os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per field: CPU time is then per field
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per field: CPU time is then per field
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.cells import CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
 
 MARKERS = ("<!-- detection:start -->", "<!-- detection:end -->")
 IOU_MATCH = 0.5
 DEFAULT_DATA = Path(os.environ.get("ALLCORE_SHARED_DATA")
                     or Path(__file__).resolve().parents[2] / "shared" / "data")
+TUNING_STRIDE = {"bccd": 3, "idb": 2}  # the tuning part: every n-th field in sorted order
 TIMED_TALEQANI = 40  # Taleqani fields timed (every 50th of the sorted Original images)
 
 
@@ -89,7 +89,7 @@ class FieldResult:
     alone: int  # ALL-IDB: centroids inside a cell that holds no other centroid
     blasts_field: bool
     ms: float
-    diameter: float | None
+    width: int
 
 
 def timed_find(rgb: np.ndarray, config: CellFinderConfig) -> tuple[list, float]:
@@ -105,7 +105,7 @@ def bccd_one(args: tuple[Path, bool, CellFinderConfig]) -> FieldResult:
     cells, ms = timed_find(rgb, config)
     found = [c.box for c in cells]
     return FieldResult(path.stem, tuning, len(found), len(truth), matched_pairs(truth, found), 0, False, ms,
-                       estimate_cell_diameter(rgb, config))
+                       rgb.shape[1])
 
 
 def idb_one(args: tuple[Path, bool, CellFinderConfig]) -> FieldResult:
@@ -120,13 +120,12 @@ def idb_one(args: tuple[Path, bool, CellFinderConfig]) -> FieldResult:
     once = inside.sum(axis=1) == 1
     alone = once & (inside[:, inside.argmax(axis=1)].sum(axis=0) == 1) if len(cells) else once
     return FieldResult(path.stem, tuning, len(cells), len(centroids), int(once.sum()), int(alone.sum()),
-                       path.stem.endswith("_1"), ms, estimate_cell_diameter(rgb, config))
+                       path.stem.endswith("_1"), ms, rgb.shape[1])
 
 
-def archive_config(results: list[FieldResult], config: CellFinderConfig) -> CellFinderConfig:
-    """One diameter for the dataset: the median per-field estimate over its tuning part."""
-    estimates = [r.diameter for r in results if r.tuning and r.diameter is not None]
-    return replace(config, cell_diameter_px=float(np.median(estimates)))
+def archive_config(paths: list[Path], config: CellFinderConfig) -> CellFinderConfig:
+    """One diameter for the dataset: the median per-field estimate over ``paths``."""
+    return replace(config, cell_diameter_px=median_cell_diameter((Image.open(p) for p in paths), config))
 
 
 def bccd_rows(results: list[FieldResult]) -> dict[str, str]:
@@ -154,6 +153,11 @@ def idb_rows(results: list[FieldResult]) -> dict[str, str]:
                       f"{sum(r.alone for r in mine) / truth:.3f} | {np.mean(blasts):.1f} | "
                       f"{np.mean(healthy):.1f} | {np.median([r.ms for r in mine]):.0f}")
     return rows
+
+
+def median_ms(results: list[FieldResult], width: int | None = None) -> str:
+    """Median ms over the fields (of ``width`` pixels, when given)."""
+    return f"{np.median([r.ms for r in results if width in (None, r.width)]):.0f}"
 
 
 def taleqani_ms(data: Path, config: CellFinderConfig) -> float:
@@ -184,12 +188,16 @@ def main(argv: list[str] | None = None) -> int:
              "|---|---|---|---|---|---|---|---|---|"]
     idb_lines = ["| diameter | part | fields | blast centroids | in exactly one box | in a box of its own | "
                  "cells per Y=1 field | cells per Y=0 field | median ms |", "|---|---|---|---|---|---|---|---|---|"]
+    paths, evaluate = {"bccd": bccd, "idb": idb}, {"bccd": bccd_one, "idb": idb_one}
+
+    def run(name: str, config: CellFinderConfig) -> list[FieldResult]:
+        stride = TUNING_STRIDE[name]
+        return pool.map(evaluate[name], [(p, i % stride == 0, config) for i, p in enumerate(paths[name])])
+
     with Pool(args.workers) as pool:
-        per_field = {"bccd": pool.map(bccd_one, [(p, i % 3 == 0, config) for i, p in enumerate(bccd)]),
-                     "idb": pool.map(idb_one, [(p, i % 2 == 0, config) for i, p in enumerate(idb)])}
-        diameters = {k: archive_config(v, config) for k, v in per_field.items()}
-        per_archive = {"bccd": pool.map(bccd_one, [(p, i % 3 == 0, diameters["bccd"]) for i, p in enumerate(bccd)]),
-                       "idb": pool.map(idb_one, [(p, i % 2 == 0, diameters["idb"]) for i, p in enumerate(idb)])}
+        per_field = {name: run(name, config) for name in paths}
+        diameters = {name: archive_config(paths[name][::TUNING_STRIDE[name]], config) for name in paths}
+        per_archive = {name: run(name, diameters[name]) for name in paths}
     for source, results in (("field", per_field), ("archive", per_archive)):
         label = "per field" if source == "field" else f"{diameters['bccd'].cell_diameter_px:.0f} px"
         for part, row in bccd_rows(results["bccd"]).items():
@@ -197,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         label = "per field" if source == "field" else f"{diameters['idb'].cell_diameter_px:.0f} px"
         for part, row in idb_rows(results["idb"]).items():
             idb_lines.append(f"| {label} | {part} | {row} |")
-    timing = (f"Median CPU ms per field of `find_cells` (diameter estimated per field, one thread, image "
-              f"decoded beforehand): 224 px Taleqani {taleqani_ms(args.data, config):.0f} ms "
-              f"({TIMED_TALEQANI} fields), 640 x 480 BCCD "
-              f"{np.median([r.ms for r in per_field['bccd']]):.0f} ms, 2592 x 1944 ALL-IDB "
-              f"{np.median([r.ms for r in per_field['idb'] if r.name >= 'Im048']):.0f} ms, 1712 x 1368 "
-              f"ALL-IDB {np.median([r.ms for r in per_field['idb'] if r.name < 'Im048']):.0f} ms.")
+    taleqani = replace(config, cell_diameter_px=config.working_diameter_px)
+    timing = (f"Median CPU ms per field of `find_cells` (one thread, image decoded beforehand), diameter "
+              f"estimated per field / given: 224 px Taleqani {taleqani_ms(args.data, config):.0f} / "
+              f"{taleqani_ms(args.data, taleqani):.0f} ms ({TIMED_TALEQANI} fields, given "
+              f"{taleqani.cell_diameter_px:g} px), 640 x 480 BCCD {median_ms(per_field['bccd'])} / "
+              f"{median_ms(per_archive['bccd'])} ms, 1712 x 1368 ALL-IDB "
+              f"{median_ms(per_field['idb'], 1712)} / {median_ms(per_archive['idb'], 1712)} ms, "
+              f"2592 x 1944 ALL-IDB {median_ms(per_field['idb'], 2592)} / {median_ms(per_archive['idb'], 2592)} ms.")
     block = "\n".join([MARKERS[0], "BCCD white cells, IoU >= 0.5, one-to-one:", "", *lines, "",
                        "ALL_IDB1 blast centroids:", "", *idb_lines, "", timing, MARKERS[1]])
     print(block)
