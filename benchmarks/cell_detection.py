@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
+from cell_finder_vs_segmented import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 MARKERS = ("<!-- detection:start -->", "<!-- detection:end -->")
 IOU_MATCH = 0.5
@@ -128,30 +129,32 @@ def archive_config(paths: list[Path], config: CellFinderConfig) -> CellFinderCon
     return replace(config, cell_diameter_px=median_cell_diameter((Image.open(p) for p in paths), config))
 
 
-def bccd_rows(results: list[FieldResult]) -> dict[str, str]:
-    rows = {}
+def parts(results: list[FieldResult]):
+    """(part name, its fields) for the tuning part, the report part and all fields."""
     for part, keep in (("tuning", True), ("report", False), ("all", None)):
         mine = [r for r in results if keep is None or r.tuning == keep]
-        if not mine:
-            continue
+        if mine:
+            yield part, mine
+
+
+def bccd_rows(results: list[FieldResult]) -> dict[str, str]:
+    rows = {}
+    for part, mine in parts(results):
         truth, found, matched = (sum(getattr(r, k) for r in mine) for k in ("truth", "found", "matched"))
         rows[part] = (f"{len(mine)} | {truth} | {found} | {matched / truth:.3f} | {matched / max(found, 1):.3f} | "
-                      f"{np.median([r.ms for r in mine]):.0f}")
+                      f"{median_ms(mine)}")
     return rows
 
 
 def idb_rows(results: list[FieldResult]) -> dict[str, str]:
     rows = {}
-    for part, keep in (("tuning", True), ("report", False), ("all", None)):
-        mine = [r for r in results if keep is None or r.tuning == keep]
-        if not mine:
-            continue
+    for part, mine in parts(results):
         truth = sum(r.truth for r in mine)
         blasts = [r.found for r in mine if r.blasts_field]
         healthy = [r.found for r in mine if not r.blasts_field]
         rows[part] = (f"{len(mine)} | {truth} | {sum(r.matched for r in mine) / truth:.3f} | "
                       f"{sum(r.alone for r in mine) / truth:.3f} | {np.mean(blasts):.1f} | "
-                      f"{np.mean(healthy):.1f} | {np.median([r.ms for r in mine]):.0f}")
+                      f"{np.mean(healthy):.1f} | {median_ms(mine)}")
     return rows
 
 
@@ -163,14 +166,6 @@ def median_ms(results: list[FieldResult], width: int | None = None) -> str:
 def taleqani_ms(data: Path, config: CellFinderConfig) -> float:
     paths = sorted((data / "all-taleqani" / "Original").glob("*/*.jpg"))[::50][:TIMED_TALEQANI]
     return float(np.median([timed_find(np.asarray(Image.open(p).convert("RGB")), config)[1] for p in paths]))
-
-
-def write_results(out: Path, block: str) -> None:
-    text = out.read_text() if out.is_file() else f"{MARKERS[0]}\n{MARKERS[1]}\n"
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if start < 0 or end < start:
-        raise SystemExit(f"{out} lacks the {MARKERS[0]} ... {MARKERS[1]} block to replace")
-    out.write_text(text[:start] + block + text[end + len(MARKERS[1]):])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     block = "\n".join([MARKERS[0], "BCCD white cells, IoU >= 0.5, one-to-one:", "", *lines, "",
                        "ALL_IDB1 blast centroids:", "", *idb_lines, "", timing, MARKERS[1]])
     print(block)
-    write_results(args.out, block)
+    write_results(args.out, block, MARKERS)
     print(f"written to {args.out}")
     return 0
 

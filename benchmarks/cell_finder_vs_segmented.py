@@ -144,12 +144,13 @@ def table(rows: dict[str, dict[str, float]], config: CellFinderConfig) -> str:
                       MARKERS[1]])
 
 
-def write_results(out: Path, block: str) -> None:
-    text = out.read_text() if out.is_file() else f"{MARKERS[0]}\n{MARKERS[1]}\n"
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+def write_results(out: Path, block: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the text between ``markers`` in ``out`` (created when missing) with ``block``."""
+    text = out.read_text() if out.is_file() else f"{markers[0]}\n{markers[1]}\n"
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start < 0 or end < start:
-        raise SystemExit(f"{out} lacks the {MARKERS[0]} ... {MARKERS[1]} block to replace")
-    out.write_text(text[:start] + block + text[end + len(MARKERS[1]):])
+        raise SystemExit(f"{out} lacks the {markers[0]} ... {markers[1]} block to replace")
+    out.write_text(text[:start] + block + text[end + len(markers[1]):])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from allcore.cells import CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells, foreground_mask
+from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells, foreground_mask,
+                           median_cell_diameter)
 from allcore.synthetic import _CYTOPLASM, _NUCLEUS, _RED_CELL, make_field  # the same drawing style
 
 
@@ -102,6 +103,14 @@ def test_diameter_estimate_tracks_the_scale_and_the_drawn_cells():
         large = estimate_cell_diameter(field.resize((672, 672), Image.Resampling.BILINEAR))
         assert 0.8 < small / drawn < 1.25, (small, drawn)
         assert 2.7 < large / small < 3.3, (large, small)
+
+
+def test_one_diameter_for_a_run_is_the_median_over_its_fields():
+    rng = np.random.default_rng(8)
+    fields = [make_field(rng, index % 4, size=448)[0] for index in range(5)] + [drawn_field([])]
+    estimates = [estimate_cell_diameter(f) for f in fields[:5]]
+    assert median_cell_diameter(fields) == pytest.approx(np.median(estimates))  # stainless skipped
+    assert median_cell_diameter([drawn_field([])]) is None
 
 
 def test_a_given_diameter_is_used_instead_of_the_estimate():
