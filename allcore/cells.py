@@ -40,7 +40,7 @@ ESTIMATE_MIN_SOLIDITY = 0.9
 ESTIMATE_MIN_AXIS_RATIO = 0.65
 # A stained blob measures one cell when it is convex and roundish: two touching cells make a blob
 # about twice as long as wide, a cluster a less convex one. A field with no such blob (a lobed
-# neutrophil alone) falls back to every blob that is not a platelet.
+# neutrophil alone, a touching pair) falls back to the width of every blob that is not a platelet.
 
 
 @dataclass(frozen=True)
@@ -208,10 +208,17 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
         return None
     largest = max(r.area_convex for r in blobs)
     blobs = [r for r in blobs if r.area_convex >= ESTIMATE_MIN_HULL_FRACTION * largest]
-    single = [r for r in blobs if r.solidity >= ESTIMATE_MIN_SOLIDITY
-              and r.axis_minor_length >= ESTIMATE_MIN_AXIS_RATIO * r.axis_major_length]
+    single = [r for r in blobs if r.solidity >= ESTIMATE_MIN_SOLIDITY and _roundish(r)]
     # The convex hull, not the stained area: a lobed nucleus or a pale rim still spans its cell.
-    return float(np.median([np.sqrt(4 * r.area_convex / np.pi) for r in single or blobs]) / scale)
+    # Without a single cell, an elongated blob is touching cells side by side: its hull's width
+    # (minor axis) is about one cell across.
+    return float(np.median([np.sqrt(4 * r.area_convex / np.pi) if _roundish(r) else
+                            measure.regionprops(r.image_convex.astype(np.uint8))[0].axis_minor_length
+                            for r in single or blobs]) / scale)
+
+
+def _roundish(region) -> bool:
+    return region.axis_minor_length >= ESTIMATE_MIN_AXIS_RATIO * region.axis_major_length
 
 
 def median_cell_diameter(images: Iterable[Image.Image | np.ndarray],

@@ -2,6 +2,7 @@
 
     python benchmarks/cell_finder_vs_segmented.py [--data /work/shared/data/all-taleqani] [--out docs/CELLS.md]
     python benchmarks/cell_finder_vs_segmented.py --tune      # grid search on the tuning half first
+    python benchmarks/cell_finder_vs_segmented.py --cell-diameter 28   # one diameter for every field
 
 Images of each class are sorted by name; even positions are the tuning half (defaults of
 CellFinderConfig were chosen there with --tune), odd positions the report half. Neighbours are often
@@ -161,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-stride", type=int, default=6,
                         help="tune on every n-th image of the tuning half (the grid has 24 points)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cell-diameter", type=float, default=None,
+                        help="white-cell diameter in px for every field (default: estimated per field)")
     args = parser.parse_args(argv)
     with Pool(args.workers) as pool:
         tuning = list_pairs(args.data, 0)[::args.tune_stride]
-        config = tune(tuning, pool) if args.tune else CellFinderConfig()
+        config = replace(tune(tuning, pool) if args.tune else CellFinderConfig(), cell_diameter_px=args.cell_diameter)
         block = table(summarise(run(list_pairs(args.data, 1), config, pool)), config)
     print(block)
     write_results(args.out, block)
