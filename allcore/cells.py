@@ -194,7 +194,7 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
     smaller than the largest (platelets) are dropped, and the median convex-hull diameter of the
     convex, roundish blobs (single cells) is the estimate. Red cells would be an alternative ruler
     (7.5 um in every smear), but they touch and overlap in dense fields and their pale centres
-    break a threshold (tried: off by 2x on BCCD); the stained cells are what the finder must size
+    break a threshold (tried on BCCD: far off); the stained cells are what the finder must size
     anyway. A field whose compact clusters outnumber its single cells reads too large: a run on
     one microscope should pass the median over several fields as ``cell_diameter_px``, steadier
     than any one field (docs/CELLS.md gives both).
