@@ -6,28 +6,58 @@ see which cell drove a prediction. The stain gives a cheap, explainable cue: nuc
 cytoplasm are purple (red *and* blue in CIELAB: a* > 0 and b* < 0), while red cells are pink
 (b* > 0) or, in many Taleqani fields, grey-blue (a* near 0), and the background is near white.
 So one threshold on ``purple = min(a*, -b*)`` separates them, then morphology and a watershed on
-the distance transform split touching cells. No learning, about 10 ms per 224 x 224 field.
+the distance transform split touching cells.
+
+Archives differ in magnification (a white cell is ~28 px across in a 224 px Taleqani field,
+~130 px in a 2592 px ALL-IDB field, ~180 px in a 640 px BCCD field), so every length the finder
+uses is in white-cell diameters: each field is resampled so that a white cell is
+``working_diameter_px`` across, searched there, and the boxes are mapped back to the field's own
+pixels. The diameter is given per run (``cell_diameter_px``) or estimated per field from its
+stained blobs (``estimate_cell_diameter``). No learning.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage import filters, measure, morphology, segmentation
+from skimage import feature, filters, measure, morphology, segmentation
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
+
+ESTIMATE_SIDE = 512
+# Longer side (px) of the copy the diameter is estimated on: bounds the estimate's cost on large
+# fields; a white cell is still >= 20 px across there in every archive we know.
+ESTIMATE_MIN_AREA = 50
+# Stained blobs smaller than this (px, on the estimate copy) are noise, whatever the scale.
+ESTIMATE_MIN_HULL_FRACTION = 0.06
+# Blobs whose convex hull is below this fraction of the field's largest are platelets or debris
+# (a platelet is 2-3 um, a white cell 10-18 um: ~1/20 of the area), not cells to size.
+ESTIMATE_MIN_SOLIDITY = 0.9
+ESTIMATE_MIN_AXIS_RATIO = 0.65
+# A stained blob measures one cell when it is convex and roundish: two touching cells make a blob
+# about twice as long as wide, a cluster a less convex one. A field with no such blob (a lobed
+# neutrophil alone, a touching pair) falls back to the width of every blob that is not a platelet.
 
 
 @dataclass(frozen=True)
 class CellFinderConfig:
-    """Every setting of the finder. Lengths and areas are fractions of the shorter image side
-    (areas: of its square), so one config fits any magnification-equivalent resize; the pixel
-    values in the comments are for the 224 x 224 Taleqani fields. Defaults were tuned on every
-    second Taleqani image (see docs/CELLS.md)."""
+    """Every setting of the finder. Lengths are in white-cell diameters and areas in squared
+    diameters, so one config fits every magnification; the pixel values in the comments are at the
+    working resolution (a white cell 28 px across, about a 224 px Taleqani field as it is). The
+    thresholds were tuned on every second Taleqani image (see docs/CELLS.md), the scale settings
+    converted from those tuned at that resolution."""
 
+    cell_diameter_px: float | None = None
+    # Apparent diameter of a typical white cell in the input image, in its pixels (the same for a
+    # whole archive taken on one microscope). None: estimated per field (estimate_cell_diameter).
+    working_diameter_px: float = 28.0
+    # Fields are resampled so a white cell is this many pixels across before searching: the
+    # Taleqani fields the thresholds were tuned on are about this scale as they are, and 28 px
+    # keeps a 2592 px ALL-IDB field near 560 px, so time per field is bounded.
     purple_threshold: float = 8.0
     # min(a*, -b*) above the field's median (its background and red cells) at which a pixel is
     # white-cell stain: pale cytoplasm sits ~10-14 above it, faint Pro-B blasts ~10-18, dense nuclei
@@ -39,19 +69,26 @@ class CellFinderConfig:
     # edges and tinted red cells, which pass purple_threshold, are not cells unless stain-dense.
     min_solidity: float = 0.6
     # Area / convex-hull area: white cells are convex blobs; lower is a chain of red-cell rims.
-    smoothing_sigma: float = 0.005
+    smoothing_sigma: float = 0.04
     # Gaussian blur (1.1 px) before thresholding: removes JPEG blocking and chromatin texture that
     # would punch holes in a nucleus.
-    opening_radius: float = 0.01
+    opening_radius: float = 0.08
     # Disk opening (2 px): cuts thin purple bridges and the rims of red cells touching a blast.
-    min_area_fraction: float = 0.003
-    # Smaller purple blobs (< 150 px) are platelets, stain debris or cell fragments at the edge.
-    max_area_fraction: float = 0.2
-    # Larger single regions (> 10,000 px) are smear edges or stain precipitate, not one cell.
-    split_depth: float = 0.035
-    # Watershed markers are distance-transform maxima at least this much (7.8 px) higher than the
-    # saddle to the next maximum: two touching round cells have a neck that deep, one oval or
-    # irregular cell does not, so it is not cut in two.
+    min_area: float = 0.2
+    # Smaller purple blobs (< 157 px) are platelets, stain debris or cell fragments at the edge.
+    max_area: float = 12.0
+    # Larger single regions (> 9,400 px) are smear edges or stain precipitate, not one cell.
+    max_hole_area: float = 0.15
+    # Holes in the stain up to this area are filled (pale nucleoli, a pale cytoplasm patch);
+    # larger ones are red cells enclosed by a ring of touching white cells, which must stay holes
+    # or the ring fills into one solid blob that no watershed can split.
+    split_distance: float = 0.4
+    # Watershed markers are peaks of the dense stain's distance transform at least this far apart
+    # (11 px at 28 px cells): the centres of two touching cells are ~1 diameter apart.
+    marker_radius: float = 0.25
+    # ... and at least this deep inside the dense stain (7 px): a blast's nucleus is ~0.4 cell
+    # diameters in radius, each lobe of a neutrophil's nucleus ~0.1, so lobes do not split a cell.
+    # 0.2, 0.25 and 0.3 tried on the tuning parts (docs/CELLS.md): 0.25 best on BCCD and ALL-IDB.
     nucleus_contrast: float = 10.0
     # L* gap (lightness, 0-100) between the darker and lighter halves of a cell needed to call them
     # nucleus and cytoplasm; below it the cell is uniformly stained and no ratio is reported.
@@ -61,28 +98,33 @@ class CellFinderConfig:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
+            if value is None and f.name == "cell_diameter_px":
+                continue
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not np.isfinite(value):
                 raise ValueError(f"CellFinderConfig.{f.name} must be a finite number, got {value!r}")
-        for name in ("smoothing_sigma", "opening_radius", "min_area_fraction", "split_depth",
-                     "nucleus_contrast", "crop_pad_fraction"):
+        for name in ("smoothing_sigma", "opening_radius", "min_area", "max_hole_area", "split_distance",
+                     "marker_radius", "nucleus_contrast", "crop_pad_fraction"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CellFinderConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 < self.max_area_fraction <= 1:
-            raise ValueError(f"CellFinderConfig.max_area_fraction must be in (0, 1], "
-                             f"got {self.max_area_fraction}")
+        for name in ("cell_diameter_px", "working_diameter_px"):
+            if getattr(self, name) is not None and getattr(self, name) < 4:
+                raise ValueError(f"CellFinderConfig.{name} must be at least 4 pixels, got "
+                                 f"{getattr(self, name)}; a white cell smaller than that cannot be "
+                                 f"told from a platelet, rescan the slide at higher magnification")
         if self.seed_threshold < self.purple_threshold:
             raise ValueError(f"CellFinderConfig.seed_threshold ({self.seed_threshold}) must be >= "
                              f"purple_threshold ({self.purple_threshold}); equal disables hysteresis")
         if not 0 <= self.min_solidity <= 1:
             raise ValueError(f"CellFinderConfig.min_solidity must be in [0, 1], got {self.min_solidity}")
-        if self.min_area_fraction >= self.max_area_fraction:
-            raise ValueError(f"CellFinderConfig.min_area_fraction ({self.min_area_fraction}) must be "
-                             f"below max_area_fraction ({self.max_area_fraction})")
+        if self.min_area >= self.max_area:
+            raise ValueError(f"CellFinderConfig.min_area ({self.min_area}) must be below max_area "
+                             f"({self.max_area})")
 
 
 @dataclass
 class Cell:
-    """One white cell. ``mask`` covers exactly ``box`` (shape y1 - y0, x1 - x0)."""
+    """One white cell, in the input image's pixels. ``mask`` covers exactly ``box`` (shape
+    y1 - y0, x1 - x0)."""
 
     box: Box
     centroid: tuple[float, float]  # x, y in image pixels
@@ -120,48 +162,117 @@ def _as_rgb(img: Image.Image | np.ndarray) -> np.ndarray:
     return rgb
 
 
-def _deep_maxima(distance: np.ndarray, mask: np.ndarray, depth: float) -> np.ndarray:
-    """``h_maxima`` run per connected component on its bounding box (padded so a component that
-    touches the image edge keeps its maxima): the same result, ~4x faster on a sparse field. A
-    component too thin to have a maximum that deep keeps its highest point, so it is not lost."""
-    components, _ = ndi.label(mask)
-    maxima = np.zeros(mask.shape, dtype=bool)
-    for index, window in enumerate(ndi.find_objects(components), start=1):
-        inside = components[window] == index
-        heights = np.where(inside, distance[window], 0)
-        deep = morphology.h_maxima(np.pad(heights, 1), depth)[1:-1, 1:-1].astype(bool) & inside
-        if not deep.any():
-            deep.flat[np.argmax(heights)] = True
-        maxima[window] |= deep
-    return maxima
+def _resampled(rgb: np.ndarray, scale: float) -> np.ndarray:
+    """``rgb`` resized by ``scale``. PIL's bilinear filter widens its support when shrinking, so a
+    large field is averaged, not aliased; ``reducing_gap`` lets it box-reduce by an integer
+    factor first, ~3x faster on a 2592 px field for the same result to the eye."""
+    if scale == 1:
+        return rgb
+    height, width = rgb.shape[:2]
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0))
+
+
+def _stain(rgb: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
+    """The purple score relative to the field's median (blurred by ``sigma`` px) and L*."""
+    lightness, a, b = _lab(rgb)
+    purple = ndi.gaussian_filter(np.minimum(a, -b), sigma)
+    return purple - np.median(purple), lightness
+
+
+def _stain_mask(purple: np.ndarray, config: CellFinderConfig) -> np.ndarray:
+    """White-cell stain: hysteresis on the purple score."""
+    return filters.apply_hysteresis_threshold(purple, config.purple_threshold, config.seed_threshold)
+
+
+def estimate_cell_diameter(img: Image.Image | np.ndarray,
+                           config: CellFinderConfig = CellFinderConfig()) -> float | None:
+    """Apparent diameter (px of ``img``) of a typical white cell, or None when the field shows no
+    convex stained blob to measure. What image QC reports as the field's white-cell size.
+
+    The field is shrunk to ESTIMATE_SIDE and its stain mask taken as the finder does; blobs far
+    smaller than the largest (platelets) are dropped, and the median convex-hull diameter of the
+    convex, roundish blobs (single cells) is the estimate. Red cells would be an alternative ruler
+    (7.5 um in every smear), but they touch and overlap in dense fields and their pale centres
+    break a threshold (tried on BCCD: far off); the stained cells are what the finder must size
+    anyway. A field whose compact clusters outnumber its single cells reads too large: a run on
+    one microscope should pass the median over several fields as ``cell_diameter_px``, steadier
+    than any one field (docs/CELLS.md gives both).
+    """
+    rgb = _as_rgb(img)
+    scale = min(1.0, ESTIMATE_SIDE / max(rgb.shape[:2]))
+    mask = _stain_mask(_stain(_resampled(rgb, scale), 1.0)[0], config)
+    mask = ndi.binary_opening(ndi.binary_fill_holes(mask))
+    blobs = [r for r in measure.regionprops(ndi.label(mask)[0]) if r.area >= ESTIMATE_MIN_AREA]
+    if not blobs:
+        return None
+    largest = max(r.area_convex for r in blobs)
+    blobs = [r for r in blobs if r.area_convex >= ESTIMATE_MIN_HULL_FRACTION * largest]
+    single = [r for r in blobs if r.solidity >= ESTIMATE_MIN_SOLIDITY and _roundish(r)]
+    # The convex hull, not the stained area: a lobed nucleus or a pale rim still spans its cell.
+    # Without a single cell, an elongated blob is touching cells side by side: its hull's width
+    # (minor axis) is about one cell across.
+    return float(np.median([np.sqrt(4 * r.area_convex / np.pi) if _roundish(r) else
+                            measure.regionprops(r.image_convex.astype(np.uint8))[0].axis_minor_length
+                            for r in single or blobs]) / scale)
+
+
+def _roundish(region) -> bool:
+    return region.axis_minor_length >= ESTIMATE_MIN_AXIS_RATIO * region.axis_major_length
+
+
+def median_cell_diameter(images: Iterable[Image.Image | np.ndarray],
+                         config: CellFinderConfig = CellFinderConfig()) -> float | None:
+    """One ``cell_diameter_px`` for a set of fields from one microscope: the median of their
+    per-field estimates (fields without white-cell stain skipped), steadier than any one field's.
+    None when no field has any stain to measure."""
+    estimates = [d for d in (estimate_cell_diameter(img, config) for img in images) if d is not None]
+    return float(np.median(estimates)) if estimates else None
+
+
+def working_scale(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> float | None:
+    """Factor the finder resizes ``img`` by (working pixels per image pixel), or None when no
+    diameter is given and none can be estimated (no stained cell in the field)."""
+    diameter = config.cell_diameter_px or estimate_cell_diameter(img, config)
+    return None if diameter is None else config.working_diameter_px / diameter
 
 
 def _cell_regions(rgb: np.ndarray, config: CellFinderConfig) -> tuple[list, np.ndarray]:
-    """Region properties of the white cells and the L* channel, for nucleus estimation."""
-    side = min(rgb.shape[:2])
-    lightness, a, b = _lab(rgb)
-    purple = ndi.gaussian_filter(np.minimum(a, -b), config.smoothing_sigma * side)
-    purple -= np.median(purple)
-    mask = filters.apply_hysteresis_threshold(purple, config.purple_threshold,
-                                              config.seed_threshold)
-    radius = round(config.opening_radius * side)
+    """Region properties of the white cells and the L* channel of ``rgb``, which is already at
+    the working resolution."""
+    cell = config.working_diameter_px
+    purple, lightness = _stain(rgb, config.smoothing_sigma * cell)
+    mask = _stain_mask(purple, config)
+    radius = round(config.opening_radius * cell)
     if radius:
         mask = ndi.binary_opening(mask, morphology.disk(radius))
-    min_area = config.min_area_fraction * side ** 2
-    mask = morphology.remove_small_objects(ndi.binary_fill_holes(mask), max_size=int(min_area))
-    distance = ndi.distance_transform_edt(mask)
-    markers, _ = ndi.label(_deep_maxima(distance, mask, max(config.split_depth * side, 0.5)))
+    min_area = config.min_area * cell ** 2
+    mask = morphology.remove_small_holes(mask, max_size=int(config.max_hole_area * cell ** 2))
+    mask = morphology.remove_small_objects(mask, max_size=int(min_area))
+    # Touching cells merge in the stain mask (pale cytoplasm, blur), but their dense parts (nuclei,
+    # blast cytoplasm) stay apart: one marker per thick peak of the dense stain, and one at the
+    # innermost point of a region without any (a lobed or pale cell is still one cell).
+    distance = ndi.distance_transform_edt(mask & (purple >= config.seed_threshold))
+    components, count = ndi.label(mask)
+    peaks = feature.peak_local_max(distance, min_distance=max(1, round(config.split_distance * cell)),
+                                   threshold_abs=config.marker_radius * cell, labels=components,
+                                   exclude_border=False)
+    unmarked = np.setdiff1d(np.arange(1, count + 1), components[tuple(peaks.T)])
+    inner = ndi.maximum_position(ndi.distance_transform_edt(mask), components, unmarked)
+    peaks = np.concatenate([peaks, np.array(inner, dtype=int).reshape(-1, 2)])
+    markers = np.zeros(mask.shape, dtype=np.int32)
+    markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-distance, markers, mask=mask)
     areas = np.bincount(labels.ravel())
-    keep = (areas >= min_area) & (areas <= config.max_area_fraction * side ** 2)
+    keep = (areas >= min_area) & (areas <= config.max_area * cell ** 2)
     keep[0] = False
     regions = measure.regionprops(np.where(keep[labels], labels, 0))
     return [r for r in regions if r.solidity >= config.min_solidity], lightness
 
 
-def _nucleus_area(lightness: np.ndarray, config: CellFinderConfig) -> int | None:
-    """Pixels of the darker (nucleus) part of a cell, split at the midpoint of a two-means
-    clustering of L*, or None when the two parts are not distinct or one is a sliver."""
+def _nucleus_fraction(lightness: np.ndarray, config: CellFinderConfig) -> float | None:
+    """Fraction of a cell's pixels in its darker (nucleus) part, split at the midpoint of a
+    two-means clustering of L*, or None when the two parts are not distinct or one is a sliver."""
     threshold = float(np.median(lightness))
     for _ in range(20):
         dark, light = lightness[lightness <= threshold], lightness[lightness > threshold]
@@ -174,25 +285,47 @@ def _nucleus_area(lightness: np.ndarray, config: CellFinderConfig) -> int | None
     smaller = min(len(dark), len(light))
     if light.mean() - dark.mean() < config.nucleus_contrast or smaller < 0.05 * lightness.size:
         return None
-    return len(dark)
+    return len(dark) / lightness.size
+
+
+def _to_image(region, scale: float, shape: tuple[int, int]) -> tuple[Box, np.ndarray]:
+    """A working-resolution region's box and mask in the input image's pixels."""
+    y0, x0, y1, x1 = region.bbox
+    height, width = shape
+    box = (max(0, int(np.floor(x0 / scale))), max(0, int(np.floor(y0 / scale))),
+           min(width, int(np.ceil(x1 / scale))), min(height, int(np.ceil(y1 / scale))))
+    if scale == 1:
+        return box, region.image.copy()
+    mask = Image.fromarray(region.image).resize((box[2] - box[0], box[3] - box[1]), Image.Resampling.NEAREST)
+    return box, np.asarray(mask).copy()
+
+
+def _find(rgb: np.ndarray, config: CellFinderConfig) -> list[Cell]:
+    scale = working_scale(rgb, config)
+    if scale is None:
+        return []
+    regions, lightness = _cell_regions(_resampled(rgb, scale), config)
+    cells = []
+    for region in regions:
+        box, mask = _to_image(region, scale, rgb.shape[:2])
+        area = int(mask.sum())
+        # Digital perimeters run short on small disks, so 4 pi A / P^2 can exceed 1: cap it.
+        circularity = min(1.0, 4 * np.pi * region.area / max(region.perimeter, 1.0) ** 2)
+        y0, x0, y1, x1 = region.bbox
+        fraction = _nucleus_fraction(lightness[y0:y1, x0:x1][region.image], config)
+        cy, cx = region.centroid
+        cells.append(Cell(box=box, centroid=(float((cx + 0.5) / scale - 0.5), float((cy + 0.5) / scale - 0.5)),
+                          area=area, circularity=float(circularity),
+                          nucleus_area=None if fraction is None else round(fraction * area),
+                          nucleus_cell_ratio=fraction, mask=mask))
+    return sorted(cells, key=lambda c: (c.box[1], c.box[0]))
 
 
 def find_cells(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> list[Cell]:
-    """White cells of one smear field, ordered top to bottom, then left to right (by box)."""
-    regions, lightness = _cell_regions(_as_rgb(img), config)
-    cells = []
-    for region in regions:
-        y0, x0, y1, x1 = region.bbox
-        area = int(region.area)
-        # Digital perimeters run short on small disks, so 4 pi A / P^2 can exceed 1: cap it.
-        circularity = min(1.0, 4 * np.pi * area / max(region.perimeter, 1.0) ** 2)
-        nucleus = _nucleus_area(lightness[y0:y1, x0:x1][region.image], config)
-        cy, cx = region.centroid
-        cells.append(Cell(box=(x0, y0, x1, y1), centroid=(float(cx), float(cy)), area=area,
-                          circularity=float(circularity), nucleus_area=nucleus,
-                          nucleus_cell_ratio=None if nucleus is None else nucleus / area,
-                          mask=region.image.copy()))
-    return sorted(cells, key=lambda c: (c.box[1], c.box[0]))
+    """White cells of one smear field, ordered top to bottom, then left to right (by box), in the
+    field's own pixels whatever resolution they were searched at. Empty when the field shows no
+    white-cell stain."""
+    return _find(_as_rgb(img), config)
 
 
 def foreground_mask(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> np.ndarray:
@@ -200,8 +333,9 @@ def foreground_mask(img: Image.Image | np.ndarray, config: CellFinderConfig = Ce
     segmentations."""
     rgb = _as_rgb(img)
     mask = np.zeros(rgb.shape[:2], dtype=bool)
-    for region in _cell_regions(rgb, config)[0]:
-        mask[region.slice] |= region.image
+    for cell in _find(rgb, config):
+        x0, y0, x1, y1 = cell.box
+        mask[y0:y1, x0:x1] |= cell.mask
     return mask
 
 

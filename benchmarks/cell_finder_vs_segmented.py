@@ -2,6 +2,7 @@
 
     python benchmarks/cell_finder_vs_segmented.py [--data /work/shared/data/all-taleqani] [--out docs/CELLS.md]
     python benchmarks/cell_finder_vs_segmented.py --tune      # grid search on the tuning half first
+    python benchmarks/cell_finder_vs_segmented.py --cell-diameter 28   # one diameter for every field
 
 Images of each class are sorted by name; even positions are the tuning half (defaults of
 CellFinderConfig were chosen there with --tune), odd positions the report half. Neighbours are often
@@ -41,10 +42,10 @@ DEFAULT_DATA = Path(os.environ.get("ALLCORE_SHARED_DATA")
 def reference_mask(segmented: np.ndarray, config: CellFinderConfig) -> np.ndarray:
     """The dataset's kept (non-black) pixels, cleaned like ours: 3 x 3 opening against JPEG
     speckle, holes filled (their masks drop dark nuclei in places), blobs below the finder's
-    minimum cell area dropped."""
-    side = min(segmented.shape[:2])
+    minimum cell area dropped (at the working resolution: Taleqani fields are about that scale
+    as they are)."""
     mask = ndi.binary_opening(segmented.max(axis=2) > REFERENCE_MIN_CHANNEL, np.ones((3, 3), bool))
-    min_area = int(config.min_area_fraction * side ** 2)
+    min_area = int(config.min_area * config.working_diameter_px ** 2)
     return morphology.remove_small_objects(ndi.binary_fill_holes(mask), max_size=min_area)
 
 
@@ -115,10 +116,11 @@ def score(rows: dict[str, dict[str, float]]) -> float:
 
 
 def tune(pairs: list[tuple[str, Path, Path]], pool: Pool) -> CellFinderConfig:
-    # Centred on the best of a first, coarser grid (purple 6-10, seed 12-18, solidity 0.75-0.9,
-    # depth 0.015-0.025) run on the same images.
+    # Thresholds centred on the best of a first, coarser grid (purple 6-10, seed 12-18, solidity
+    # 0.75-0.9) run on the same images; the marker settings are chosen on BCCD and ALL-IDB
+    # (benchmarks/cell_detection.py), so only the one that matters for Taleqani clusters is here.
     grid = {"purple_threshold": (8.0, 10.0, 12.0), "seed_threshold": (18.0, 24.0),
-            "min_solidity": (0.6, 0.75), "split_depth": (0.025, 0.035)}
+            "min_solidity": (0.6, 0.75), "marker_radius": (0.2, 0.25)}
     best, best_score = CellFinderConfig(), -1.0
     for values in itertools.product(*grid.values()):
         config = replace(CellFinderConfig(), **dict(zip(grid, values)))
@@ -138,17 +140,18 @@ def table(rows: dict[str, dict[str, float]], config: CellFinderConfig) -> str:
         lines.append(f"| {cls} | {r['images']} | {r['excluded']} | {r['median_iou']:.3f} | "
                      f"{r['iou_q25']:.3f}-{r['iou_q75']:.3f} | {r['mean_count_diff']:+.2f} | "
                      f"{r['count_match']:.1%} | {r['count_within_1']:.1%} | {r['median_cpu_ms']:.1f} |")
-    settings = ", ".join(f"{k}={v:g}" for k, v in asdict(config).items())
+    settings = ", ".join(f"{k}={v:g}" for k, v in asdict(config).items() if v is not None)
     return "\n".join([MARKERS[0], f"Report half (odd positions), config: `{settings}`.", "", *lines,
                       MARKERS[1]])
 
 
-def write_results(out: Path, block: str) -> None:
-    text = out.read_text() if out.is_file() else f"{MARKERS[0]}\n{MARKERS[1]}\n"
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
+def write_results(out: Path, block: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Replace the text between ``markers`` in ``out`` (created when missing) with ``block``."""
+    text = out.read_text() if out.is_file() else f"{markers[0]}\n{markers[1]}\n"
+    start, end = text.find(markers[0]), text.find(markers[1])
     if start < 0 or end < start:
-        raise SystemExit(f"{out} lacks the {MARKERS[0]} ... {MARKERS[1]} block to replace")
-    out.write_text(text[:start] + block + text[end + len(MARKERS[1]):])
+        raise SystemExit(f"{out} lacks the {markers[0]} ... {markers[1]} block to replace")
+    out.write_text(text[:start] + block + text[end + len(markers[1]):])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tune-stride", type=int, default=6,
                         help="tune on every n-th image of the tuning half (the grid has 24 points)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--cell-diameter", type=float, default=None,
+                        help="white-cell diameter in px for every field (default: estimated per field)")
     args = parser.parse_args(argv)
     with Pool(args.workers) as pool:
         tuning = list_pairs(args.data, 0)[::args.tune_stride]
-        config = tune(tuning, pool) if args.tune else CellFinderConfig()
+        config = replace(tune(tuning, pool) if args.tune else CellFinderConfig(), cell_diameter_px=args.cell_diameter)
         block = table(summarise(run(list_pairs(args.data, 1), config, pool)), config)
     print(block)
     write_results(args.out, block)
