@@ -26,6 +26,8 @@ WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani 
 CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
 DARK_LEVEL = 10  # a pixel whose channels are all <= this (0-255) is clipped black
 BRIGHT_LEVEL = 250  # a pixel whose channels are all >= this is clipped white
+JPEG_BLOCK = 8  # JPEG's block size in pixels
+BLOCKINESS_MAX_SIDE = 1024  # blockiness looks at most at this top-left square (cost)
 
 QC_COLUMNS: dict[str, str] = {
     "qc_blur": "blur (skimage.measure.blur_effect of the grey image at 224 px shorter side): "
@@ -36,6 +38,8 @@ QC_COLUMNS: dict[str, str] = {
     "qc_lightness_std": "standard deviation of L*: contrast between stained cells and background",
     "qc_a_mean": "mean CIELAB a* (green - .. + red/magenta): stain hue",
     "qc_b_mean": "mean CIELAB b* (blue - .. + yellow): stain hue",
+    "qc_blockiness": "mean grey step across 8 px JPEG block borders over the mean step elsewhere "
+                     "(original pixels): about 1, well above 1 for heavy JPEG compression",
     "qc_cell_count": "white cells found by the classical cell finder (allcore.cells)",
     "qc_cell_diameter_px": "median equivalent diameter of those cells in original-image pixels "
                            "(NaN without cells)",
@@ -60,6 +64,21 @@ def _resized(rgb: np.ndarray, shorter_side: int) -> np.ndarray:
     scale = shorter_side / min(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def jpeg_blockiness(rgb: np.ndarray) -> float:
+    """JPEG codes 8 x 8 pixel blocks separately; heavy compression leaves steps at their borders.
+    Measured on the original pixel grid (resizing would blur the grid away), on the top-left
+    ``BLOCKINESS_MAX_SIDE`` square at most (cost); +0.5 grey levels keep flat images at 1."""
+    grey = rgb[:BLOCKINESS_MAX_SIDE, :BLOCKINESS_MAX_SIDE].astype(np.float32).mean(axis=2)
+    steps_x, steps_y = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
+    border_x = (np.arange(steps_x.shape[1]) + 1) % JPEG_BLOCK == 0
+    border_y = (np.arange(steps_y.shape[0]) + 1) % JPEG_BLOCK == 0
+    border = np.concatenate([steps_x[:, border_x].ravel(), steps_y[border_y].ravel()])
+    inside = np.concatenate([steps_x[:, ~border_x].ravel(), steps_y[~border_y].ravel()])
+    if not border.size or not inside.size:
+        return 1.0
+    return float((border.mean() + 0.5) / (inside.mean() + 0.5))
 
 
 def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> dict[str, float]:
@@ -92,6 +111,7 @@ def image_qc(img: Image.Image | np.ndarray,
         "qc_lightness_std": float(lightness.std()),
         "qc_a_mean": float(lab[..., 1].mean()),
         "qc_b_mean": float(lab[..., 2].mean()),
+        "qc_blockiness": jpeg_blockiness(rgb),
         **cell_statistics(rgb, cell_config),
     }
     assert list(values) == list(QC_COLUMNS), "QC_COLUMNS and image_qc disagree"

@@ -35,7 +35,7 @@ from allcore.transforms import preprocess_array
 
 TRUST_VERSION = 1
 TRUST_FILE = "trust.safetensors"
-OOD_METHOD = "knn"  # see docs/TRUST.md: best AUROC against other labs and corruptions
+OOD_METHOD = "mahalanobis"  # docs/TRUST.md: best AUROC against other labs and corruptions
 IN_DISTRIBUTION_FLAG_RATE = 0.02  # share of validation images above the OOD threshold
 QC_QUANTILES = (0.005, 0.995)  # training-data range of each QC statistic ...
 QC_MARGIN = 0.25  # ... widened by this share of its width on each side
@@ -50,6 +50,7 @@ QC_CHECKS: dict[str, tuple[str | None, str | None]] = {
     "qc_lightness_std": ("low contrast", "stain differs"),
     "qc_a_mean": ("stain differs", "stain differs"),
     "qc_b_mean": ("stain differs", "stain differs"),
+    "qc_blockiness": (None, "compression artefacts"),
     "qc_cell_count": ("no white cells found", None),
     "qc_cell_diameter_fraction": ("cell size differs", "cell size differs"),
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -64,3 +65,10 @@ def test_a_blank_image_has_no_cells_and_no_cell_size():
     blank = image_qc(Image.new("RGB", (300, 200), (235, 225, 230)))
     assert blank["qc_cell_count"] == 0
     assert math.isnan(blank["qc_cell_diameter_px"]) and math.isnan(blank["qc_cell_diameter_fraction"])
+
+
+def test_heavy_jpeg_compression_raises_blockiness(field, clean):
+    buffer = io.BytesIO()
+    field.save(buffer, format="JPEG", quality=5)
+    compressed = image_qc(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    assert clean["qc_blockiness"] < 1.3 < 2.0 < compressed["qc_blockiness"]
