@@ -58,6 +58,10 @@ OUT_OF_DISTRIBUTION = "out of distribution"
 REVIEW_REASONS = (OUT_OF_DISTRIBUTION,) + tuple(dict.fromkeys(
     reason for pair in QC_CHECKS.values() for reason in pair if reason))
 CALLS = ("blast", "not blast", "abstain")
+NO_TRUST_WARNING = ("the model card has no trust section (the model was trained before allcore "
+                    "fitted one): rows carry no calibration, out-of-distribution or image QC "
+                    "checks. Retrain, or fit one with allcore.trust.attach_trust(artifact, "
+                    "split_manifest)")
 
 
 # ----------------------------------------------------------------------------- features

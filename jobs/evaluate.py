@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from allcore.artifact import read_card  # noqa: E402
 from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
+from allcore.trust import NO_TRUST_WARNING  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,8 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trust: ECE {checks['ece_before']:.4f} -> {checks['ece_after']:.4f} after temperature "
               f"{checks['temperature']:.2f}; {checks['flag_rate']:.1%} of images flagged for review")
     else:
-        print("trust: the model card has no trust section (trained before allcore fitted one): "
-              "no calibration, OOD or QC checks")
+        print(f"WARNING: {NO_TRUST_WARNING}")
     print(f"report: {Path(out) / 'report.html'}\nmetrics: {Path(out) / 'metrics.json'}")
     return 0
 
