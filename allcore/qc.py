@@ -49,12 +49,11 @@ QC_COLUMNS: dict[str, str] = {
 
 
 def _rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
-    if isinstance(img, Image.Image):
-        return np.asarray(img.convert("RGB"))
-    rgb = np.asarray(img)
+    rgb = np.asarray(img)  # an RGB PIL image converts without a copy of its meaning
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"image_qc needs an RGB uint8 array of shape (H, W, 3), got dtype "
-                         f"{rgb.dtype} shape {rgb.shape}; decode with allcore.io.decode_rgb")
+        raise ValueError(f"image_qc needs an RGB image (PIL mode RGB, or uint8 array (H, W, 3)), "
+                         f"got dtype {rgb.dtype} shape {rgb.shape}; decode with "
+                         f"allcore.io.decode_rgb")
     return rgb
 
 
