@@ -50,6 +50,7 @@ class ModelCard:
     recipe: dict = field(default_factory=dict)
     split_manifest_sha256: str = ""
     metrics: dict = field(default_factory=dict)
+    trust: dict = field(default_factory=dict)  # allcore.trust: calibration, OOD, QC ranges; {} = none
     model_name: str = ""
     model_kwargs: dict = field(default_factory=dict)
     data_config: dict = field(default_factory=dict)

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from allcore import io, metrics, report
+from allcore import io, metrics, report, trust
 from allcore.artifact import load_artifact
 from allcore.data import Sample, discover_samples
 from allcore.labels import get_label_set
 from allcore.models import probabilities
+from allcore.qc import image_qc
 from allcore.splits import SplitManifest
-from allcore.transforms import normalise_array, unit_array
+from allcore.transforms import DataConfig, normalise_array, unit_array
 
 NOISE_SIGMAS = (0.0, 2.0, 5.0, 8.0, 10.0)  # the MobileNet_M robustness study
 
@@ -44,8 +46,9 @@ def evaluate_artifact(model_uri: str, samples: list[Sample], out_dir: str | Path
     """Score ``samples`` with the artifact and write metrics.json, predictions.csv and report.html.
 Confidence intervals resample the samples' duplicate ``group`` (set by a split manifest).
 
-    The selected images are held in memory as float32 (N x 3 x S x S: ~0.2 MB each at 128 px),
-    because the noise-robustness table re-scores the same pixels at every sigma. That suits test
+    The selected images are held in memory, decoded and as float32 (N x 3 x S x S: ~0.2 MB each
+    at 128 px), because the noise-robustness table re-scores the same pixels at every sigma and
+    the corner-shortcut check re-prepares them with the corner masked and visible. That suits test
     splits of thousands of images; score whole archives with ``jobs/score.py`` instead.
     """
     model, card = load_artifact(model_uri)
@@ -57,26 +60,36 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
         raise ValueError(f"labels {unknown} are not classes of this model ({classes}); "
                          "evaluate with data of the model's label set")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        units = list(pool.map(lambda s: unit_array(io.decode_rgb(io.read_bytes(s.path)), data_config),
-                              samples))
+        decoded = list(pool.map(lambda s: io.decode_rgb(io.read_bytes(s.path)), samples))
+        units = list(pool.map(lambda img: unit_array(img, data_config), decoded))
+        qc = list(pool.map(image_qc, decoded)) if card.trust else []
     images = torch.from_numpy(np.stack(units))
 
-    def predict(unit_batch: torch.Tensor) -> np.ndarray:
-        batch = torch.from_numpy(normalise_array(unit_batch.numpy(), data_config))
-        return probabilities(model, batch).numpy()
+    def pixels(unit_batch: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(normalise_array(unit_batch.numpy(), data_config))
 
-    probs = np.concatenate([predict(images[i:i + batch_size])
-                            for i in range(0, len(images), batch_size)])
+    def predict(unit_batch: torch.Tensor) -> np.ndarray:
+        return probabilities(model, pixels(unit_batch)).numpy()
+
+    batches = [trust.features_and_logits(model, pixels(images[i:i + batch_size]))
+               for i in range(0, len(images), batch_size)]
+    features = torch.cat([f for f, _ in batches]).numpy()
+    logits = torch.cat([z for _, z in batches]).numpy()
+    probs = trust.calibrated_probabilities(logits, 1.0)  # plain softmax: metrics judge the raw model
     # CIs resample the split manifest's duplicate groups; images without one stand alone
     groups = (None if all(s.group is None for s in samples)
               else [s.group if s.group is not None else s.path for s in samples])
     result = metrics.classification_report(labels, probs, classes, groups=groups, n_boot=n_boot)
+    shortcut = _corner_shortcut(predict, decoded, labels, data_config, batch_size)
+    trust_summary = (_trust_summary(model_uri, card, features, logits, labels, qc)
+                     if card.trust else None)
     noise = (metrics.noise_robustness_table(predict, images, labels, sigmas=noise_sigmas,
                                             batch_size=batch_size) if noise_sigmas else None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = {"model": model_uri, "model_name": card.model_name, "model_version": card.model_version,
-               "n_images": len(samples), **result, "noise_robustness": noise}
+               "n_images": len(samples), **result, "noise_robustness": noise,
+               "corner_shortcut": shortcut, "trust": trust_summary}
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     predictions = pd.DataFrame({"path": [s.path for s in samples], "label": [s.label for s in samples],
                                 "pred_label": [classes[i] for i in probs.argmax(1)],
@@ -85,8 +98,53 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
     history = _history_beside(model_uri)
     report.write_report(out, result, history=history, noise_table=noise,
                         title=f"{card.model_name} on {len(samples)} images",
-                        model_card=card.to_dict())
+                        model_card=card.to_dict(), shortcut=shortcut, trust=trust_summary)
     return summary
+
+
+def _corner_shortcut(predict, decoded: list, labels: np.ndarray, data_config: DataConfig,
+                     batch_size: int) -> dict:
+    """Accuracy with the scale-bar corner masked and visible: a large gap means the model reads
+    the class-coloured label (or, trained masked, that it meets an unseen corner)."""
+    accuracy = {}
+    for masked in (True, False):
+        units = np.stack([unit_array(img, replace(data_config, mask_corner=masked))
+                          for img in decoded])
+        probs = np.concatenate([predict(torch.from_numpy(units[i:i + batch_size]))
+                                for i in range(0, len(units), batch_size)])
+        accuracy[masked] = metrics.accuracy(labels, probs.argmax(1))
+    return {"trained_with_corner_masked": data_config.mask_corner,
+            "accuracy_corner_masked": accuracy[True],
+            "accuracy_corner_visible": accuracy[False]}
+
+
+def _trust_summary(model_uri: str, card, features: np.ndarray, logits: np.ndarray,
+                   labels: np.ndarray, qc: list[dict]) -> dict:
+    """Calibration before/after the card's temperature, OOD scores and the review decisions of
+    the evaluated images (the decision scoring writes per row)."""
+    fitted = trust.load_trust(model_uri, card.trust)
+    scores = fitted.ood_scores(features, logits)
+    calibrated = trust.calibrated_probabilities(logits, fitted.temperature)
+    raw = trust.calibrated_probabilities(logits, 1.0)
+    reviews = [trust.review_row(q, float(score), 0.0, fitted) for q, score in zip(qc, scores)]
+    flagged = np.array([r.needs_review for r in reviews])
+    correct = logits.argmax(1) == labels
+    reasons: dict[str, int] = {}
+    for review in reviews:
+        for reason in (review.review_reason or "").split("; "):
+            if reason:
+                reasons[reason] = reasons.get(reason, 0) + 1
+    return metrics.to_jsonable({
+        "temperature": fitted.temperature, "ood_method": fitted.ood_method,
+        "ood_threshold": fitted.ood_threshold,
+        "ece_before": metrics.expected_calibration_error(labels, raw),
+        "ece_after": metrics.expected_calibration_error(labels, calibrated),
+        "calibration_before": metrics.calibration_bins(labels, raw),
+        "calibration_after": metrics.calibration_bins(labels, calibrated),
+        "ood_scores": scores, "flag_rate": flagged.mean(), "review_reasons": reasons,
+        "accuracy_unflagged": correct[~flagged].mean() if (~flagged).any() else None,
+        "accuracy_flagged": correct[flagged].mean() if flagged.any() else None,
+    })
 
 
 def _history_beside(model_uri: str) -> list[dict] | None:

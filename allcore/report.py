@@ -133,18 +133,45 @@ def _noise_robustness(noise_table: list[dict]) -> Figure:
     return fig
 
 
-def _reliability(metrics: dict) -> Figure:
-    bins = metrics["calibration"]
+def _draw_reliability(ax, bins: dict, title: str) -> None:
     edges = np.asarray(bins["edges"])
     accuracy = [np.nan if a is None else a for a in bins["accuracy"]]
-    fig = Figure(figsize=(5, 4.6))
-    ax = fig.subplots()
     ax.bar(edges[:-1], accuracy, width=np.diff(edges), align="edge", edgecolor="black",
            alpha=0.7, label="accuracy in bin")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect calibration")
     ax.set(xlabel="confidence (top-class probability)", ylabel="accuracy", xlim=(0, 1),
-           ylim=(0, 1), title=f"reliability diagram (ECE {_fmt(metrics['ece'])})")
+           ylim=(0, 1), title=title)
     ax.legend(loc="upper left")
+
+
+def _reliability(metrics: dict) -> Figure:
+    fig = Figure(figsize=(5, 4.6))
+    _draw_reliability(fig.subplots(), metrics["calibration"],
+                      f"reliability diagram (ECE {_fmt(metrics['ece'])})")
+    fig.tight_layout()
+    return fig
+
+
+def _reliability_temperature(trust: dict) -> Figure:
+    fig = Figure(figsize=(10, 4.6))
+    before, after = fig.subplots(1, 2)
+    _draw_reliability(before, trust["calibration_before"],
+                      f"before temperature scaling (ECE {_fmt(trust['ece_before'])})")
+    _draw_reliability(after, trust["calibration_after"],
+                      f"after, T = {trust['temperature']:.2f} (ECE {_fmt(trust['ece_after'])})")
+    fig.tight_layout()
+    return fig
+
+
+def _ood_histogram(trust: dict) -> Figure:
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    scores = np.asarray(trust["ood_scores"], dtype=float)
+    ax.hist(scores, bins=40, alpha=0.8, label=f"evaluated images (n={len(scores)})")
+    ax.axvline(trust["ood_threshold"], color="red", linestyle="--", label="review threshold")
+    ax.set(xlabel=f"OOD score ({trust['ood_method']}; higher = further from training data)",
+           ylabel="images", title="out-of-distribution scores")
+    ax.legend()
     fig.tight_layout()
     return fig
 
@@ -184,15 +211,42 @@ def _model_card(card: dict) -> str:
     return _table(["field", "value"], [[key, show(value)] for key, value in card.items()])
 
 
+def _trust_section(trust: dict) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(trust["review_reasons"].items(),
+                                                       key=lambda kv: -kv[1])) or "none"
+    return _table(["", "value"], [
+        ["temperature (fitted on validation)", trust["temperature"]],
+        ["ECE before / after temperature scaling", f"{_fmt(trust['ece_before'])} / {_fmt(trust['ece_after'])}"],
+        ["OOD method / threshold", f"{trust['ood_method']} / {_fmt(trust['ood_threshold'])}"],
+        ["share of images flagged for review", trust["flag_rate"]],
+        ["accuracy of unflagged / flagged images",
+         f"{_fmt(trust['accuracy_unflagged'])} / {_fmt(trust['accuracy_flagged'])}"],
+        ["review reasons (images)", reasons],
+    ])
+
+
+def _shortcut_section(shortcut: dict) -> str:
+    trained = "masked" if shortcut["trained_with_corner_masked"] else "visible"
+    return (_table(["scale-bar corner at evaluation", "accuracy"],
+                   [["masked", shortcut["accuracy_corner_masked"]],
+                    ["visible", shortcut["accuracy_corner_visible"]]])
+            + f"<p>The model was trained with the corner {trained}. In Taleqani fields the "
+              "scale-bar label's colour differs by class: a model trained on it loses accuracy "
+              "when it is masked, and its calls on images from elsewhere follow the label, "
+              "not the cells.</p>")
+
+
 def write_report(out_dir: str | Path, metrics: dict, *, history: list[dict] | None = None,
                  noise_table: list[dict] | None = None, title: str,
-                 model_card: dict | None = None) -> Path:
+                 model_card: dict | None = None, shortcut: dict | None = None,
+                 trust: dict | None = None) -> Path:
     """Write the PNG plots and ``report.html`` into ``out_dir``; return the HTML path.
 
     ``metrics`` is the dict of ``allcore.metrics.classification_report`` (writing it as
     ``metrics.json`` is the caller's job). ``history`` rows hold ``epoch, train_loss,
     train_acc, val_loss, val_acc, val_macro_f1, lr``; ``noise_table`` rows come from
-    ``allcore.metrics.noise_robustness_table``.
+    ``allcore.metrics.noise_robustness_table``; ``shortcut`` and ``trust`` are the
+    ``corner_shortcut`` and ``trust`` entries of ``allcore.evaluation``'s metrics.json.
     """
     needed = {"class_names", "per_class", "confusion_matrix", "curves", "calibration"}
     missing = needed - set(metrics)
@@ -208,6 +262,8 @@ def write_report(out_dir: str | Path, metrics: dict, *, history: list[dict] | No
         "pr_curves": _curves(metrics, "pr"),
         "noise_robustness": _noise_robustness(noise_table) if noise_table else None,
         "reliability": _reliability(metrics),
+        "reliability_temperature": _reliability_temperature(trust) if trust else None,
+        "ood_scores": _ood_histogram(trust) if trust else None,
     }
     images = []
     for name, fig in figures.items():
@@ -229,6 +285,10 @@ def write_report(out_dir: str | Path, metrics: dict, *, history: list[dict] | No
         keys = ["sigma", "accuracy", "precision_macro", "recall_macro", "f1_macro", "roc_auc_macro"]
         sections += ["<h2>Robustness to Gaussian pixel noise</h2>",
                      _table(keys, [[row.get(k) for k in keys] for row in noise_table])]
+    if shortcut:
+        sections += ["<h2>Scale-bar shortcut</h2>", _shortcut_section(shortcut)]
+    if trust:
+        sections += ["<h2>How far to trust the predictions</h2>", _trust_section(trust)]
     if model_card:
         sections += ["<h2>Model card</h2>", _model_card(model_card)]
     sections += ["<h2>Figures</h2>", f"<div class='figures'>{''.join(images)}</div>"]

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from allcore.artifact import read_card  # noqa: E402
 from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
+from allcore.trust import NO_TRUST_WARNING  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +41,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"accuracy {summary['accuracy']:.4f} (95% CI {low:.4f}-{high:.4f}), "
           f"macro-F1 {summary['f1_macro']:.4f}, kappa {summary['cohen_kappa']:.3f}, "
           f"n={summary['n']}")
+    shortcut = summary["corner_shortcut"]
+    print(f"scale-bar corner masked: accuracy {shortcut['accuracy_corner_masked']:.4f}; visible: "
+          f"{shortcut['accuracy_corner_visible']:.4f}")
+    if summary["trust"]:
+        checks = summary["trust"]
+        print(f"trust: ECE {checks['ece_before']:.4f} -> {checks['ece_after']:.4f} after temperature "
+              f"{checks['temperature']:.2f}; {checks['flag_rate']:.1%} of images flagged for review")
+    else:
+        print(f"WARNING: {NO_TRUST_WARNING}")
     print(f"report: {Path(out) / 'report.html'}\nmetrics: {Path(out) / 'metrics.json'}")
     return 0
 

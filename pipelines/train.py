@@ -24,7 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from allcore import engine, io
+from allcore import engine, io, trust
 from allcore.artifact import ModelCard, save_artifact
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
@@ -72,8 +72,19 @@ def run_training(job: TrainJob) -> list[str]:
             manifest.write(manifest_uri)
         print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
         result = _fit(job, name, manifest_uri)
-        artifacts.append(_export_best(job, result, manifest, fold_dir, name))
+        artifact_uri = _export_best(job, result, manifest, fold_dir, name)
+        _attach_trust(artifact_uri, manifest, name)
+        artifacts.append(artifact_uri)
     return artifacts
+
+
+def _attach_trust(artifact_uri: str, manifest: SplitManifest, name: str) -> None:
+    """Calibration, OOD detector and QC ranges into the card (allcore.trust, on the driver)."""
+    section = trust.attach_trust(artifact_uri, manifest)
+    calibration, ood = section["calibration"], section["ood"]
+    print(f"[allcore] {name}: temperature {section['temperature']:.2f} (val ECE "
+          f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}); OOD {ood['method']} "
+          f"threshold {ood['threshold']:.3g} flags {ood['val_flag_rate']:.1%} of val", flush=True)
 
 
 def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:

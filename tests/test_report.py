@@ -63,3 +63,25 @@ def test_report_without_optional_parts(tmp_path, metrics):
 def test_report_rejects_a_dict_that_is_not_a_classification_report(tmp_path):
     with pytest.raises(ValueError, match="classification_report"):
         write_report(tmp_path, {"accuracy": 0.9}, title="x")
+
+
+def test_report_shows_calibration_ood_scores_and_the_corner_shortcut(tmp_path, metrics):
+    from allcore.metrics import calibration_bins, to_jsonable
+
+    rng = np.random.default_rng(1)
+    y_true = rng.integers(0, 4, 80)
+    probs = rng.dirichlet(np.ones(4), size=80)
+    trust = to_jsonable({
+        "temperature": 1.7, "ood_method": "knn", "ood_threshold": 0.8, "ece_before": 0.12,
+        "ece_after": 0.03, "calibration_before": calibration_bins(y_true, probs),
+        "calibration_after": calibration_bins(y_true, probs), "ood_scores": rng.random(80),
+        "flag_rate": 0.05, "review_reasons": {"out of distribution": 3, "blurred": 1},
+        "accuracy_unflagged": 0.97, "accuracy_flagged": 0.5})
+    shortcut = {"trained_with_corner_masked": True, "accuracy_corner_masked": 0.9612,
+                "accuracy_corner_visible": 0.9433}
+    page = write_report(tmp_path, metrics, title="trust", shortcut=shortcut, trust=trust
+                        ).read_text(encoding="utf-8")
+    assert (tmp_path / "reliability_temperature.png").exists() and (tmp_path / "ood_scores.png").exists()
+    assert page.count("<img") == 6
+    assert "0.9612" in page and "0.9433" in page and "trained with the corner masked" in page
+    assert "out of distribution 3, blurred 1" in page and "0.1200 / 0.0300" in page

@@ -48,6 +48,8 @@ def test_worker_failure_resumes_from_last_checkpoint_and_exports(ray_session, ar
     assert card.classes == ["Benign", "Early", "Pre", "Pro"]
     assert card.data_config["input_size"] == 32
     assert card.metrics["test"]["n"] == len(manifest.subset("test"))
+    from allcore.trust import load_trust  # fitted on the driver after export, hash-checked here
+    assert load_trust(uri, card.trust).temperature > 0
 
 
 def test_interrupted_run_resumes_when_started_again_with_the_same_name(ray_session, archive, tmp_path):

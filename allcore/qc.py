@@ -1,0 +1,117 @@
+"""Cheap per-image quality control: is this picture the kind the model was trained on?
+
+No model is involved, so it runs in the CPU prepare stage beside decoding. Each statistic is a
+plain number with a one-line meaning in ``QC_COLUMNS`` (the one place that names and describes
+them; scoring writes them as columns of the same names). Whether a value is acceptable is not
+decided here: ``allcore.trust`` compares it with the range seen on the model's training images,
+because "sharp enough" or "the right stain" depends on the archive the model learnt from.
+
+Focus, exposure and colour are measured on a copy resized so its shorter side is
+``WORKING_SIDE`` pixels, so they do not depend on how many pixels a scanner writes. Cell size is
+reported in pixels of the original image and as a fraction of its shorter side: the model sees
+every image resized to its input size, so the fraction is what it sees.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+from skimage import color, measure
+
+from allcore.cells import CellFinderConfig, find_cells
+
+WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
+CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
+DARK_LEVEL = 10  # a pixel whose channels are all <= this (0-255) is clipped black
+BRIGHT_LEVEL = 250  # a pixel whose channels are all >= this is clipped white
+JPEG_BLOCK = 8  # JPEG's block size in pixels
+BLOCKINESS_MAX_SIDE = 1024  # blockiness looks at most at this top-left square (cost)
+
+QC_COLUMNS: dict[str, str] = {
+    "qc_blur": "blur (skimage.measure.blur_effect of the grey image at 224 px shorter side): "
+               "0 sharp .. 1 fully blurred",
+    "qc_dark_fraction": f"fraction of pixels clipped black (every channel <= {DARK_LEVEL})",
+    "qc_bright_fraction": f"fraction of pixels clipped white (every channel >= {BRIGHT_LEVEL})",
+    "qc_lightness_mean": "mean CIELAB L* (0 black .. 100 white): overall exposure",
+    "qc_lightness_std": "standard deviation of L*: contrast between stained cells and background",
+    "qc_a_mean": "mean CIELAB a* (green - .. + red/magenta): stain hue",
+    "qc_b_mean": "mean CIELAB b* (blue - .. + yellow): stain hue",
+    "qc_blockiness": "mean grey step across 8 px JPEG block borders over the mean step elsewhere "
+                     "(original pixels): about 1, well above 1 for heavy JPEG compression",
+    "qc_cell_count": "white cells found by the classical cell finder (allcore.cells)",
+    "qc_cell_diameter_px": "median equivalent diameter of those cells in original-image pixels "
+                           "(NaN without cells)",
+    "qc_cell_diameter_fraction": "qc_cell_diameter_px / shorter image side: the cell size the "
+                                 "model sees after resizing (NaN without cells)",
+}
+
+
+def _rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    rgb = np.asarray(img)  # an RGB PIL image converts without a copy of its meaning
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError(f"image_qc needs an RGB image (PIL mode RGB, or uint8 array (H, W, 3)), "
+                         f"got dtype {rgb.dtype} shape {rgb.shape}; decode with "
+                         f"allcore.io.decode_rgb")
+    return rgb
+
+
+def _resized(rgb: np.ndarray, shorter_side: int) -> np.ndarray:
+    """Area-averaged resize (box filter: no ringing that would look like sharpness)."""
+    height, width = rgb.shape[:2]
+    scale = shorter_side / min(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+
+
+def jpeg_blockiness(rgb: np.ndarray) -> float:
+    """JPEG codes 8 x 8 pixel blocks separately; heavy compression leaves steps at their borders.
+    Measured on the original pixel grid (resizing would blur the grid away), on the top-left
+    ``BLOCKINESS_MAX_SIDE`` square at most (cost); +0.5 grey levels keep flat images at 1."""
+    grey = rgb[:BLOCKINESS_MAX_SIDE, :BLOCKINESS_MAX_SIDE].astype(np.float32).mean(axis=2)
+    steps_x, steps_y = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
+    border_x = (np.arange(steps_x.shape[1]) + 1) % JPEG_BLOCK == 0
+    border_y = (np.arange(steps_y.shape[0]) + 1) % JPEG_BLOCK == 0
+    border = np.concatenate([steps_x[:, border_x].ravel(), steps_y[border_y].ravel()])
+    inside = np.concatenate([steps_x[:, ~border_x].ravel(), steps_y[~border_y].ravel()])
+    if not border.size or not inside.size:
+        return 1.0
+    return float((border.mean() + 0.5) / (inside.mean() + 0.5))
+
+
+def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> dict[str, float]:
+    """Count and median size of the white cells, searched at most ``CELL_SEARCH_MAX_SIDE`` px
+    (a 2592 px field would take seconds at full size); sizes are scaled back to original pixels."""
+    side = min(rgb.shape[:2])
+    scale = min(1.0, CELL_SEARCH_MAX_SIDE / side)
+    searched = _resized(rgb, CELL_SEARCH_MAX_SIDE) if scale < 1 else rgb
+    cells = find_cells(searched, config)
+    if not cells:
+        return {"qc_cell_count": 0.0, "qc_cell_diameter_px": math.nan,
+                "qc_cell_diameter_fraction": math.nan}
+    diameter = float(np.median([math.sqrt(4 * c.area / math.pi) for c in cells])) / scale
+    return {"qc_cell_count": float(len(cells)), "qc_cell_diameter_px": diameter,
+            "qc_cell_diameter_fraction": diameter / side}
+
+
+def image_qc(img: Image.Image | np.ndarray,
+             cell_config: CellFinderConfig = CellFinderConfig()) -> dict[str, float]:
+    """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array)."""
+    rgb = _rgb_array(img)
+    small = _resized(rgb, WORKING_SIDE)
+    lab = color.rgb2lab(small)
+    lightness = lab[..., 0]
+    values = {
+        "qc_blur": float(measure.blur_effect(color.rgb2gray(small))),
+        "qc_dark_fraction": float(np.mean(small.max(axis=2) <= DARK_LEVEL)),
+        "qc_bright_fraction": float(np.mean(small.min(axis=2) >= BRIGHT_LEVEL)),
+        "qc_lightness_mean": float(lightness.mean()),
+        "qc_lightness_std": float(lightness.std()),
+        "qc_a_mean": float(lab[..., 1].mean()),
+        "qc_b_mean": float(lab[..., 2].mean()),
+        "qc_blockiness": jpeg_blockiness(rgb),
+        **cell_statistics(rgb, cell_config),
+    }
+    assert list(values) == list(QC_COLUMNS), "QC_COLUMNS and image_qc disagree"
+    return values

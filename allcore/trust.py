@@ -1,0 +1,392 @@
+"""How far to trust one prediction: calibrated probabilities, an out-of-distribution score, and
+image QC against the training data's ranges, combined into a review decision per row.
+
+Training fits everything here once, after the best model is exported (``attach_trust``), and
+stores it in the model card's ``trust`` section; the arrays an OOD detector needs (too large for
+JSON) go to ``trust.safetensors`` beside the weights, checked by sha256 like them. Scoring then
+needs, per batch, only the forward pass it already runs (``features_and_logits``), the QC values
+of its prepare stage (``allcore.qc.image_qc``) and ``review_row``.
+
+The OOD detector works on the model's own penultimate features (the backbone output, pooled):
+images the model never learnt to represent land far from the training images there, whatever
+the softmax says. ``OOD_METHOD`` was chosen by measurement (docs/TRUST.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import NamedTuple
+
+import numpy as np
+import safetensors.numpy
+import torch
+from scipy import optimize, special
+from sklearn.covariance import LedoitWolf
+
+from allcore import io
+from allcore.artifact import load_artifact, save_artifact
+from allcore.metrics import expected_calibration_error
+from allcore.qc import QC_COLUMNS, image_qc
+from allcore.transforms import preprocess_array
+
+TRUST_VERSION = 1
+TRUST_FILE = "trust.safetensors"
+OOD_METHOD = "mahalanobis"  # docs/TRUST.md: best AUROC against other labs and corruptions
+IN_DISTRIBUTION_FLAG_RATE = 0.02  # share of validation images above the OOD threshold
+QC_QUANTILES = (0.005, 0.995)  # training-data range of each QC statistic ...
+QC_MARGIN = 0.25  # ... widened by this share of its width on each side
+BLAST_THRESHOLD = 0.5  # calibrated blast probability at and above which the call is "blast"
+
+# QC statistic -> (reason when below the training range, reason when above); None: not checked.
+QC_CHECKS: dict[str, tuple[str | None, str | None]] = {
+    "qc_blur": (None, "blurred"),
+    "qc_dark_fraction": (None, "underexposed"),
+    "qc_bright_fraction": (None, "overexposed"),
+    "qc_lightness_mean": ("underexposed", "overexposed"),
+    "qc_lightness_std": ("low contrast", "stain differs"),
+    "qc_a_mean": ("stain differs", "stain differs"),
+    "qc_b_mean": ("stain differs", "stain differs"),
+    "qc_blockiness": (None, "compression artefacts"),
+    "qc_cell_count": ("no white cells found", None),
+    "qc_cell_diameter_fraction": ("cell size differs", "cell size differs"),
+}
+OUT_OF_DISTRIBUTION = "out of distribution"
+REVIEW_REASONS = (OUT_OF_DISTRIBUTION,) + tuple(dict.fromkeys(
+    reason for pair in QC_CHECKS.values() for reason in pair if reason))
+CALLS = ("blast", "not blast", "abstain")
+NO_TRUST_WARNING = ("the model card has no trust section (the model was trained before allcore "
+                    "fitted one): rows carry no calibration, out-of-distribution or image QC "
+                    "checks. Retrain, or fit one with allcore.trust.attach_trust(artifact, "
+                    "split_manifest)")
+
+
+# ----------------------------------------------------------------------------- features
+
+def pooled_features(backbone_output: torch.Tensor) -> torch.Tensor:
+    """(N, F) features from a backbone output that is already pooled or a (N, C, H, W) map."""
+    return backbone_output.mean(dim=(2, 3)) if backbone_output.ndim == 4 else backbone_output
+
+
+@torch.inference_mode()
+def features_and_logits(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features and logits of a preprocessed batch in one forward pass
+    (``model`` is an ``allcore.models.Classifier``: ``head(backbone(x))``)."""
+    out = model.backbone(pixels)
+    return pooled_features(out), model.head(out)
+
+
+# ----------------------------------------------------------------------------- calibration
+
+def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:
+    return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
+
+
+def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    log_probs = special.log_softmax(logits / temperature, axis=1)
+    return float(-log_probs[np.arange(len(labels)), labels].mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T).
+    One parameter, so it cannot change which class wins, only how sure the model claims to be."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+    result = optimize.minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)),
+                                      bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(result.x))
+
+
+# ----------------------------------------------------------------------------- OOD detectors
+# Each detector: fit(features, labels, logits) -> detector; score(features, logits) -> higher is
+# further from the training data; tensors()/params() to store it; from_stored(tensors, params).
+
+def _unit_rows(features: np.ndarray) -> np.ndarray:
+    features = np.asarray(features, dtype=np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+@dataclass(frozen=True)
+class KNNDetector:
+    """Distance to the k-th nearest training image in unit-normalised feature space (Sun et al.
+    2022): no assumption that a class is one Gaussian blob, which smear fields are not."""
+
+    bank: np.ndarray  # (N, F) unit-normalised training features
+    k: int = 10
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, logits: np.ndarray, *, k: int = 10) -> "KNNDetector":
+        return cls(bank=_unit_rows(features), k=min(k, len(features)))
+
+    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        query = torch.from_numpy(_unit_rows(features))
+        bank = torch.from_numpy(self.bank.astype(np.float32))
+        distances = torch.cdist(query, bank)
+        return torch.topk(distances, self.k, dim=1, largest=False).values[:, -1].numpy()
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"bank": self.bank.astype(np.float16)}  # half the size, distances change < 1e-3
+
+    def params(self) -> dict:
+        return {"k": self.k}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, np.ndarray], params: dict) -> "KNNDetector":
+        return cls(bank=tensors["bank"].astype(np.float32), k=int(params["k"]))
+
+
+@dataclass(frozen=True)
+class MahalanobisDetector:
+    """Smallest class-conditional Mahalanobis distance with one shared, Ledoit-Wolf shrunk
+    covariance (Lee et al. 2018); the shrinkage keeps it invertible with more features than
+    training images per class."""
+
+    means: np.ndarray  # (C, F)
+    precision: np.ndarray  # (F, F)
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> "MahalanobisDetector":
+        features = np.asarray(features, dtype=np.float64)
+        classes = np.unique(labels)
+        means = np.stack([features[labels == c].mean(axis=0) for c in classes])
+        centred = features - means[np.searchsorted(classes, labels)]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+        return cls(means=means.astype(np.float32), precision=precision.astype(np.float32))
+
+    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        diff = np.asarray(features, dtype=np.float32)[:, None, :] - self.means[None]
+        distances = np.einsum("ncf,fg,ncg->nc", diff, self.precision, diff)
+        return np.sqrt(np.maximum(distances.min(axis=1), 0))
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {"means": self.means, "precision": self.precision}
+
+    def params(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, np.ndarray], params: dict) -> "MahalanobisDetector":
+        return cls(means=tensors["means"], precision=tensors["precision"])
+
+
+@dataclass(frozen=True)
+class EnergyDetector:
+    """Negative free energy -logsumexp(logits) (Liu et al. 2020): needs only the logits."""
+
+    @classmethod
+    def fit(cls, features: np.ndarray, labels: np.ndarray, logits: np.ndarray) -> "EnergyDetector":
+        return cls()
+
+    def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        return -special.logsumexp(np.asarray(logits, dtype=np.float64), axis=1)
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def params(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, np.ndarray], params: dict) -> "EnergyDetector":
+        return cls()
+
+
+OOD_DETECTORS = {"knn": KNNDetector, "mahalanobis": MahalanobisDetector, "energy": EnergyDetector}
+
+
+def fit_ood_detector(method: str, features: np.ndarray, labels: np.ndarray, logits: np.ndarray):
+    if method not in OOD_DETECTORS:
+        raise ValueError(f"unknown OOD method {method!r}; choose one of {sorted(OOD_DETECTORS)}")
+    return OOD_DETECTORS[method].fit(np.asarray(features), np.asarray(labels), np.asarray(logits))
+
+
+# ----------------------------------------------------------------------------- QC reference
+
+def qc_reference(rows: Sequence[Mapping[str, float]], quantiles: tuple[float, float] = QC_QUANTILES,
+                 margin: float = QC_MARGIN) -> dict[str, dict[str, float]]:
+    """Accepted range of every checked QC statistic: the ``quantiles`` of the training images'
+    values widened by ``margin`` of their width on each side, plus the median for drift plots."""
+    reference = {}
+    for name in QC_CHECKS:
+        values = np.array([row[name] for row in rows], dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if not len(values):
+            continue
+        low, high = np.quantile(values, quantiles)
+        pad = margin * (high - low)
+        reference[name] = {"low": float(low - pad), "high": float(high + pad),
+                           "median": float(np.median(values))}
+    return reference
+
+
+# ----------------------------------------------------------------------------- the trust section
+
+@dataclass(frozen=True)
+class Trust:
+    """The model card's ``trust`` section plus the loaded OOD detector (``load_trust``)."""
+
+    temperature: float
+    ood_method: str
+    ood_threshold: float
+    qc_reference: dict[str, dict[str, float]]
+    detector: object = None
+
+    def ood_scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
+        return self.detector.score(np.asarray(features), np.asarray(logits))
+
+
+class Review(NamedTuple):
+    needs_review: bool
+    review_reason: str | None  # "; "-joined REVIEW_REASONS, None when nothing is wrong
+    call: str  # one of CALLS
+
+
+def qc_reasons(qc: Mapping[str, float], qc_reference: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Why the QC values fall outside the training range (empty when they do not). A missing
+    or NaN value (e.g. cell size without cells) is not judged: another check covers it."""
+    reasons = []
+    for name, (below, above) in QC_CHECKS.items():
+        value, limits = qc.get(name), qc_reference.get(name)
+        if value is None or limits is None or not math.isfinite(value):
+            continue
+        if below and value < limits["low"]:
+            reasons.append(below)
+        elif above and value > limits["high"]:
+            reasons.append(above)
+    return list(dict.fromkeys(reasons))
+
+
+def review_row(qc: Mapping[str, float], ood_score: float, blast_probability: float,
+               trust: Trust | Mapping) -> Review:
+    """The review decision of one scored row.
+
+    ``blast_probability`` is the calibrated sum over the label set's blast classes (scoring
+    owns which classes are blasts). A row outside the model's domain or failing QC keeps its
+    probabilities but gets ``needs_review`` and the call "abstain": a lab must not act on it.
+    ``trust`` is a ``Trust`` or the card's ``trust`` dict.
+    """
+    if isinstance(trust, Mapping):
+        trust = trust_from_card_section(trust)
+    reasons = ([OUT_OF_DISTRIBUTION] if ood_score > trust.ood_threshold else [])
+    reasons += qc_reasons(qc, trust.qc_reference)
+    if reasons:
+        return Review(True, "; ".join(reasons), "abstain")
+    return Review(False, None, "blast" if blast_probability >= BLAST_THRESHOLD else "not blast")
+
+
+def trust_from_card_section(section: Mapping) -> Trust:
+    return Trust(temperature=float(section["temperature"]), ood_method=section["ood"]["method"],
+                 ood_threshold=float(section["ood"]["threshold"]),
+                 qc_reference={k: dict(v) for k, v in section["qc_reference"].items()})
+
+
+def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
+              train_qc: Sequence[Mapping[str, float]], method: str = OOD_METHOD,
+              flag_rate: float = IN_DISTRIBUTION_FLAG_RATE) -> tuple[dict, dict[str, np.ndarray]]:
+    """Fit temperature, OOD detector and QC ranges. ``train``/``val`` hold ``features``,
+    ``logits`` and ``labels`` arrays. Returns the card's ``trust`` section (without the file
+    hash) and the detector's tensors for ``TRUST_FILE``."""
+    if not 0 < flag_rate < 1:
+        raise ValueError(f"flag_rate must be in (0, 1), got {flag_rate}")
+    temperature = fit_temperature(val["logits"], val["labels"])
+    detector = fit_ood_detector(method, train["features"], train["labels"], train["logits"])
+    val_scores = detector.score(val["features"], val["logits"])
+    threshold = float(np.quantile(val_scores, 1 - flag_rate))
+
+    def ece(temp: float) -> float:
+        return expected_calibration_error(val["labels"], calibrated_probabilities(val["logits"], temp))
+
+    section = {
+        "version": TRUST_VERSION,
+        "temperature": temperature,
+        "calibration": {"split": "val", "n": int(len(val["labels"])), "ece_before": ece(1.0),
+                        "ece_after": ece(temperature),
+                        "nll_before": _nll(np.asarray(val["logits"], float), val["labels"], 1.0),
+                        "nll_after": _nll(np.asarray(val["logits"], float), val["labels"], temperature)},
+        "ood": {"method": method, "params": detector.params(), "threshold": threshold,
+                "target_flag_rate": flag_rate, "split": "val",
+                "val_flag_rate": float(np.mean(val_scores > threshold)),
+                "n_train": int(len(train["labels"])), "file": TRUST_FILE},
+        "qc_reference": qc_reference(train_qc),
+        "qc_quantiles": list(QC_QUANTILES), "qc_margin": QC_MARGIN,
+        "qc_columns": dict(QC_COLUMNS),
+    }
+    return section, detector.tensors()
+
+
+def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:
+    """Write the detector's arrays beside the weights; returns their sha256 for the card."""
+    data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    io.write_bytes(io.join(artifact_uri, TRUST_FILE), data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_trust(artifact_uri: str, section: Mapping) -> Trust:
+    """The card's trust section with its OOD detector loaded and hash-checked."""
+    ood = section["ood"]
+    data = io.read_bytes(io.join(artifact_uri, ood["file"]))
+    if hashlib.sha256(data).hexdigest() != ood["sha256"]:
+        raise ValueError(f"{io.join(artifact_uri, ood['file'])} does not match the sha256 in its "
+                         f"model card: the file was modified or belongs to another model; "
+                         f"re-run training or download the artifact again")
+    detector = OOD_DETECTORS[ood["method"]].from_stored(safetensors.numpy.load(data), ood["params"])
+    return replace(trust_from_card_section(section), detector=detector)
+
+
+# ----------------------------------------------------------------------------- from training
+
+@dataclass(frozen=True)
+class Scored:
+    """What one pass over labelled images gives: everything trust fitting and measuring needs."""
+
+    features: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    qc: list[dict[str, float]]
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"features": self.features, "logits": self.logits, "labels": self.labels}
+
+
+def score_images(model: torch.nn.Module, images: Sequence, labels: Sequence[int], *,
+                 batch_size: int = 64, with_qc: bool = True) -> Scored:
+    """Features, logits and QC of decoded RGB ``images`` (PIL), preprocessed exactly as
+    scoring does (the model's data config, corner mask included)."""
+    config = model.data_config
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pixels = list(pool.map(lambda img: preprocess_array(img, config), images))
+        qc = list(pool.map(image_qc, images)) if with_qc else []
+    features, logits = [], []
+    model.eval()
+    for start in range(0, len(pixels), batch_size):
+        f, z = features_and_logits(model, torch.from_numpy(np.stack(pixels[start:start + batch_size])))
+        features.append(f.float().numpy())
+        logits.append(z.float().numpy())
+    return Scored(np.concatenate(features), np.concatenate(logits), np.asarray(labels), qc)
+
+
+def score_samples(model: torch.nn.Module, samples: Sequence, classes: Sequence[str], *,
+                  with_qc: bool = True) -> Scored:
+    """``score_images`` of labelled ``allcore.data.Sample`` rows (decoded here)."""
+    images = [io.decode_rgb(io.read_bytes(s.path)) for s in samples]
+    return score_images(model, images, [list(classes).index(s.label) for s in samples],
+                        with_qc=with_qc)
+
+
+def attach_trust(artifact_uri: str, manifest, *, method: str = OOD_METHOD,
+                 flag_rate: float = IN_DISTRIBUTION_FLAG_RATE) -> dict:
+    """Fit the trust section on the artifact's own split (``manifest``: its ``SplitManifest``;
+    train for the OOD reference and QC ranges, val for temperature and threshold) and store it
+    in the artifact. Returns the section."""
+    model, card = load_artifact(artifact_uri)
+    train = score_samples(model, manifest.subset("train"), card.classes)
+    val = score_samples(model, manifest.subset("val"), card.classes, with_qc=False)
+    section, tensors = fit_trust(train=train.arrays(), val=val.arrays(), train_qc=train.qc,
+                                 method=method, flag_rate=flag_rate)
+    section["ood"]["sha256"] = write_trust_file(artifact_uri, tensors)
+    # the fields save_artifact derives from the model are left for it to fill again
+    save_artifact(artifact_uri, model, replace(card, trust=section, model_name="", model_kwargs={},
+                                               data_config={}))
+    return section
