@@ -53,6 +53,7 @@ class ModelCard:
     recipe: dict = field(default_factory=dict)
     split_manifest_sha256: str = ""
     metrics: dict = field(default_factory=dict)
+    cell_crop: dict = field(default_factory=dict)  # cell models only: allcore.celldata geometry
     model_name: str = ""
     model_kwargs: dict = field(default_factory=dict)
     data_config: dict = field(default_factory=dict)

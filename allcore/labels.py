@@ -18,6 +18,7 @@ class LabelSet:
     classes: tuple[str, ...]
     aliases: dict[str, str]  # lower-cased raw label (folder name, manifest value) -> class
     description: str = ""
+    blast_classes: tuple[str, ...] = ()  # classes that mean "a blast" (cell models count these)
 
     def to_class(self, raw_label: str) -> str:
         """Map a raw label (folder name or manifest value) to a class of this set."""
@@ -62,6 +63,14 @@ LABEL_SETS: dict[str, LabelSet] = {
         classes=("HEM", "ALL"),
         aliases=_aliases({"HEM": ["normal", "benign"], "ALL": ["malignant", "blast"]}),
         description="C-NMC 2019 style: HEM (normal) vs ALL (blast) single-cell images",
+    ),
+    "blast": LabelSet(
+        name="blast",
+        classes=("not_blast", "blast"),
+        aliases=_aliases({"not_blast": ["0", "not blast", "normal", "hem"],
+                          "blast": ["1", "all", "malignant"]}),
+        description="single white cell: blast vs not a blast (ALL-IDB cell crops)",
+        blast_classes=("blast",),
     ),
 }
 
