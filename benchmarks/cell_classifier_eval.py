@@ -40,8 +40,8 @@ TARGET_SPECIFICITY = 0.95
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="ALL-IDB root")
-    parser.add_argument("--cache", required=True, help="folder for the prepared crops (reused)")
+    parser.add_argument("--data", help="ALL-IDB root")
+    parser.add_argument("--cache", help="folder for the prepared crops (reused)")
     parser.add_argument("--recipe", default="cell_blast")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--folds", type=int, default=5)
@@ -50,7 +50,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bootstrap", type=int, default=2000)
     parser.add_argument("--out", help="write the out-of-fold scores and the metrics as JSON")
-    return parser.parse_args(argv)
+    parser.add_argument("--table", nargs="+", metavar="JSON",
+                        help="print earlier --out results as a markdown table and exit")
+    args = parser.parse_args(argv)
+    if not args.table and not (args.data and args.cache):
+        parser.error("--data and --cache are required unless --table is given")
+    return args
+
+
+def _accuracy(oof: dict) -> float:
+    """Cell accuracy at the argmax call, the figure the s003 / s004 papers report."""
+    return float(((np.asarray(oof["blast_probability"]) >= 0.5) == np.asarray(oof["y"])).mean())
+
+
+def markdown_table(paths: list[str]) -> str:
+    """One row per result file; every interval is the 95% field-bootstrap CI."""
+    cell = lambda m: f"{m[0]:.3f} ({m[1]:.3f}-{m[2]:.3f})"  # noqa: E731
+    lines = ["| recipe (model, init) | folds | epochs | input | AUROC | sensitivity at 95% specificity "
+             "| blasts called blast | not-blast called not-blast | healthy-field cells called blast "
+             "| accuracy | cells (blast / not) |", "|" + "---|" * 11]
+    for path in paths:
+        result = json.loads(Path(path).read_text())
+        recipe, m = result["recipe"], result["metrics"]
+        init = "ImageNet" if recipe["pretrained"] else "random"
+        lines.append(
+            f"| {recipe['name']} ({recipe['model']}, {init}) | {result['folds']} | {recipe['epochs']} "
+            f"| {recipe['input_size']} | {cell(m['auroc'])} | {cell(m['sensitivity_at_95_specificity'])} "
+            f"| {cell(m['blast_recall'])} | {cell(m['not_blast_recall'])} "
+            f"| {cell(m['healthy_field_cells_called_blast'])} "
+            f"| {_accuracy(result['oof']):.3f} | {m['n_cells']['blast']} / {m['n_cells']['not_blast']} |")
+    return "\n".join(lines)
 
 
 def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
@@ -138,6 +167,9 @@ def summarise(y, score, field, healthy, *, n) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table(args.table))
+        return 0
     torch.set_num_threads(args.threads)
     overrides = [*args.set, f"input_size={args.input_size}", "num_workers=0"]
     recipe = load_recipe(args.recipe).override(overrides)
