@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from allcore.data import discover_samples  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
 from allcore.models import create_model  # noqa: E402
 from allcore.recipes import load_recipe  # noqa: E402
-from allcore.splits import kfold_samples  # noqa: E402
+from allcore.splits import SplitManifest, kfold_samples  # noqa: E402
 from allcore.training import build_datasets, class_weights, targets_of  # noqa: E402
 
 TARGET_SPECIFICITY = 0.95
@@ -80,6 +82,17 @@ def markdown_table(paths: list[str]) -> str:
             f"| {cell(m['healthy_field_cells_called_blast'])} "
             f"| {_accuracy(result['oof']):.3f} | {m['n_cells']['blast']} / {m['n_cells']['not_blast']} |")
     return "\n".join(lines)
+
+
+def with_validation(manifest: SplitManifest) -> SplitManifest:
+    """A fold whose inner split left no group for validation (few, large field groups) gets its
+    smallest training group as validation, so every fold selects its epoch the same way."""
+    if "val" in manifest.names:
+        return manifest
+    sizes = Counter(r.group for r in manifest.rows if r.split == "train")
+    moved = min(sizes, key=lambda g: (sizes[g], g))
+    return SplitManifest(dataclasses.replace(r, split="val") if r.group == moved else r
+                         for r in manifest.rows)
 
 
 def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
@@ -186,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     manifests = kfold_samples(samples, k=args.folds, seed=recipe.seed, strategy=recipe.split_strategy)
     scores, labels, paths, folds = [], [], [], []
     for fold, manifest in enumerate(manifests):
+        manifest = with_validation(manifest)
         celldata.check_no_field_leaks(manifest, cells.manifest)
         print(f"[fold {fold}] {manifest.counts()}", flush=True)
         s, y, p, info = train_fold(recipe, label_set, manifest)
