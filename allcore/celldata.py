@@ -198,19 +198,27 @@ def _grey(img: Image.Image) -> np.ndarray:
     return np.asarray(small, dtype=np.float32)
 
 
-def _crop_sources_from_csv(root: str, crops: list[_Field],
-                           fields: dict[str, _Field]) -> dict[str, list[tuple[str, float, float]]] | None:
-    """crop name -> [(field name, x, y)] from ``ALL_IDB2/crop_sources.csv`` when it exists. Column
-    names vary between copies, so columns are recognised by content: the one holding the crop
-    names, the one holding field names, then the first two numeric columns as the centre."""
+def _crop_sources_from_csv(root: str, fields: dict[str, _Field]) -> dict[str, list[tuple[str, float, float]]] | None:
+    """crop name -> [(field name, x, y)] from ``ALL_IDB2/crop_sources.csv`` when it exists. Crop
+    and field names look alike (ImXXX_Y), so the crop column is the one whose header says crop /
+    image (else the first name column), the field column the one saying field / source (else the
+    next); the first two numeric columns are the centre x, y."""
     uri = aio.join(root, "ALL_IDB2/crop_sources.csv")
     if not aio.exists(uri):
         return None
     table = pd.read_csv(io.BytesIO(aio.read_bytes(uri)))
     names = {c: table[c].astype(str).map(lambda v: (_parse_name(v) or ("",))[0]) for c in table.columns}
-    crop_names = {c.name for c in crops}
-    crop_col = max(names, key=lambda c: names[c].isin(crop_names).sum())
-    field_col = max((c for c in names if c != crop_col), key=lambda c: names[c].ne("").sum())
+    name_cols = [c for c in table.columns if names[c].ne("").all()]
+
+    def pick(hints: tuple[str, ...], rest: list) -> str:
+        hinted = [c for c in rest if any(h in str(c).lower() for h in hints)]
+        if not (hinted or rest):
+            raise ValueError(f"{uri}: expected a crop-name and a field-name column (ImXXX_Y); got "
+                             f"columns {list(table.columns)}")
+        return (hinted or rest)[0]
+
+    crop_col = pick(("crop", "image", "img"), name_cols)
+    field_col = pick(("field", "source"), [c for c in name_cols if c != crop_col])
     numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
     if len(numeric) < 2:
         raise ValueError(f"{uri}: expected a crop name, a field name and the crop centre x, y; "
@@ -296,7 +304,8 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
     """
     settings = {"side_cell_diameters": geometry.side_cell_diameters, "cell_diameter_px": cell_diameter_px,
                 "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
-                "finder": asdict(CellFinderConfig()), "root": os.path.abspath(root)}
+                "finder": asdict(CellFinderConfig()), "root": os.path.abspath(root),
+                "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
     manifest_uri = aio.join(out_dir, MANIFEST_FILE)
     settings_uri = aio.join(out_dir, "settings.json")
     result = CellCrops(manifest_uri, geometry, cell_diameter_px)
@@ -309,7 +318,7 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
         raise ValueError(f"{root} has no ALL_IDB1/im fields and no ALL_IDB2/img crops")
     fields = {f.name: f for f in field_list}
     images = {f.name: aio.decode_rgb(aio.read_bytes(f.uri)) for f in field_list}
-    sources = (_crop_sources_from_csv(root, crops, fields)
+    sources = (_crop_sources_from_csv(root, fields)
                or _crop_sources_by_matching(crops, fields, images))
     groups = _field_groups(field_list, [[f for f, _, _ in found] for found in sources.values()])
 

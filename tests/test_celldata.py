@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,19 @@ def test_crops_are_traced_to_their_fields_and_overlaps_share_a_group(prepared):
              for field in fields.split("|")}
     assert group["Im007_0"] == group[f"Im{OVERLAPPING:03d}_0"] == group["Im006_0"]
     assert group["Im001_1"] == group["Im004_1"] != group["Im006_0"]
+
+
+def test_crop_sources_csv_is_read_instead_of_matching(prepared, tmp_path):
+    root = tmp_path / "all-idb"
+    shutil.copytree(prepared[0], root)
+    (root / "ALL_IDB2/crop_sources.csv").write_text(
+        "crop_image,source_field,x,y\nIm001_1.tif,Im001_1.jpg,10,20\nIm020_0.tif,Im007_0.jpg,30,40\n")
+    cells = celldata.prepare_all_idb(str(root), str(tmp_path / "crops"), geometry=GEOMETRY,
+                                     cell_diameter_px=DIAMETER)
+    table = celldata.read_cell_manifest(cells.manifest)
+    sources = dict(zip(table.path.map(lambda p: Path(p).stem), table.source_fields))
+    assert sources["Im020_0"] == "Im007_0"  # the file's word, not the match to the overlap too
+    assert sources["Im001_1"] == "Im001_1"
 
 
 def test_grouped_split_never_tests_on_a_trained_field(prepared):
