@@ -51,6 +51,7 @@ class ModelCard:
     split_manifest_sha256: str = ""
     metrics: dict = field(default_factory=dict)
     trust: dict = field(default_factory=dict)  # allcore.trust: calibration, OOD, QC ranges; {} = none
+    cell_crop: dict = field(default_factory=dict)  # cell models only: allcore.celldata geometry
     model_name: str = ""
     model_kwargs: dict = field(default_factory=dict)
     data_config: dict = field(default_factory=dict)

@@ -82,6 +82,14 @@ LABEL_SETS: dict[str, LabelSet] = {
         blast_classes=("ALL",),
         description="C-NMC 2019 style: HEM (normal) vs ALL (blast) single-cell images",
     ),
+    "blast": LabelSet(
+        name="blast",
+        classes=("not_blast", "blast"),
+        aliases=_aliases({"not_blast": ["0", "not blast", "normal", "hem"],
+                          "blast": ["1", "all", "malignant"]}),
+        description="single white cell: blast vs not a blast (ALL-IDB cell crops)",
+        blast_classes=("blast",),
+    ),
 }
 
 

@@ -30,6 +30,7 @@ class Recipe:
     pretrained: bool = True  # every reference study fine-tunes ImageNet weights
     freeze_backbone: bool = False
     input_size: int | None = None  # None: the model's own input size (from its weights)
+    cell_crop_side: float = 2.0  # cell crops (allcore.celldata): side in cell diameters
     mask_corner: bool = False  # hide the bottom-right scale bar (a class shortcut in Taleqani data)
     augment: dict[str, Any] = field(default_factory=dict)
     balance: str = "none"

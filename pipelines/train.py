@@ -10,6 +10,7 @@ same way, because Ray Train restores the run's checkpoint list from ``storage_pa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -24,11 +25,11 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from allcore import engine, io, trust
+from allcore import celldata, engine, io, trust
 from allcore.artifact import ModelCard, save_artifact
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
-from allcore.models import create_model
+from allcore.models import create_model, get_model_spec
 from allcore.recipes import Recipe
 from allcore.splits import SplitManifest, kfold_samples, split_samples
 from allcore.training import (build_criterion, build_datasets, build_loaders, build_model,
@@ -62,17 +63,23 @@ def run_training(job: TrainJob) -> list[str]:
         # fail here, with the install hint, rather than inside every Ray worker and its retries
         create_model(recipe.model, num_classes=label_set.num_classes, pretrained=True,
                      input_size=recipe.input_size)
+    cells = _prepare_cells(job, run_dir)
+    if cells is not None:
+        job = dataclasses.replace(job, data=cells.manifest, manifest=cells.manifest)
     manifests = _split_manifests(job, label_set)
     artifacts = []
     for fold, manifest in enumerate(manifests):
         name = job.name if len(manifests) == 1 else f"{job.name}-fold{fold}"
         fold_dir = run_dir if len(manifests) == 1 else io.join(run_dir, f"fold{fold}")
         manifest_uri = io.join(fold_dir, "split_manifest.csv")
+        if cells is not None:
+            celldata.check_no_field_leaks(manifest, cells.manifest)
         if not io.exists(manifest_uri):
             manifest.write(manifest_uri)
         print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
         result = _fit(job, name, manifest_uri)
-        artifact_uri = _export_best(job, result, manifest, fold_dir, name)
+        artifact_uri = _export_best(job, result, manifest, fold_dir, name,
+                                    cell_crop=cells.card_entry() if cells else {})
         _attach_trust(artifact_uri, manifest, name)
         artifacts.append(artifact_uri)
     return artifacts
@@ -85,6 +92,20 @@ def _attach_trust(artifact_uri: str, manifest: SplitManifest, name: str) -> None
     print(f"[allcore] {name}: temperature {section['temperature']:.2f} (val ECE "
           f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}); OOD {ood['method']} "
           f"threshold {ood['threshold']:.3g} flags {ood['val_flag_rate']:.1%} of val", flush=True)
+
+
+def _prepare_cells(job: TrainJob, run_dir: str) -> celldata.CellCrops | None:
+    """Data preparation step for an ALL-IDB root: cut cell crops once into the run's folder."""
+    if job.manifest or not celldata.is_all_idb_root(job.data):
+        return None
+    started = time.perf_counter()
+    input_size = job.recipe.input_size or get_model_spec(job.recipe.model).weights.data_config.input_size
+    geometry = celldata.CellCropGeometry(side_cell_diameters=job.recipe.cell_crop_side,
+                                         input_size=input_size)
+    cells = celldata.prepare_all_idb(job.data, io.join(run_dir, "cell_crops"), geometry=geometry)
+    print(f"[allcore] ALL-IDB cell crops ready in {time.perf_counter() - started:.0f}s: "
+          f"{cells.manifest}", flush=True)
+    return cells
 
 
 def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:
@@ -228,7 +249,7 @@ def _maybe_inject_failure(config: dict, epoch: int) -> None:
 
 
 def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifest,
-                 fold_dir: str, name: str) -> str:
+                 fold_dir: str, name: str, *, cell_crop: dict) -> str:
     """Evaluate the best checkpoint on the held-out test split and export it as an artifact.
 
     This is the one export step of a run (every fold passes here): whatever is fitted on the
@@ -251,7 +272,7 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
     card = ModelCard(
         model_version=f"{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}",
         classes=list(label_set.classes), label_set=label_set.name, recipe=recipe.to_dict(),
-        split_manifest_sha256=manifest.sha256,
+        split_manifest_sha256=manifest.sha256, cell_crop=cell_crop,
         metrics={"best_epoch": best_row["epoch"],
                  "best_val": {k: best_row[k] for k in ("val_loss", "val_acc", "val_macro_f1")},
                  "test": test_metrics},

@@ -1,0 +1,413 @@
+"""Single-cell training data cut from annotated smear fields, and the crop geometry a cell model
+is trained and scored with.
+
+A cell model sees one white cell at a time. The crop around a cell is a fixed number of *cell
+diameters* wide (``CellCropGeometry``), not a fraction of the field or of the found box: a blast
+then looks large and a small lymphocyte small, in every archive whatever its magnification, and
+scoring reproduces the training crops exactly from the model card (``ModelCard.cell_crop``).
+
+Data preparation is its own step (run once per training run, cached under the run's output):
+:func:`prepare_all_idb` reads an ALL-IDB root and writes PNG crops plus a manifest
+(``path,label,group,...``) that ``allcore.data.discover_samples`` reads like any other manifest.
+Crops are written once rather than cut on demand because the sources are 2592 x 1944 JPEGs: the
+hot loop would otherwise decode a whole field for every 240 px crop in every epoch.
+
+Every crop's ``group`` is its source field's *content* group: fields in the same contiguous
+number block, fields that look alike (perceptual hash) and fields that an ALL_IDB2 crop matches
+equally well (overlapping fields showing the same cells, e.g. Im078 / Im089) share a group, so a
+grouped split never tests on a cell whose field, or an overlapping field, was trained on.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from allcore import io as aio
+from allcore.cells import CellFinderConfig, find_cells
+from allcore.splits import SplitManifest
+
+Box = tuple[int, int, int, int]
+
+ALL_IDB_CELL_DIAMETER_PX = 120.0
+# ALL-IDB white cells are ~100-140 px across in both field resolutions (data README); one value
+# for the archive keeps every crop at the same magnification. A per-field estimate (the finder's
+# cell_diameter_px) replaces it where available.
+FINDER_CELL_DIAMETER_PX = 30.0
+# The finder's defaults were tuned on 224 px Taleqani fields, where a white cell is ~25-35 px:
+# fields are resampled so their cells are this size before finding, then boxes scaled back.
+FINDER_REFERENCE_SIDE = 224  # the Taleqani field side those fractional defaults refer to
+CROP_MATCH_THRESHOLD = 0.95
+# Normalised cross-correlation at which an ALL_IDB2 crop is taken to come from an ALL_IDB1 field
+# (true sources score 0.98-0.995 at 1/6 scale, the best wrong field <= 0.91 unless it overlaps).
+MATCH_SCALE = 6  # template matching runs at 1/6 resolution: ~0.3 s per crop against 52 fields
+FIELD_BLOCK = 5  # contiguous field numbers grouped together (acquisition sessions, patients)
+DUPLICATE_RADIUS = 0.5  # cells closer than this many diameters to a kept crop's centre are the same cell
+BLAST_EXCLUSION_RADIUS = 0.75  # found cells this close to a blast centroid are not "not blast"
+MANIFEST_FILE = "cells.csv"
+MANIFEST_COLUMNS = ("path", "label", "group", "source_fields", "field_label", "origin", "x", "y")
+_NAME = re.compile(r"Im(\d+)_([01])", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class CellCropGeometry:
+    """How a cell crop is cut and seen: a square ``side_cell_diameters`` cell diameters wide,
+    centred on the cell, resampled to the model's ``input_size``. Recorded in the model card."""
+
+    side_cell_diameters: float = 2.0
+    input_size: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.side_cell_diameters > 0 or self.input_size < 1:
+            raise ValueError(f"side_cell_diameters must be > 0 and input_size >= 1, got "
+                             f"{self.side_cell_diameters}, {self.input_size}")
+
+    @property
+    def pixels_per_cell_diameter(self) -> float:
+        """The working resolution: how many model-input pixels one cell diameter spans."""
+        return self.input_size / self.side_cell_diameters
+
+    def side_px(self, cell_diameter_px: float) -> int:
+        """Crop side in source pixels for a field whose white cells are ``cell_diameter_px`` wide."""
+        if not cell_diameter_px > 0:
+            raise ValueError(f"cell_diameter_px must be > 0, got {cell_diameter_px}; estimate it "
+                             "from the field or give it per archive")
+        return max(1, round(self.side_cell_diameters * cell_diameter_px))
+
+    def to_card(self) -> dict:
+        return {**asdict(self), "pixels_per_cell_diameter": self.pixels_per_cell_diameter}
+
+    @classmethod
+    def from_card(cls, card) -> CellCropGeometry:
+        """The geometry a cell model was trained with; refuses a field model's card."""
+        if not card.cell_crop:
+            raise ValueError(f"model {card.model_version} is not a cell model (its card has no "
+                             "cell_crop geometry); pass a model trained on cell crops, e.g. the "
+                             "cell_blast recipe")
+        return cls(side_cell_diameters=float(card.cell_crop["side_cell_diameters"]),
+                   input_size=int(card.cell_crop["input_size"]))
+
+
+def box_centre(box: Box) -> tuple[float, float]:
+    x0, y0, x1, y1 = box
+    return (x0 + x1) / 2, (y0 + y1) / 2
+
+
+def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
+                  cell_diameter_px: float, geometry: CellCropGeometry) -> Image.Image:
+    """The square crop a cell model sees for the cell at ``centre`` (x, y in ``img`` pixels),
+    resampled to ``geometry.input_size``. Beyond the image edge the field's median colour (its
+    background) fills in, not black, which would look like stain. Training and scoring both cut
+    here, so the crops cannot drift apart; for a found cell pass ``box_centre(cell.box)``."""
+    rgb = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
+    side = geometry.side_px(cell_diameter_px)
+    left, top = round(centre[0] - side / 2), round(centre[1] - side / 2)
+    canvas = np.empty((side, side, 3), dtype=np.uint8)
+    canvas[:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    height, width = rgb.shape[:2]
+    sx0, sy0 = max(left, 0), max(top, 0)
+    sx1, sy1 = min(left + side, width), min(top + side, height)
+    if sx1 > sx0 and sy1 > sy0:
+        canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
+    size = (geometry.input_size, geometry.input_size)
+    return Image.fromarray(canvas).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+# ------------------------------------------------------------------------------ finding cells
+
+def find_cells_at_diameter(field: Image.Image, cell_diameter_px: float) -> list[Box]:
+    """White-cell boxes (field pixels) of a field whose cells are ``cell_diameter_px`` wide: the
+    field is resampled so its cells match the finder's tuning scale, and the finder's fractional
+    settings are rescaled to that field's side so they mean the same pixels as on Taleqani."""
+    scale = FINDER_CELL_DIAMETER_PX / cell_diameter_px
+    small = field.resize((max(1, round(field.width * scale)), max(1, round(field.height * scale))),
+                         Image.Resampling.BILINEAR, reducing_gap=3.0)
+    ratio = FINDER_REFERENCE_SIDE / min(small.size)
+    base = CellFinderConfig()
+    config = CellFinderConfig(
+        purple_threshold=base.purple_threshold, seed_threshold=base.seed_threshold,
+        min_solidity=base.min_solidity, nucleus_contrast=base.nucleus_contrast,
+        smoothing_sigma=base.smoothing_sigma * ratio, opening_radius=base.opening_radius * ratio,
+        split_depth=base.split_depth * ratio, crop_pad_fraction=base.crop_pad_fraction,
+        min_area_fraction=base.min_area_fraction * ratio ** 2,
+        max_area_fraction=min(1.0, base.max_area_fraction * ratio ** 2))
+    return [tuple(int(round(v / scale)) for v in cell.box) for cell in find_cells(small, config)]
+
+
+# ------------------------------------------------------------------------------ ALL-IDB layout
+
+@dataclass(frozen=True)
+class _Field:
+    uri: str
+    name: str  # ImXXX_Y without extension
+    number: int
+    label: int  # Y: 1 ALL patient, 0 healthy donor
+
+
+def _parse_name(uri: str) -> tuple[str, int, int] | None:
+    stem = os.path.splitext(os.path.basename(uri))[0]
+    match = _NAME.fullmatch(stem)
+    return (stem, int(match[1]), int(match[2])) if match else None
+
+
+def is_all_idb_root(root: str) -> bool:
+    """True for a folder laid out like ALL-IDB (``ALL_IDB1/im`` fields and/or ``ALL_IDB2/img``
+    crops): training then prepares cell crops from it instead of reading class folders."""
+    return any(aio.exists(aio.join(root, part)) for part in ("ALL_IDB1/im", "ALL_IDB2/img"))
+
+
+def _listed(root: str, folder: str) -> list[_Field]:
+    where = aio.join(root, folder)
+    if not aio.exists(where):
+        return []
+    fields = []
+    for info in aio.iter_image_files(where):
+        parsed = _parse_name(info.uri)
+        if parsed is None:
+            raise ValueError(f"{info.uri}: ALL-IDB file names look like ImXXX_Y (Y = 1 blast / ALL "
+                             "patient, 0 not); rename it or move it out of the folder")
+        fields.append(_Field(info.uri, *parsed))
+    return fields
+
+
+def _centroids(root: str, field: _Field) -> np.ndarray:
+    """Blast centroids (x, y) of an ALL_IDB1 field; none for healthy fields or a missing file."""
+    uri = aio.join(root, f"ALL_IDB1/xyc/{field.name}.xyc")
+    if not aio.exists(uri):
+        if field.label:
+            raise ValueError(f"{uri} is missing: every Y = 1 field needs its blast centroids")
+        return np.zeros((0, 2))
+    values = [line.split() for line in aio.read_bytes(uri).decode().splitlines() if line.strip()]
+    return np.asarray(values, dtype=float).reshape(-1, 2)
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    small = img.convert("L").resize((max(1, img.width // MATCH_SCALE), max(1, img.height // MATCH_SCALE)),
+                                    Image.Resampling.BILINEAR)
+    return np.asarray(small, dtype=np.float32)
+
+
+def _crop_sources_from_csv(root: str, fields: dict[str, _Field]) -> dict[str, list[tuple[str, float, float]]] | None:
+    """crop name -> [(field name, x, y)] from ``ALL_IDB2/crop_sources.csv`` when it exists. Crop
+    and field names look alike (ImXXX_Y), so the crop column is the one whose header says crop /
+    image (else the first name column), the field column the one saying field / source (else the
+    next); the first two numeric columns are the centre x, y."""
+    uri = aio.join(root, "ALL_IDB2/crop_sources.csv")
+    if not aio.exists(uri):
+        return None
+    table = pd.read_csv(io.BytesIO(aio.read_bytes(uri)))
+    names = {c: table[c].astype(str).map(lambda v: (_parse_name(v) or ("",))[0]) for c in table.columns}
+    name_cols = [c for c in table.columns if names[c].ne("").all()]
+
+    def pick(hints: tuple[str, ...], rest: list) -> str:
+        hinted = [c for c in rest if any(h in str(c).lower() for h in hints)]
+        if not (hinted or rest):
+            raise ValueError(f"{uri}: expected a crop-name and a field-name column (ImXXX_Y); got "
+                             f"columns {list(table.columns)}")
+        return (hinted or rest)[0]
+
+    crop_col = pick(("crop", "image", "img"), name_cols)
+    field_col = pick(("field", "source"), [c for c in name_cols if c != crop_col])
+    numeric = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    if len(numeric) < 2:
+        raise ValueError(f"{uri}: expected a crop name, a field name and the crop centre x, y; "
+                         f"got columns {list(table.columns)}")
+    sources: dict[str, list[tuple[str, float, float]]] = defaultdict(list)
+    for crop, field, x, y in zip(names[crop_col], names[field_col], table[numeric[0]], table[numeric[1]]):
+        if crop and field in fields:  # a source field held out of this copy counts as unknown
+            sources[crop].append((field, float(x), float(y)))
+    return sources
+
+
+def _crop_sources_by_matching(crops: list[_Field], fields: dict[str, _Field],
+                              field_images: dict[str, Image.Image]) -> dict[str, list[tuple[str, float, float]]]:
+    """crop name -> [(field name, x, y)] for every field the crop matches (normalised
+    cross-correlation >= CROP_MATCH_THRESHOLD). Several fields match where fields overlap."""
+    from skimage.feature import match_template
+
+    greys = {name: _grey(img) for name, img in field_images.items()}
+    sources: dict[str, list[tuple[str, float, float]]] = {}
+    for crop in crops:
+        template = _grey(aio.decode_rgb(aio.read_bytes(crop.uri)))
+        found = []
+        for name, grey in greys.items():
+            if grey.shape[0] < template.shape[0] or grey.shape[1] < template.shape[1]:
+                continue
+            score = match_template(grey, template)
+            y, x = np.unravel_index(int(score.argmax()), score.shape)
+            if score[y, x] >= CROP_MATCH_THRESHOLD:
+                found.append((name, (x + template.shape[1] / 2) * MATCH_SCALE,
+                              (y + template.shape[0] / 2) * MATCH_SCALE))
+        sources[crop.name] = found
+    return sources
+
+
+def _field_groups(fields: list[_Field], linked: list[list[str]]) -> dict[str, str]:
+    """field name -> content group: contiguous number blocks (within a class, as
+    ``splits.assign_groups`` blocks), joined with the fields one crop matches together
+    (overlapping fields). Perceptual hashes are not used here: whole smear fields all look alike
+    at 32 x 32 (at the split's 6-bit distance they merge the 52 ALL_IDB1 fields into 2 groups);
+    crop matching is direct evidence of shared cells instead."""
+    names = [f.name for f in fields]
+    index = {name: i for i, name in enumerate(names)}
+    first: dict[str, int] = {}
+    edges = [(first.setdefault(f"{f.label}/{f.number // FIELD_BLOCK}", i), i)
+             for i, f in enumerate(fields)]
+    edges += [(index[a], index[b]) for group in linked for a in group for b in group if a != b]
+    rows, cols = zip(*edges) if edges else ((), ())
+    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(len(names), len(names)))
+    _, component = connected_components(graph, directed=False)
+    members: dict[int, list[str]] = defaultdict(list)
+    for name, c in zip(names, component):
+        members[c].append(name)
+    return {name: "fields:" + min(members[c]) for name, c in zip(names, component)}
+
+
+def _near(point: tuple[float, float], others: list[tuple[float, float]], radius: float) -> bool:
+    return any(np.hypot(point[0] - x, point[1] - y) < radius for x, y in others)
+
+
+@dataclass(frozen=True)
+class CellCrops:
+    """A prepared cell data set: its manifest (for ``discover_samples``) and its crop geometry."""
+
+    manifest: str
+    geometry: CellCropGeometry
+    cell_diameter_px: float
+
+    def card_entry(self) -> dict:
+        """What the model card records: geometry, working resolution and the source scale."""
+        return {**self.geometry.to_card(), "source_cell_diameter_px": self.cell_diameter_px,
+                "source": "ALL-IDB"}
+
+
+def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
+                    cell_diameter_px: float = ALL_IDB_CELL_DIAMETER_PX) -> CellCrops:
+    """Cut blast / not-blast cell crops from an ALL-IDB root into ``out_dir`` (cached: a second
+    call with the same settings reuses them) and return the manifest.
+
+    Sources: every ALL_IDB2 crop (its label from Y); a crop around every ALL_IDB1 blast centroid;
+    every cell the finder finds in a healthy (Y = 0) field, and in a Y = 1 field every found cell
+    with no blast centroid within 0.75 diameters (only blasts are annotated there). A field cell
+    that an ALL_IDB2 crop already shows is kept once.
+    """
+    settings = {"side_cell_diameters": geometry.side_cell_diameters, "cell_diameter_px": cell_diameter_px,
+                "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
+                "finder": asdict(CellFinderConfig()), "root": os.path.abspath(root),
+                "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
+    manifest_uri = aio.join(out_dir, MANIFEST_FILE)
+    settings_uri = aio.join(out_dir, "settings.json")
+    result = CellCrops(manifest_uri, geometry, cell_diameter_px)
+    if aio.exists(manifest_uri) and aio.exists(settings_uri) and \
+            json.loads(aio.read_bytes(settings_uri)) == settings:
+        return result
+    field_list = _listed(root, "ALL_IDB1/im")
+    crops = _listed(root, "ALL_IDB2/img")
+    if not field_list and not crops:
+        raise ValueError(f"{root} has no ALL_IDB1/im fields and no ALL_IDB2/img crops")
+    fields = {f.name: f for f in field_list}
+    images = {f.name: aio.decode_rgb(aio.read_bytes(f.uri)) for f in field_list}
+    sources = (_crop_sources_from_csv(root, fields)
+               or _crop_sources_by_matching(crops, fields, images))
+    groups = _field_groups(field_list, [[f for f, _, _ in found] for found in sources.values()])
+
+    rows: list[dict] = []
+    kept: dict[str, list[tuple[float, float]]] = defaultdict(list)  # field -> centres already cut
+
+    def add(img: Image.Image, centre, label: str, *, name: str, group: str, source_fields: list[str],
+            field_label: int, origin: str) -> None:
+        relative = f"{origin}/{name}.png"
+        buffer = io.BytesIO()
+        # stored at source resolution (input_size = side in pixels: no resampling) so one
+        # prepared set serves any model input size; the model's transform resizes
+        native = CellCropGeometry(geometry.side_cell_diameters, geometry.side_px(cell_diameter_px))
+        cut_cell_crop(img, centre, cell_diameter_px=cell_diameter_px, geometry=native
+                      ).save(buffer, format="PNG")
+        aio.write_bytes(aio.join(out_dir, relative), buffer.getvalue())
+        rows.append({"path": relative, "label": label, "group": group,
+                     "source_fields": "|".join(source_fields), "field_label": field_label,
+                     "origin": origin, "x": round(centre[0], 1), "y": round(centre[1], 1)})
+
+    for crop in crops:
+        found = sources.get(crop.name, [])
+        img = aio.decode_rgb(aio.read_bytes(crop.uri))
+        if found:
+            group = groups[found[0][0]]
+            for field, x, y in found:
+                kept[field].append((x, y))
+        else:  # its field is not in this copy: the crop's own number block stands in for it
+            group = f"ALL_IDB2:block-{crop.number // (2 * FIELD_BLOCK):03d}"
+        add(img, (img.width / 2, img.height / 2), _cell_label(crop.label), name=crop.name,
+            group=group, source_fields=[f for f, _, _ in found],
+            field_label=min((fields[f].label for f, _, _ in found), default=-1),
+            origin="ALL_IDB2")
+
+    radius = DUPLICATE_RADIUS * cell_diameter_px
+    for field in field_list:
+        img, blasts = images.pop(field.name), _centroids(root, field)
+        common = {"group": groups[field.name], "source_fields": [field.name],
+                  "field_label": field.label}
+        for i, (x, y) in enumerate(blasts):
+            if not _near((x, y), kept[field.name], radius):
+                add(img, (x, y), "blast", name=f"{field.name}-blast{i:03d}", origin="ALL_IDB1-blast",
+                    **common)
+        centres = [box_centre(b) for b in find_cells_at_diameter(img, cell_diameter_px)]
+        for i, centre in enumerate(centres):
+            if _near(centre, [tuple(c) for c in blasts], BLAST_EXCLUSION_RADIUS * cell_diameter_px) \
+                    or _near(centre, kept[field.name], radius):
+                continue
+            add(img, centre, "not_blast", name=f"{field.name}-cell{i:03d}", origin="ALL_IDB1-found",
+                **common)
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    aio.write_bytes(manifest_uri, buffer.getvalue().encode())
+    aio.write_bytes(settings_uri, json.dumps(settings, indent=2).encode())
+    return result
+
+
+def _cell_label(y: int) -> str:
+    return "blast" if y else "not_blast"
+
+
+def read_cell_manifest(uri: str) -> pd.DataFrame:
+    """The crop manifest with absolute paths (as ``discover_samples`` resolves them)."""
+    table = pd.read_csv(io.BytesIO(aio.read_bytes(uri)), keep_default_na=False)
+    base = os.path.dirname(uri) if "://" not in uri else uri.rsplit("/", 1)[0]
+    table["path"] = [p if os.path.isabs(p) or "://" in p else aio.join(base, p) for p in table["path"]]
+    return table
+
+
+def field_leaks(split: SplitManifest, cells_manifest: str, *, held_out: str = "test") -> list[str]:
+    """Source fields that have a crop in ``held_out`` and another in any other split: a leak.
+
+    Independent of how the split was made: it reads which fields each crop came from (a crop of
+    overlapping fields names all of them), so it catches a split that ignored the groups."""
+    table = read_cell_manifest(cells_manifest)
+    fields_of = {p: [f for f in s.split("|") if f] for p, s in zip(table["path"], table["source_fields"])}
+    seen: dict[bool, set[str]] = {True: set(), False: set()}
+    for row in split.rows:
+        seen[row.split == held_out].update(fields_of.get(row.path, []))
+    return sorted(seen[True] & seen[False])
+
+
+def check_no_field_leaks(split: SplitManifest, cells_manifest: str) -> None:
+    """Refuse a split that tests or validates on a field it trains on."""
+    for held_out in ("test", "val"):
+        if held_out in split.names and (leaks := field_leaks(split, cells_manifest, held_out=held_out)):
+            raise ValueError(f"split leaks source fields between {held_out} and the other splits: "
+                             f"{leaks[:5]}; split by the manifest's group column "
+                             "(split_strategy 'duplicates' or 'blocks' keeps groups whole)")

@@ -1,0 +1,187 @@
+"""Cell crops from an ALL-IDB-like tree: builder, source-field leakage guard, card geometry."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from allcore import celldata
+from allcore.artifact import ModelCard, load_artifact, save_artifact
+from allcore.data import discover_samples
+from allcore.labels import get_label_set
+from allcore.models import create_model
+from allcore.splits import SplitManifest, SplitRow, split_samples
+from allcore.synthetic import make_field
+
+SIZE, DIAMETER = 448, 80.0  # synthetic white cells at size 448 are ~60-108 px across
+GEOMETRY = celldata.CellCropGeometry(side_cell_diameters=2.0, input_size=64)
+LEUKAEMIC, HEALTHY = (1, 2, 3, 4), (6, 7)
+OVERLAPPING = 12  # a healthy field that re-captures field 7 shifted: same cells, another block
+
+
+def _write_tree(root: Path) -> dict[str, list]:
+    rng = np.random.default_rng(0)
+    (root / "ALL_IDB1/im").mkdir(parents=True)
+    (root / "ALL_IDB1/xyc").mkdir(parents=True)
+    (root / "ALL_IDB2/img").mkdir(parents=True)
+    boxes = {}
+    for number in LEUKAEMIC + HEALTHY:
+        y = int(number in LEUKAEMIC)
+        img, cell_boxes = make_field(rng, 3 if y else 0, SIZE, scale_bar=False)
+        name = f"Im{number:03d}_{y}"
+        img.save(root / f"ALL_IDB1/im/{name}.jpg", quality=95)
+        if y:  # every white cell of a leukaemic synthetic field is a marked blast
+            lines = [f"{(b[0] + b[2]) / 2:.0f}\t{(b[1] + b[3]) / 2:.0f}" for b in cell_boxes]
+            (root / f"ALL_IDB1/xyc/{name}.xyc").write_text("\n".join(lines) + "\n")
+        boxes[name] = cell_boxes
+    seven = np.asarray(Image.open(root / "ALL_IDB1/im/Im007_0.jpg"))
+    Image.fromarray(np.roll(seven, (6, 9), axis=(0, 1))).save(
+        root / f"ALL_IDB1/im/Im{OVERLAPPING:03d}_0.jpg", quality=95)
+    # ALL_IDB2-style crops (128 px, centred on a cell) cut from fields 1 and 7
+    for crop_number, field in ((1, "Im001_1"), (20, "Im007_0")):
+        x0, y0, x1, y1 = boxes[field][0]
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        field_img = Image.open(root / f"ALL_IDB1/im/{field}.jpg")
+        field_img.crop((cx - 64, cy - 64, cx + 64, cy + 64)).save(
+            root / f"ALL_IDB2/img/Im{crop_number:03d}_{field[-1]}.tif")
+    return boxes
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("all-idb")
+    boxes = _write_tree(root)
+    cells = celldata.prepare_all_idb(str(root), str(root.parent / "crops"), geometry=GEOMETRY,
+                                     cell_diameter_px=DIAMETER)
+    return root, boxes, cells, celldata.read_cell_manifest(cells.manifest)
+
+
+def test_all_idb_root_is_recognised(prepared, tmp_path):
+    root = prepared[0]
+    assert celldata.is_all_idb_root(str(root))
+    (tmp_path / "Benign").mkdir()
+    assert not celldata.is_all_idb_root(str(tmp_path))
+
+
+def test_crop_builder_labels_every_cell_once(prepared):
+    root, boxes, cells, table = prepared
+    centroids = sum(len(boxes[f"Im{n:03d}_1"]) for n in LEUKAEMIC)
+    idb2 = table[table.origin == "ALL_IDB2"]
+    assert sorted(idb2.label) == ["blast", "not_blast"]
+    # the ALL_IDB2 blast crop shows a centroid of Im001_1: that cell is not cut a second time
+    assert (table.origin == "ALL_IDB1-blast").sum() == centroids - 1
+    found = table[table.origin == "ALL_IDB1-found"]
+    assert len(found) > 0 and set(found.label) == {"not_blast"}
+    assert set(found.field_label) == {0}  # every leukaemic cell is a marked blast here
+    side = GEOMETRY.side_px(DIAMETER)
+    assert all(Image.open(p).size == (side, side) for p in table.path)
+    samples = discover_samples(cells.manifest, get_label_set("blast"))
+    assert {s.label for s in samples} == {"blast", "not_blast"} and len(samples) == len(table)
+
+
+def test_crops_are_traced_to_their_fields_and_overlaps_share_a_group(prepared):
+    table = prepared[3]
+    sources = dict(zip(table.path.map(lambda p: Path(p).stem), table.source_fields))
+    assert sources["Im001_1"] == "Im001_1"
+    assert set(sources["Im020_0"].split("|")) == {"Im007_0", f"Im{OVERLAPPING:03d}_0"}
+    group = {field: g for fields, g in zip(table.source_fields, table.group)
+             for field in fields.split("|")}
+    assert group["Im007_0"] == group[f"Im{OVERLAPPING:03d}_0"] == group["Im006_0"]
+    assert group["Im001_1"] == group["Im004_1"] != group["Im006_0"]
+
+
+def test_crop_sources_csv_is_read_instead_of_matching(prepared, tmp_path):
+    root = tmp_path / "all-idb"
+    shutil.copytree(prepared[0], root)
+    (root / "ALL_IDB2/crop_sources.csv").write_text(
+        "crop_image,source_field,x,y\nIm001_1.tif,Im001_1.jpg,10,20\nIm020_0.tif,Im007_0.jpg,30,40\n")
+    cells = celldata.prepare_all_idb(str(root), str(tmp_path / "crops"), geometry=GEOMETRY,
+                                     cell_diameter_px=DIAMETER)
+    table = celldata.read_cell_manifest(cells.manifest)
+    sources = dict(zip(table.path.map(lambda p: Path(p).stem), table.source_fields))
+    assert sources["Im020_0"] == "Im007_0"  # the file's word, not the match to the overlap too
+    assert sources["Im001_1"] == "Im001_1"
+
+
+def test_grouped_split_never_tests_on_a_trained_field(prepared):
+    cells = prepared[2]
+    samples = discover_samples(cells.manifest, get_label_set("blast"))
+    split = split_samples(samples, fractions=(0.5, 0.0, 0.5), seed=1)
+    assert celldata.field_leaks(split, cells.manifest) == []
+    celldata.check_no_field_leaks(split, cells.manifest)
+
+
+def test_leakage_guard_catches_a_crop_moved_across_splits(prepared):
+    cells, table = prepared[2], prepared[3]
+    counts = table.source_fields.value_counts()
+    field = counts.index[0]
+    assert counts.iloc[0] >= 2, "the synthetic tree needs a field with two crops"
+    tested = table.group[table.source_fields == field].iloc[0]
+    rows = [SplitRow(p, label, g, "test" if g == tested else "train")
+            for p, label, g in zip(table.path, table.label, table.group)]
+    moved = int(np.flatnonzero(table.source_fields.to_numpy() == field)[0])
+    leaky = rows[:moved] + [dataclasses.replace(rows[moved], split="train")] + rows[moved + 1:]
+    assert celldata.field_leaks(SplitManifest(rows), cells.manifest) == []
+    assert celldata.field_leaks(SplitManifest(leaky), cells.manifest) == [field]
+    with pytest.raises(ValueError, match="leaks source fields"):
+        celldata.check_no_field_leaks(SplitManifest(leaky), cells.manifest)
+
+
+def test_prepared_crops_are_reused(prepared):
+    root, _, cells, _ = prepared
+    manifest = Path(cells.manifest)
+    stamp = manifest.stat().st_mtime_ns
+    celldata.prepare_all_idb(str(root), str(manifest.parent), geometry=GEOMETRY,
+                             cell_diameter_px=DIAMETER)
+    assert manifest.stat().st_mtime_ns == stamp
+
+
+def test_crop_is_the_same_at_any_magnification():
+    """Crop geometry is in cell diameters: a field and its 2x enlargement give the same crop."""
+    field, boxes = make_field(np.random.default_rng(3), 2, 224, scale_bar=False)
+    big = field.resize((448, 448), Image.Resampling.BICUBIC)
+    centre = celldata.box_centre(tuple(boxes[0]))
+    small_crop = celldata.cut_cell_crop(field, centre, cell_diameter_px=40, geometry=GEOMETRY)
+    big_crop = celldata.cut_cell_crop(big, (centre[0] * 2, centre[1] * 2), cell_diameter_px=80,
+                                      geometry=GEOMETRY)
+    assert small_crop.size == big_crop.size == (64, 64)
+    difference = np.abs(np.asarray(small_crop, float) - np.asarray(big_crop, float)).mean()
+    assert difference < 6
+
+
+def test_crop_beyond_the_edge_is_filled_with_background():
+    field = Image.new("RGB", (100, 100), (200, 180, 190))
+    field.paste((90, 40, 120), (0, 0, 20, 20))
+    crop = np.asarray(celldata.cut_cell_crop(field, (0, 0), cell_diameter_px=20,
+                                             geometry=celldata.CellCropGeometry(2.0, 40)))
+    assert tuple(crop[2, 2]) == (200, 180, 190)  # outside the field: background, not black
+    assert tuple(crop[30, 30]) == (90, 40, 120)  # inside: the field's own pixels
+
+
+def test_cell_model_card_records_crop_geometry(tmp_path):
+    model = create_model("mobilenet_v2", num_classes=2, input_size=GEOMETRY.input_size)
+    crops = celldata.CellCrops("cells.csv", GEOMETRY, DIAMETER)
+    card = ModelCard(classes=["not_blast", "blast"], label_set="blast", cell_crop=crops.card_entry())
+    save_artifact(str(tmp_path / "cell"), model, card)
+    loaded_model, loaded = load_artifact(str(tmp_path / "cell"))
+    geometry = celldata.CellCropGeometry.from_card(loaded)
+    assert geometry == GEOMETRY
+    assert loaded.cell_crop["pixels_per_cell_diameter"] == 32.0
+    assert loaded.cell_crop["source_cell_diameter_px"] == DIAMETER
+    assert loaded_model.data_config.input_size == geometry.input_size
+    save_artifact(str(tmp_path / "field"), model, ModelCard(classes=["a", "b"], label_set="binary"))
+    with pytest.raises(ValueError, match="not a cell model"):
+        celldata.CellCropGeometry.from_card(load_artifact(str(tmp_path / "field"))[1])
+    torch.testing.assert_close(loaded_model.head[1].weight, model.head[1].weight)
+
+
+def test_blast_label_set_marks_its_blast_class():
+    blast = get_label_set("blast")
+    assert blast.blast_classes == ("blast",) and blast.to_class("1") == "blast"
+    assert blast.to_class("0") == "not_blast"
