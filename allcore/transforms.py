@@ -276,7 +276,6 @@ class Augment:
     brightness: tuple[float, float] = (1.0, 1.0)  # multiplicative factor range
     contrast: tuple[float, float] = (1.0, 1.0)  # factor range, blending with the mean grey
     gaussian_noise_sigma: tuple[float, ...] = ()  # one sigma (pixel units) drawn per image
-    desaturate: bool = False  # not per image: the dataset adds desaturated minority copies
     random_resized_crop: bool = False  # instead of resize + centre crop
 
     @classmethod
@@ -301,7 +300,6 @@ _AUGMENT_PARSERS = {
     "brightness": _factor_range,
     "contrast": _factor_range,
     "gaussian_noise_sigma": _sigmas,
-    "desaturate": _flag,
     "random_resized_crop": _flag,
 }
 VALID_AUGMENT_KEYS = tuple(_AUGMENT_PARSERS)

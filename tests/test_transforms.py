@@ -269,7 +269,7 @@ def test_random_resized_crop_outputs_input_size_and_varies():
 ALL_RANDOM = {
     "hflip": 0.5, "vflip": 0.5, "rotation": 45, "rotate90": True, "shear": 3, "zoom": [0.8, 1.0],
     "shift": 0.1, "brightness": [0.4, 0.8], "contrast": 0.2, "gaussian_noise_sigma": [3, 9],
-    "random_resized_crop": True, "desaturate": True,
+    "random_resized_crop": True,
 }
 
 
