@@ -25,7 +25,7 @@ import pyarrow as pa
 import ray
 
 from pipelines import init_ray
-from allcore.artifact import read_card
+from allcore.artifact import load_artifact
 from allcore.cells import CellFinderConfig
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
@@ -48,18 +48,20 @@ def run_scoring(config: ScoringConfig, *,
     one row per white cell; an input's rows are committed together, and at the end the specimen
     summary of the specimens this run scored is written beside the table.
     """
+    # the weights' integrity, on the driver before the lock, the listing or Ray: a tampered
+    # artifact ends here with one ArtifactIntegrityError line, not in every actor
+    _, card = load_artifact(config.model)
     store = OutputStore(config.output)
     run_id = new_run_id()
     store.acquire_writer(run_id)  # a second concurrent run would delete this one's new files
     try:
-        return _score(config, store, run_id, on_commit)
+        return _score(config, store, run_id, card, on_commit)
     finally:
         store.release_writer(run_id)
 
 
-def _score(config: ScoringConfig, store: OutputStore, run_id: str,
+def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
            on_commit: Callable[[dict], None] | None) -> RunSummary:
-    card = read_card(config.model)
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
     done = set() if config.full else store.ledger(card.weights_sha256)
@@ -133,7 +135,9 @@ def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> 
             init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
             refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                           "source_size": [i.size for i in block],
-                                          "source_mtime": [i.mtime_or_etag for i in block]})))
+                                          "source_mtime": [i.mtime_or_etag for i in block],
+                                          "listing_error": [i.listing_error for i in block],
+                                          "error_kind": [i.error_kind for i in block]})))
     return refs
 
 

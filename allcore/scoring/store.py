@@ -16,6 +16,7 @@ Layout (see docs/SCORING.md)::
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import posixpath
@@ -29,7 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from allcore.io import filesystem, join, write_atomic
+from fsspec.implementations.local import LocalFileSystem
+
+from allcore.io import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
@@ -44,6 +47,31 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 class WriterLockedError(RuntimeError):
     """Another scoring run is writing to the same output root."""
+
+
+class OutputUnwritableError(RuntimeError):
+    """The output root cannot be written (read-only, disk full, a file in the way, no access)."""
+
+
+_OUTPUT_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose a writable --output or remount it",
+    errno.EACCES: "permission denied: give this job write access or choose another --output",
+    errno.EPERM: "permission denied: give this job write access or choose another --output",
+    errno.ENOSPC: "the disk is full: free space (committed chunks are kept) and run again; "
+                  "the rerun scores only what was not committed",
+    errno.EDQUOT: "the disk quota is exhausted: free space and run again",
+    errno.ENOTDIR: "a file is in the way where a folder of the output should be: move it or "
+                   "choose another --output",
+    errno.EEXIST: "a file is in the way where a folder of the output should be: move it or "
+                  "choose another --output",
+}
+
+
+def output_error(root: str, exc: OSError) -> OutputUnwritableError:
+    """One line that says what happened to the output and what to do."""
+    advice = _OUTPUT_ADVICE.get(exc.errno, "check the path, its permissions and free space")
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return OutputUnwritableError(f"cannot write to {root}{where}: {exc.strerror or exc}; {advice}")
 
 
 class CompleteInputs:
@@ -119,21 +147,53 @@ class OutputStore:
     def acquire_writer(self, run_id: str) -> None:
         """Take ``_runs/_writer.lock`` for ``run_id``, or raise ``WriterLockedError``.
 
-        A lock left by a killed run is taken over when its process is gone (same host) or its
-        lease has expired (any host). Best effort on S3, which has no create-if-absent here.
+        The lock file is created only if absent, in one step: ``O_CREAT|O_EXCL`` locally, a
+        conditional PUT (``If-None-Match: *``) on S3, so of two runs started at the same instant
+        exactly one gets it. A lock left by a killed run is taken over when its process is gone
+        (same host) or its lease has expired (any host): the stale file is removed and the
+        create tried once more, so two runs taking over the same stale lock still race on the
+        create. Stores that ignore the condition (rclone's S3 server) are checked by reading the
+        lock back, which narrows the race there but cannot close it (docs/SCORING.md).
         """
         path = self._p("_runs", "_writer.lock")
-        if self.fs.exists(path):
-            holder = json.loads(self.fs.cat_file(path))
-            age = time.time() - holder["since"]
-            same_host = holder["host"] == socket.gethostname()
-            if age < WRITER_LEASE_SECONDS and (not same_host or _process_alive(holder["pid"])):
-                raise WriterLockedError(
-                    f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has been "
-                    f"writing to {self.root} for {age / 60:.0f} min; wait for it to finish, or if "
-                    f"it is dead delete {self.uri('_runs/_writer.lock')}")
-        write_atomic(self.fs, path, json.dumps({"run_id": run_id, "host": socket.gethostname(),
-                                                "pid": os.getpid(), "since": time.time()}).encode())
+        lock = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.time()}).encode()
+        try:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            for attempt in range(2):
+                if self._create_if_absent(path, lock):
+                    break
+                holder = _lock_holder(self.fs.cat_file(path))
+                age = time.time() - holder["since"]
+                same_host = holder["host"] == socket.gethostname()
+                if attempt or (age < WRITER_LEASE_SECONDS
+                               and (not same_host or _process_alive(holder["pid"]))):
+                    raise WriterLockedError(
+                        f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has "
+                        f"been writing to {self.root} for {age / 60:.0f} min; wait for it to "
+                        f"finish, or if it is dead delete {self.uri('_runs/_writer.lock')}")
+                self.fs.rm(path)  # stale: its run is gone
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
+        if _lock_holder(self.fs.cat_file(path))["run_id"] != run_id:
+            raise WriterLockedError(f"another run took {self.uri('_runs/_writer.lock')} at the "
+                                    "same instant; this run stops without writing anything")
+
+    def _create_if_absent(self, path: str, data: bytes) -> bool:
+        """Write ``path`` only if it does not exist; False if it does (atomic on both stores)."""
+        if isinstance(self.fs, LocalFileSystem):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def release_writer(self, run_id: str) -> None:
         path = self._p("_runs", "_writer.lock")
@@ -158,14 +218,30 @@ class OutputStore:
                 if r["model_sha256"] == model_sha256 for key in r["inputs"]}
 
     def write_config(self, run_id: str, config: ScoringConfig) -> None:
-        write_atomic(self.fs, self._p("_runs", run_id, "config.json"), config.to_json().encode())
+        try:
+            write_atomic(self.fs, self._p("_runs", run_id, "config.json"),
+                         config.to_json().encode())
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
 
     def commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
                scored_at: dt.datetime) -> dict:
         """Publish, then record one chunk; the record is what makes it count. The record lists
         the inputs of exactly the rows in the file: they become the ledger. Counts and inputs
         come from the field rows (one per input), so cell rows do not inflate the accounting;
-        the caller commits an input's field and cell rows together (``CompleteInputs``)."""
+        the caller commits an input's field and cell rows together (``CompleteInputs``).
+        Inputs whose error may pass (``TRANSIENT_ERROR_KINDS``) are listed under ``retry``
+        instead of ``inputs``: the next run tries them again without ``--full``.
+        An ``OSError`` of the output (read-only, disk full) is raised as
+        ``OutputUnwritableError``; the chunk is then not committed and the rerun scores it."""
+        try:
+            return self._commit(table, run_id=run_id, chunk=chunk, model_sha256=model_sha256,
+                                scored_at=scored_at)
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
+
+    def _commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
+                scored_at: dt.datetime) -> dict:
         relative = self.publish(table, posixpath.join(
             "predictions", f"scored_date={scored_at:%Y-%m-%d}", f"part-{run_id}-{chunk:05d}.parquet"),
             run_id=run_id)
@@ -176,7 +252,7 @@ class OutputStore:
                   "files": [{"path": relative, "rows": table.num_rows}],
                   "counts": {OK: status.count(OK), ERROR: status.count(ERROR),
                              CELL: table.num_rows - field_rows.num_rows},
-                  "inputs": [list(k) for k in zip(*(field_rows[c].to_pylist() for c in INPUT_KEY))]}
+                  **_inputs_by_finality(field_rows)}
         write_atomic(self.fs, self._p("_commits", f"{run_id}-{chunk:05d}.json"),
                      json.dumps(record).encode())
         return record
@@ -194,6 +270,26 @@ class OutputStore:
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
         return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
+
+
+def _lock_holder(data: bytes) -> dict:
+    """The lock's holder; a lock another run has created but not yet filled in (empty) is fresh."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return {"run_id": "(starting)", "host": "?", "pid": -1, "since": time.time()}
+
+
+def _inputs_by_finality(field_rows: pa.Table) -> dict[str, list]:
+    """Input keys of the field rows: ``inputs`` (done for this model) and ``retry`` (errors of a
+    transient kind, which the ledger leaves out so the next run tries them again)."""
+    keys = zip(*(field_rows[c].to_pylist() for c in INPUT_KEY))
+    kinds = (field_rows["error_kind"].to_pylist() if "error_kind" in field_rows.column_names
+             else [None] * field_rows.num_rows)
+    out: dict[str, list] = {"inputs": [], "retry": []}
+    for key, kind in zip(keys, kinds):
+        out["retry" if kind in TRANSIENT_ERROR_KINDS else "inputs"].append(list(key))
+    return out
 
 
 def _process_alive(pid: int) -> bool:
