@@ -54,6 +54,15 @@ def iter_inputs(config: ScoringConfig) -> Iterator[FileInfo]:
     return iter_image_files(config.input)
 
 
+def new_inputs(infos: Iterable[FileInfo], ledger, chunk_size: int
+               ) -> Iterator[tuple[int, list[FileInfo]]]:
+    """(number listed, the new ones) per chunk of ``chunk_size`` listed inputs: those whose key
+    the ``ledger`` (``allcore.scoring.store.Ledger``) has not seen, each taken once."""
+    for chunk in chunked(infos, chunk_size):
+        new = ledger.take_new([input_digest(i.uri, i.size, i.mtime_or_etag) for i in chunk])
+        yield len(chunk), [info for info, is_new in zip(chunk, new) if is_new]
+
+
 def chunked(items: Iterable, size: int) -> Iterator[list]:
     """Consecutive lists of ``size`` items: the driver never holds more than one at a time."""
     iterator = iter(items)

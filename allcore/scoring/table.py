@@ -195,8 +195,7 @@ COLUMNS: tuple[Column, ...] = (
            lambda r: [None if good else e for e, good in zip(r.text("error"), r.ok)]),
     Column("error_kind", pa.string(), "'unreadable', 'unlistable' (retried by the next run), "
            "'bad name', 'empty', 'not an image', 'corrupt', 'too large' (not retried until the file "
-           "changes); null for ok rows",
-           lambda r: [None if good else e for e, good in zip(r.text("error_kind"), r.ok)]),
+           "changes); null for ok rows", ok_only=False),
     Column("note", pa.string(), "remark on an ok row, e.g. 'no cells found' on a --per-cell field "
            "row without cells", ok_only=False),
 )
