@@ -24,6 +24,14 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # field tile of a 100x objective; anything larger is refused with an error row, not an OOM.
 MAX_PIXELS = 40_000_000
 
+# Why an input could not be scored (the ``error_kind`` of its error row). Transient kinds may
+# succeed on a later run without any change to the file (a share that was down, a permission
+# fixed), so the next run retries them; the others need a new file, which has a new ledger key.
+EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE = "empty", "not an image", "corrupt", "too large"
+BAD_NAME, UNREADABLE, UNLISTABLE = "bad name", "unreadable", "unlistable"
+TRANSIENT_ERROR_KINDS = frozenset({UNREADABLE, UNLISTABLE})
+FRAMES_INFO_KEY = "allcore.frames"  # decode_rgb's image info: frames in the file (first scored)
+
 
 def _s3_options() -> dict:
     """s3fs options from the environment, so jobs and Ray workers need no credential flags."""
@@ -46,6 +54,21 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported location {uri!r}: use a local path, file:// or s3://")
     return fsspec.filesystem("file"), os.path.abspath(uri.removeprefix("file://"))
+
+
+def absolute_location(text: str) -> str:
+    """A path argument as every job passes it on: local paths made absolute against the driver's
+    working directory (Ray workers and Ray Train's storage resolve relative paths inside their
+    own session folders), ``s3://`` uris unchanged."""
+    return text if "://" in text else os.path.abspath(text)
+
+
+def normalise_location(uri: str) -> str:
+    """``good/../good/x.jpg`` and ``good//x.jpg`` as ``good/x.jpg``, so one file has one uri
+    (and one ledger key) however a list spells it."""
+    if uri.startswith("s3://"):
+        return "s3://" + posixpath.normpath(uri[len("s3://"):])
+    return os.path.normpath(absolute_location(uri))
 
 
 def join(base: str, relative: str) -> str:
@@ -99,6 +122,16 @@ class FileInfo:
     uri: str
     size: int
     mtime_or_etag: str  # changes when the content does: lets callers cache per file
+    listing_error: str = ""  # why this entry could not be listed as a file (scoring: an error row)
+    error_kind: str = ""  # UNLISTABLE or BAD_NAME with listing_error
+
+
+def printable_name(path: str) -> str:
+    """``path`` as valid UTF-8 text: bytes that are not UTF-8 (surrogate-escaped by Python's
+    file-system decoding) appear as ``\\xNN``, so the raw name stays recoverable from the row."""
+    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
+
+
 
 
 def _s3_file_info(uri: str, info: dict) -> FileInfo:
@@ -123,27 +156,65 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def _walk_local(path: str) -> Iterator[FileInfo]:
-    with os.scandir(path) as it:
-        entries = sorted(it, key=lambda e: e.name)
+def _listing_error(path: str, what: str, exc: OSError | None = None, *,
+                   kind: str = UNLISTABLE) -> FileInfo:
+    detail = f" ({type(exc).__name__}: {exc.strerror or exc})" if exc else ""
+    return FileInfo(printable_name(path), -1, "", f"{what}{detail}", kind)
+
+
+def bad_name_entry(path: str) -> FileInfo | None:
+    """The error entry of a path whose name is not valid UTF-8 (None for a good name): such a
+    name cannot be a text column or a ledger key, and is most often a copy from an old system."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return _listing_error(path, "file name is not valid UTF-8 (the raw bytes are shown as "
+                              "\\xNN): rename the file with a UTF-8 name", kind=BAD_NAME)
+    return None
+
+
+def _walk_local(path: str, visited: set[tuple[int, int]]) -> Iterator[FileInfo]:
+    """Files under ``path``. A directory symlink is followed only to a real directory not listed
+    yet in this walk (``visited``: device and inode), so a loop such as ``loop/up -> ..`` is
+    walked once; an entry that cannot be listed becomes a ``FileInfo`` with ``listing_error``."""
+    try:
+        with os.scandir(path) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError as exc:
+        yield _listing_error(path, "unlistable folder: check its permissions", exc)
+        return
     for entry in entries:
-        if entry.is_dir() and not entry.name.startswith("."):
-            yield from _walk_local(entry.path)
-        elif entry.is_file() and _is_image(entry.name):
-            yield _local_file_info(entry.path, entry.stat())
+        if entry.name.startswith("."):
+            continue
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()
+            stat = entry.stat() if is_dir or is_file else None
+        except OSError as exc:  # a symlink loop pointing at itself, a vanished entry, ...
+            if _is_image(entry.name):
+                yield _listing_error(entry.path, "unlistable entry", exc)
+            continue
+        if is_dir:
+            real = (stat.st_dev, stat.st_ino)
+            if real not in visited:  # else a symlink back into the walk: already listed
+                visited.add(real)
+                yield from _walk_local(entry.path, visited)
+        elif is_file and _is_image(entry.name):
+            yield bad_name_entry(entry.path) or _local_file_info(entry.path, stat)
 
 
 def iter_image_files(root: str) -> Iterator[FileInfo]:
     """Image files under ``root``, recursively, in sorted (deterministic) order.
 
     Streams: a bucket with millions of objects is never held in one list locally; on s3 one
-    directory level at a time.
+    directory level at a time. Locally, symlinks to directories are followed once per real
+    directory (loops are cut), and entries that cannot be listed or whose names are not UTF-8
+    are yielded with ``listing_error`` set rather than raising: one bad entry never stops a run.
     """
     fs, path = filesystem(root)
     if not fs.isdir(path):
         raise FileNotFoundError(f"{root} is not a folder; check the path (and credentials for s3://)")
     if isinstance(fs, LocalFileSystem):
-        yield from _walk_local(path)
+        yield from _walk_local(path, {(os.stat(path).st_dev, os.stat(path).st_ino)})
         return
     for directory, dirs, files in fs.walk(path, detail=True):
         visible = sorted((name, info) for name, info in dirs.items() if not name.startswith("."))
@@ -155,7 +226,12 @@ def iter_image_files(root: str) -> Iterator[FileInfo]:
 
 
 class ImageDecodeError(ValueError):
-    """Bytes that are not a usable image. The message names the problem and what to do."""
+    """Bytes that are not a usable image. The message names the problem and what to do; ``kind``
+    is one of EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE."""
+
+    def __init__(self, message: str, kind: str = CORRUPT):
+        super().__init__(message)
+        self.kind = kind
 
 
 def _rescale_to_uint8(array: np.ndarray, full_scale: float | None) -> np.ndarray:
@@ -193,18 +269,21 @@ def decode_rgb(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode image bytes to a fully loaded RGB image, or raise ``ImageDecodeError``.
 
     The whole image is decoded here (not lazily), so a truncated file fails now, inside the
-    scoring stage that can record it, rather than later inside a transform.
+    scoring stage that can record it, rather than later inside a transform. Only the first frame
+    of an animated GIF or multi-page TIFF is decoded; ``info[FRAMES_INFO_KEY]`` says how many
+    the file holds, so callers can note it.
     """
     if not data:
-        raise ImageDecodeError("zero-byte file: the file is empty; re-copy or re-export it")
+        raise ImageDecodeError("zero-byte file: the file is empty; re-copy or re-export it", EMPTY)
     try:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageDecodeError(
             f"not an image: {len(data)} bytes in no format Pillow reads (starts {data[:8]!r}); "
-            f"expected one of {', '.join(IMAGE_EXTENSIONS)}") from None
+            f"expected one of {', '.join(IMAGE_EXTENSIONS)}", NOT_AN_IMAGE) from None
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"decompression bomb refused: {exc}; downscale the image") from None
+        raise ImageDecodeError(f"decompression bomb refused: {exc}; downscale the image",
+                               TOO_LARGE) from None
     except Exception as exc:  # Pillow raises assorted types for mangled headers
         raise ImageDecodeError(f"corrupt image header ({type(exc).__name__}: {exc}); "
                                "re-export the file") from None
@@ -212,11 +291,13 @@ def decode_rgb(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
     if width * height > max_pixels:
         raise ImageDecodeError(
             f"image is {width}x{height} = {width * height:,} pixels, over the {max_pixels:,} limit "
-            "(decompression-bomb guard); downscale or tile it, or raise max_pixels")
+            "(decompression-bomb guard); downscale or tile it, or raise --max-pixels", TOO_LARGE)
     try:
         img.load()
-        return _to_rgb(img)
+        rgb = _to_rgb(img)
     except Exception as exc:
         raise ImageDecodeError(
             f"truncated or corrupt {img.format or 'image'} data ({type(exc).__name__}: {exc}); "
             "the file was probably cut off in transfer: re-copy it") from None
+    rgb.info[FRAMES_INFO_KEY] = getattr(img, "n_frames", 1)
+    return rgb

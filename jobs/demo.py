@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore.io import absolute_location  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
 from allcore.models import WeightsUnavailableError  # noqa: E402
 from allcore.recipes import load_recipe  # noqa: E402
@@ -24,7 +25,7 @@ from allcore.synthetic import write_archive  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", default="demo_run", help="where everything is written")
+    parser.add_argument("--workdir", type=absolute_location, default="demo_run", help="where everything is written")
     parser.add_argument("--per-class", type=int, default=40, help="sample images per class")
     parser.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
     args = parser.parse_args(argv)

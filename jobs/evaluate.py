@@ -15,15 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from allcore.artifact import read_card  # noqa: E402
 from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
 from allcore.trust import NO_TRUST_WARNING  # noqa: E402
+from allcore.io import absolute_location  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="model artifact folder (local or s3://)")
-    parser.add_argument("--data", help="labelled folder-per-class tree or manifest")
-    parser.add_argument("--split-manifest", help="evaluate one split of this manifest")
+    parser.add_argument("--model", type=absolute_location, required=True, help="model artifact folder (local or s3://)")
+    parser.add_argument("--data", type=absolute_location, help="labelled folder-per-class tree or manifest")
+    parser.add_argument("--split-manifest", type=absolute_location, help="evaluate one split of this manifest")
     parser.add_argument("--split", default="test", help="which split of --split-manifest (default test)")
-    parser.add_argument("--output", help="report folder (default: <model>/../evaluation)")
+    parser.add_argument("--output", type=absolute_location, help="report folder (default: <model>/../evaluation)")
     parser.add_argument("--noise-sigmas", default=",".join(f"{s:g}" for s in NOISE_SIGMAS),
                         help="Gaussian noise levels in pixel units for the robustness table ('' to skip)")
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")

@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
 from allcore.cells import Cell, CellFinderConfig, cell_crop, find_cells  # noqa: E402
-from allcore.io import decode_rgb, read_bytes  # noqa: E402
+from allcore.io import absolute_location, decode_rgb, read_bytes  # noqa: E402
 
 BOX_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (255, 255, 255), (0, 0, 0)
 
@@ -61,9 +61,9 @@ def render(img: Image.Image, cells: list[Cell], labels: list[tuple[str, float]] 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--image", required=True, help="smear field (local path or s3:// uri)")
-    parser.add_argument("--model", help="model artifact folder: classify each cell crop")
-    parser.add_argument("--out", required=True, help="output PNG")
+    parser.add_argument("--image", type=absolute_location, required=True, help="smear field (local path or s3:// uri)")
+    parser.add_argument("--model", type=absolute_location, help="model artifact folder: classify each cell crop")
+    parser.add_argument("--out", type=absolute_location, required=True, help="output PNG")
     args = parser.parse_args(argv)
 
     config = CellFinderConfig()

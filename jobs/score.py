@@ -6,8 +6,9 @@
 
 Incremental: inputs already committed for this model are skipped; --full rescores them (new rows
 under a new run_id; the `latest_predictions` view in sql/bi_queries.sql keeps the newest).
-Exit status 0 on success, 2 when the error rate exceeds --max-error-rate (everything scored is
-still committed). s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+Exit status: see the README's exit-code table (0 ok, 2 error rate above --max-error-rate with
+everything scored still committed, 4-6 a fault that ends the run with one line saying what to do).
+s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
 AWS_ENDPOINT_URL.
 """
 
@@ -15,13 +16,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore.artifact import ArtifactIntegrityError  # noqa: E402
+from allcore.io import absolute_location  # noqa: E402
 from allcore.scoring.config import ScoringConfig  # noqa: E402
+from allcore.scoring.store import OutputUnwritableError, WriterLockedError  # noqa: E402
+
+# Exit status of each fault that ends a run early (one line on stderr says what to do); the
+# README's exit-code table lists them with 0 (ok), 2 (error rate too high) and 3 (review rate).
+EXIT_STATUS = {WriterLockedError: 4, OutputUnwritableError: 5, ArtifactIntegrityError: 6,
+               FileNotFoundError: 7}
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -33,22 +41,17 @@ def _actors(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(message) from None
 
 
-def _location(text: str) -> str:
-    """Local paths made absolute: Ray workers do not share the driver's working directory."""
-    return text if text.startswith("s3://") else os.path.abspath(text)
-
-
 def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     defaults = ScoringConfig(model="", input="", output="")
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=_location,
+    parser.add_argument("--model", required=True, type=absolute_location,
                         help="model artifact folder or s3:// prefix")
-    parser.add_argument("--input", required=True, type=_location,
+    parser.add_argument("--input", required=True, type=absolute_location,
                         help="image folder or s3:// prefix (recursive)")
-    parser.add_argument("--manifest", type=_location, help="text file, one image path per line "
+    parser.add_argument("--manifest", type=absolute_location, help="text file, one image path per line "
                         "(relative to --input), scored instead of listing --input")
-    parser.add_argument("--output", required=True, type=_location,
+    parser.add_argument("--output", required=True, type=absolute_location,
                         help="table root, local folder or s3:// prefix")
     parser.add_argument("--full", action="store_true", help="rescore inputs already committed")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
@@ -68,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
                         "cell (crop classified by the model) and a specimen_summary table; see "
                         "docs/SCORING.md")
+    parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
+                        help="largest image decoded, in pixels (decompression-bomb guard; larger "
+                        "images become 'too large' error rows; default %(default)s)")
     parser.add_argument("--verbose", action="store_true", help="Ray's INFO logs and progress "
                         "bars (default: one progress line per commit: images done / total, "
                         "rate, time left)")
@@ -77,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                              input_list=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
                              specimen_pattern=args.specimen_pattern,
-                             commit_every=args.commit_every, fast=args.fast, gpu=args.gpu,
+                             commit_every=args.commit_every, max_pixels=args.max_pixels,
+                             fast=args.fast, gpu=args.gpu,
                              per_cell=args.per_cell, verbose=args.verbose)
     except ValueError as exc:
         parser.error(str(exc))
@@ -88,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from pipelines.score import run_scoring  # imports Ray: keep --help fast
 
-    summary = run_scoring(config)
+    try:
+        summary = run_scoring(config)
+    except tuple(EXIT_STATUS) as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return next(code for kind, code in EXIT_STATUS.items() if isinstance(exc, kind))
     print(summary.line())
     if summary.failed:
         print(f"FAILED: error rate {summary.error_rate:.2%} exceeds --max-error-rate "

@@ -13,15 +13,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
 from allcore.recipes import list_recipes, load_recipe  # noqa: E402
+from allcore.io import absolute_location  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help=f"one of {', '.join(list_recipes())} or a .toml path")
-    parser.add_argument("--data", required=True, help="folder-per-class tree or manifest (local or s3://)")
-    parser.add_argument("--manifest", help="CSV/Parquet with path,label[,group] (paths relative to it)")
-    parser.add_argument("--split-manifest", help="reuse this split instead of computing one")
-    parser.add_argument("--output", default="runs", help="local folder or s3:// prefix (default: runs)")
+    parser.add_argument("--data", type=absolute_location, required=True, help="folder-per-class tree or manifest (local or s3://)")
+    parser.add_argument("--manifest", type=absolute_location, help="CSV/Parquet with path,label[,group] (paths relative to it)")
+    parser.add_argument("--split-manifest", type=absolute_location, help="reuse this split instead of computing one")
+    parser.add_argument("--output", type=absolute_location, default="runs", help="local folder or s3:// prefix (default: runs)")
     parser.add_argument("--name", help="run name; the same name resumes an interrupted run "
                         "(default: the recipe name)")
     parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")

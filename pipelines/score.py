@@ -25,14 +25,14 @@ import pyarrow as pa
 import ray
 
 from pipelines import init_ray
-from allcore.artifact import read_card
+from allcore.artifact import load_artifact
 from allcore.cells import CellFinderConfig
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
-from allcore.scoring.inputs import chunked, input_digest, iter_inputs
+from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-from allcore.scoring.store import CompleteInputs, OutputStore, new_run_id
+from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id
 from allcore.scoring.summary import RunSummary, write_specimen_summary
 from allcore.scoring.table import build_output_table, card_summary
 
@@ -48,21 +48,23 @@ def run_scoring(config: ScoringConfig, *,
     one row per white cell; an input's rows are committed together, and at the end the specimen
     summary of the specimens this run scored is written beside the table.
     """
+    # the weights' integrity, on the driver before the lock, the listing or Ray: a tampered
+    # artifact ends here with one ArtifactIntegrityError line, not in every actor
+    _, card = load_artifact(config.model)
     store = OutputStore(config.output)
     run_id = new_run_id()
     store.acquire_writer(run_id)  # a second concurrent run would delete this one's new files
     try:
-        return _score(config, store, run_id, on_commit)
+        return _score(config, store, run_id, card, on_commit)
     finally:
         store.release_writer(run_id)
 
 
-def _score(config: ScoringConfig, store: OutputStore, run_id: str,
+def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
            on_commit: Callable[[dict], None] | None) -> RunSummary:
-    card = read_card(config.model)
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
-    done = set() if config.full else store.ledger(card.weights_sha256)
+    done = Ledger() if config.full else store.ledger(card.weights_sha256)
     summary = RunSummary(run_id=run_id, output=config.output, max_error_rate=config.max_error_rate)
     store.write_config(run_id, config)
     log.info("run %s: model %s %s (%s); %d inputs already committed for it", run_id,
@@ -116,24 +118,20 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str,
     return summary
 
 
-def _list_todo(config: ScoringConfig, done: set[bytes], summary: RunSummary) -> list:
+def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> list:
     """Object refs of Arrow tables of the inputs to score; counts listed and skipped."""
     refs = []
-    for infos in chunked(iter_inputs(config), config.commit_every):
-        summary.listed += len(infos)
-        todo = []
-        for info in infos:
-            digest = input_digest(info.uri, info.size, info.mtime_or_etag)
-            if digest not in done:  # also drops a path listed twice in one run
-                done.add(digest)
-                todo.append(info)
-        summary.skipped += len(infos) - len(todo)
+    for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
+        summary.listed += listed
+        summary.skipped += listed - len(todo)
         # one block per model batch, so every actor of the pool gets work
         for block in chunked(todo, config.batch_size):
             init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
             refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                           "source_size": [i.size for i in block],
-                                          "source_mtime": [i.mtime_or_etag for i in block]})))
+                                          "source_mtime": [i.mtime_or_etag for i in block],
+                                          "listing_error": [i.listing_error for i in block],
+                                          "error_kind": [i.error_kind for i in block]})))
     return refs
 
 

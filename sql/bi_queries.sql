@@ -35,13 +35,14 @@ WHERE status = 'ok' AND coalesce(row_kind, 'field') = 'field'
 GROUP BY specimen_id, pred_label
 ORDER BY specimen_id, pred_label;
 
--- Errors by kind (the message up to its first ':' or '('), with an example file.
-SELECT trim(regexp_extract(error, '^[^:(]*')) AS error_kind, count(*) AS files,
+-- Errors by kind (error_kind; files from before it: the message up to its first ':' or '('),
+-- with an example file.
+SELECT coalesce(error_kind, trim(regexp_extract(error, '^[^:(]*'))) AS kind, count(*) AS files,
        min(source_uri) AS example
 FROM latest_predictions
 WHERE status = 'error'
-GROUP BY error_kind
-ORDER BY files DESC, error_kind;
+GROUP BY kind
+ORDER BY files DESC, kind;
 
 -- Runs: what each one wrote.
 SELECT run_id, model_name, model_version, min(scored_at) AS started, count(*) AS rows,

@@ -31,8 +31,8 @@ class ScoringConfig:
     verbose: bool = False  # Ray's INFO logs and progress bars (else one progress line per commit)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.commit_every < 1:
-            raise ValueError("batch_size and commit_every must be at least 1")
+        if self.batch_size < 1 or self.commit_every < 1 or self.max_pixels < 1:
+            raise ValueError("batch_size, commit_every and max_pixels must be at least 1")
         low, high = self.actors
         if not 1 <= low <= high:
             raise ValueError(f"actors must be MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")

@@ -9,7 +9,8 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from allcore.io import FileInfo, filesystem, iter_image_files, join, stat_file
+from allcore.io import (FileInfo, bad_name_entry, filesystem, iter_image_files, join,
+                        normalise_location, stat_file)
 from allcore.scoring.config import ScoringConfig
 
 # The columns that identify an input in every stage's batches, in the table and in the ledger.
@@ -35,20 +36,31 @@ def stat_input(uri: str) -> FileInfo:
 
 def iter_input_list(input_list: str, base: str) -> Iterator[FileInfo]:
     """Inputs named in an input list (``--manifest``): one path or s3:// uri per line; relative
-    paths are joined onto ``base``; blank lines and lines starting with '#' are skipped."""
+    paths are joined onto ``base`` and normalised (``good/../good/x.jpg`` is ``good/x.jpg``, so a
+    file named twice is scored once); blank lines and lines starting with '#' are skipped."""
     base = base if base.startswith("s3://") else os.path.abspath(base)  # workers' cwd differs
     fs, path = filesystem(input_list)
-    with fs.open(path, "rt") as lines:
+    with fs.open(path, "rt", encoding="utf-8", errors="surrogateescape") as lines:
         for line in lines:
             name = line.strip()
             if name and not name.startswith("#"):
-                yield stat_input(name if name.startswith(("/", "s3://")) else join(base, name))
+                uri = normalise_location(name if name.startswith(("/", "s3://")) else join(base, name))
+                yield bad_name_entry(uri) or stat_input(uri)
 
 
 def iter_inputs(config: ScoringConfig) -> Iterator[FileInfo]:
     if config.input_list:
         return iter_input_list(config.input_list, config.input)
     return iter_image_files(config.input)
+
+
+def new_inputs(infos: Iterable[FileInfo], ledger, chunk_size: int
+               ) -> Iterator[tuple[int, list[FileInfo]]]:
+    """(number listed, the new ones) per chunk of ``chunk_size`` listed inputs: those whose key
+    the ``ledger`` (``allcore.scoring.store.Ledger``) has not seen, each taken once."""
+    for chunk in chunked(infos, chunk_size):
+        new = ledger.take_new([input_digest(i.uri, i.size, i.mtime_or_etag) for i in chunk])
+        yield len(chunk), [info for info, is_new in zip(chunk, new) if is_new]
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

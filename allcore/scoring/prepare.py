@@ -26,7 +26,8 @@ import numpy as np
 from PIL import Image
 
 from allcore.cells import CellFinderConfig, cell_crop, find_cells
-from allcore.io import MAX_PIXELS, ImageDecodeError, decode_rgb, read_bytes
+from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
+                        read_bytes)
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
 from allcore.transforms import DataConfig, mask_scale_bar, preprocess_array
 
@@ -44,19 +45,21 @@ def prepare_kwargs(card, *, max_pixels: int = MAX_PIXELS,
             "cell_finder": cell_finder}
 
 
-def load_image(uri: str, *, max_pixels: int = MAX_PIXELS) -> tuple[str | None, Image.Image | None, str | None]:
-    """(content sha256, RGB image, error) of one input; never raises for a bad input. The sha is
-    kept when the bytes could be read, even if they do not decode, so broken copies can be found."""
+def load_image(uri: str, *, max_pixels: int = MAX_PIXELS
+               ) -> tuple[str | None, Image.Image | None, str | None, str]:
+    """(content sha256, RGB image, error, error kind) of one input; never raises for a bad input.
+    The sha is kept when the bytes could be read, even if they do not decode, so broken copies
+    can be found."""
     try:
         data = read_bytes(uri)
     except OSError as exc:
         return None, None, (f"unreadable input ({type(exc).__name__}: {exc}); check that the "
-                            "file still exists and that this job may read it")
+                            "file still exists and that this job may read it"), UNREADABLE
     sha = hashlib.sha256(data).hexdigest()
     try:
-        return sha, decode_rgb(data, max_pixels=max_pixels), None
+        return sha, decode_rgb(data, max_pixels=max_pixels), None, ""
     except ImageDecodeError as exc:
-        return sha, None, str(exc)
+        return sha, None, str(exc), exc.kind
 
 
 def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
@@ -75,15 +78,21 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
     cfg = DataConfig.from_dict(data_config)
     crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
     rows: list[dict] = []
+    listing_errors = batch.get("listing_error", [""] * len(batch["source_uri"]))
     for i, uri in enumerate(batch["source_uri"]):
-        sha, img, error = load_image(str(uri), max_pixels=max_pixels)
-        field_row = {"input": i, "content_sha256": sha or "",
-                     "row_kind": FIELD, "status": OK, "error": "", "note": "", "cell_count": -1,
+        if listing_errors[i]:  # never listed as a readable file: nothing to open
+            sha, img, error, error_kind = None, None, listing_errors[i], batch["error_kind"][i]
+        else:
+            sha, img, error, error_kind = load_image(str(uri), max_pixels=max_pixels)
+        frames = img.info.get(FRAMES_INFO_KEY, 1) if img is not None else 1
+        field_row = {"input": i, "content_sha256": sha or "", "error_kind": "",
+                     "row_kind": FIELD, "status": OK, "error": "", "cell_count": -1,
+                     "note": f"scored on frame 1 of {frames}" if frames > 1 else "",
                      "cell_area": -1, "circularity": math.nan, "nucleus_cell_ratio": math.nan,
                      "box": (0, 0, 0, 0), "pixels": None,
                      **{name: math.nan for name in measurements}}
         if img is None:
-            rows.append({**field_row, "status": ERROR, "error": error})
+            rows.append({**field_row, "status": ERROR, "error": error, "error_kind": error_kind})
             continue
         field_row.update({"box": (0, 0, *img.size),
                           "pixels": preprocess_array(img, cfg),
@@ -94,7 +103,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
         searched = mask_scale_bar(img) if cfg.mask_corner else img
         cells = find_cells(searched, cell_finder)
         rows.append({**field_row, "cell_count": len(cells),
-                     "note": "" if cells else NO_CELLS_NOTE})
+                     "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
                   "cell_area": cell.area, "circularity": cell.circularity,
                   "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
@@ -112,7 +121,7 @@ def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
     inputs = np.array([r["input"] for r in rows], np.int64)
     out = {k: np.asarray(v)[inputs] for k, v in batch.items()}
     out.update({k: np.array([r[k] for r in rows], dtype=object)
-                for k in ("content_sha256", "row_kind", "status", "error", "note")})
+                for k in ("content_sha256", "row_kind", "status", "error", "error_kind", "note")})
     out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "cell_area")})
     out.update({k: np.array([r[k] for r in rows], np.float32)
                 for k in ("circularity", "nucleus_cell_ratio", *measurements)})

@@ -2,20 +2,23 @@
 way (staged, then moved into place), and a chunk counted only once its commit record exists.
 
 The output is a Hive-partitioned Parquet table under ``<out>/predictions/``. A file becomes part
-of the table only when a commit record under ``<out>/_commits/`` lists it; those records are also
-the incremental ledger, so a crash at any point leaves nothing that a rerun would score twice.
-Layout (see docs/SCORING.md)::
+of the table only when a commit record under ``<out>/_commits/`` lists it; those records also
+name the incremental ledger, so a crash at any point leaves nothing that a rerun would score twice.
+A commit record names its table file and its ledger file (the digests of its inputs); the
+ledger of a model is read from those 16-byte keys, not from the records. Layout (docs/SCORING.md)::
 
     <out>/_staging/<run_id>/...                                   written first, never read
     <out>/predictions/scored_date=YYYY-MM-DD/part-<run_id>-<chunk>.parquet
     <out>/specimen_summary/scored_date=YYYY-MM-DD/part-<run_id>.parquet    (--per-cell)
-    <out>/_commits/<run_id>-<chunk>.json                          files, row counts, input keys
+    <out>/_commits/<run_id>-<chunk>.json                          files, row counts, ledger file
+    <out>/_ledger/<model_sha256>/<run_id>-<chunk>.parquet         digests of the chunk's inputs
     <out>/_runs/<run_id>/{config.json, summary.json, _SUCCESS}
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import posixpath
@@ -29,12 +32,55 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from allcore.io import filesystem, join, write_atomic
+from fsspec.implementations.local import LocalFileSystem
+
+from allcore.io import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
 
 WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
+DIGEST = pa.binary(16)  # input_digest, as stored in the ledger files
+
+
+class Ledger:
+    """The ``input_digest`` of every input committed for one model, as arrays sorted by the
+    digest's first 8 bytes (16 bytes an input: 10M inputs are 160 MB, where a Python set of them
+    took 4.5 GB), plus the inputs this run has taken on. Membership is asked a whole listing
+    chunk at a time, and decided on all 16 bytes: two digests sharing their first 8 bytes (about
+    one in 10^5 histories of 10M) can only make an input look new, never skip one."""
+
+    def __init__(self, digests: np.ndarray | None = None):
+        digests = np.empty(0, "S16") if digests is None else np.ascontiguousarray(digests, "S16")
+        order = np.argsort(_prefix(digests), kind="stable")
+        self._full = digests[order]
+        self._prefix = _prefix(self._full)
+        self._taken: set[bytes] = set()
+
+    def __len__(self) -> int:
+        return len(self._full) + len(self._taken)
+
+    def __iter__(self):
+        yield from (bytes(d).ljust(16, b"\0") for d in self._full)
+        yield from self._taken
+
+    def __contains__(self, digest: bytes) -> bool:
+        return not self.take_new([digest], dry_run=True)[0]
+
+    def take_new(self, digests: list[bytes], *, dry_run: bool = False) -> list[bool]:
+        """For each digest: True when it is neither committed nor taken earlier in this run (nor
+        earlier in ``digests``), and takes it (unless ``dry_run``). A path listed twice counts once."""
+        query = np.array(digests, dtype="S16")
+        committed = np.zeros(len(query), bool)
+        if len(self._full):
+            at = np.minimum(np.searchsorted(self._prefix, _prefix(query)), len(self._full) - 1)
+            committed = self._full[at] == query
+        new = (~committed).tolist()
+        for at in np.flatnonzero(~committed).tolist():  # few: the inputs not committed yet
+            new[at] = digests[at] not in self._taken
+            if new[at] and not dry_run:
+                self._taken.add(digests[at])
+        return new
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
@@ -44,6 +90,31 @@ def new_run_id(now: dt.datetime | None = None) -> str:
 
 class WriterLockedError(RuntimeError):
     """Another scoring run is writing to the same output root."""
+
+
+class OutputUnwritableError(RuntimeError):
+    """The output root cannot be written (read-only, disk full, a file in the way, no access)."""
+
+
+_OUTPUT_ADVICE = {
+    errno.EROFS: "the file system is read-only: choose a writable --output or remount it",
+    errno.EACCES: "permission denied: give this job write access or choose another --output",
+    errno.EPERM: "permission denied: give this job write access or choose another --output",
+    errno.ENOSPC: "the disk is full: free space (committed chunks are kept) and run again; "
+                  "the rerun scores only what was not committed",
+    errno.EDQUOT: "the disk quota is exhausted: free space and run again",
+    errno.ENOTDIR: "a file is in the way where a folder of the output should be: move it or "
+                   "choose another --output",
+    errno.EEXIST: "a file is in the way where a folder of the output should be: move it or "
+                  "choose another --output",
+}
+
+
+def output_error(root: str, exc: OSError) -> OutputUnwritableError:
+    """One line that says what happened to the output and what to do."""
+    advice = _OUTPUT_ADVICE.get(exc.errno, "check the path, its permissions and free space")
+    where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+    return OutputUnwritableError(f"cannot write to {root}{where}: {exc.strerror or exc}; {advice}")
 
 
 class CompleteInputs:
@@ -111,29 +182,65 @@ class OutputStore:
         return relative
 
     def commit_records(self) -> list[dict]:
-        records = []
-        for path in sorted(self.fs.glob(self._p("_commits", "*.json"))):
-            records.append(json.loads(self.fs.cat_file(path)))
-        return records
+        """Every commit record, in name order (read in one concurrent batch on S3)."""
+        return [json.loads(data) for data in self._cat(self.fs.glob(self._p("_commits", "*.json")))]
+
+    def _cat(self, paths: list[str]) -> list[bytes]:
+        """The bytes of ``paths`` in sorted order; s3fs fetches a list concurrently."""
+        paths = sorted(paths)
+        contents = self.fs.cat(paths) if paths else {}
+        return [contents[path] for path in paths]
 
     def acquire_writer(self, run_id: str) -> None:
         """Take ``_runs/_writer.lock`` for ``run_id``, or raise ``WriterLockedError``.
 
-        A lock left by a killed run is taken over when its process is gone (same host) or its
-        lease has expired (any host). Best effort on S3, which has no create-if-absent here.
+        The lock file is created only if absent, in one step: ``O_CREAT|O_EXCL`` locally, a
+        conditional PUT (``If-None-Match: *``) on S3, so of two runs started at the same instant
+        exactly one gets it. A lock left by a killed run is taken over when its process is gone
+        (same host) or its lease has expired (any host): the stale file is removed and the
+        create tried once more, so two runs taking over the same stale lock still race on the
+        create. Stores that ignore the condition (rclone's S3 server) are checked by reading the
+        lock back, which narrows the race there but cannot close it (docs/SCORING.md).
         """
         path = self._p("_runs", "_writer.lock")
-        if self.fs.exists(path):
-            holder = json.loads(self.fs.cat_file(path))
-            age = time.time() - holder["since"]
-            same_host = holder["host"] == socket.gethostname()
-            if age < WRITER_LEASE_SECONDS and (not same_host or _process_alive(holder["pid"])):
-                raise WriterLockedError(
-                    f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has been "
-                    f"writing to {self.root} for {age / 60:.0f} min; wait for it to finish, or if "
-                    f"it is dead delete {self.uri('_runs/_writer.lock')}")
-        write_atomic(self.fs, path, json.dumps({"run_id": run_id, "host": socket.gethostname(),
-                                                "pid": os.getpid(), "since": time.time()}).encode())
+        lock = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "since": time.time()}).encode()
+        try:
+            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+            for attempt in range(2):
+                if self._create_if_absent(path, lock):
+                    break
+                holder = _lock_holder(self.fs.cat_file(path))
+                age = time.time() - holder["since"]
+                same_host = holder["host"] == socket.gethostname()
+                if attempt or (age < WRITER_LEASE_SECONDS
+                               and (not same_host or _process_alive(holder["pid"]))):
+                    raise WriterLockedError(
+                        f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has "
+                        f"been writing to {self.root} for {age / 60:.0f} min; wait for it to "
+                        f"finish, or if it is dead delete {self.uri('_runs/_writer.lock')}")
+                self.fs.rm(path)  # stale: its run is gone
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
+        if _lock_holder(self.fs.cat_file(path))["run_id"] != run_id:
+            raise WriterLockedError(f"another run took {self.uri('_runs/_writer.lock')} at the "
+                                    "same instant; this run stops without writing anything")
+
+    def _create_if_absent(self, path: str, data: bytes) -> bool:
+        """Write ``path`` only if it does not exist; False if it does (atomic on both stores)."""
+        if isinstance(self.fs, LocalFileSystem):
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(data)
+            return True
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
 
     def release_writer(self, run_id: str) -> None:
         path = self._p("_runs", "_writer.lock")
@@ -143,8 +250,11 @@ class OutputStore:
     def recover(self) -> list[str]:
         """Delete staging leftovers and published files no commit record lists (a crash between
         publishing and recording); their inputs are not in the ledger, so they get rescored."""
-        committed = {f["path"] for r in self.commit_records() for f in r["files"]}
-        orphans = [p for p in self.fs.glob(self._p("predictions", "**", "*.parquet"))
+        records = self.commit_records()
+        committed = {f["path"] for r in records for f in r["files"]}
+        committed.update(r["ledger"] for r in records if "ledger" in r)
+        orphans = [p for folder in ("predictions", "_ledger")
+                   for p in self.fs.glob(self._p(folder, "**", "*.parquet"))
                    if posixpath.relpath(p, self.path) not in committed]
         if self.fs.exists(self._p("_staging")):
             self.fs.rm(self._p("_staging"), recursive=True)
@@ -152,31 +262,63 @@ class OutputStore:
             self.fs.rm(orphan)
         return [self.uri(posixpath.relpath(p, self.path)) for p in orphans]
 
-    def ledger(self, model_sha256: str) -> set[bytes]:
-        """``input_digest`` of every input committed for this model: what a run skips."""
-        return {input_digest(*key) for r in self.commit_records()
-                if r["model_sha256"] == model_sha256 for key in r["inputs"]}
+    def ledger(self, model_sha256: str) -> Ledger:
+        """``input_digest`` of every input committed for this model: what a run skips. Read from
+        the ledger files the commit records name (16 bytes an input); records written before
+        ledger files existed list their inputs themselves, and are read as well."""
+        records = [r for r in self.commit_records() if r["model_sha256"] == model_sha256]
+        parts = [pq.ParquetFile(pa.BufferReader(data)).read(columns=["digest"])["digest"]
+                 for data in self._cat([self._p(r["ledger"]) for r in records if "ledger" in r])]
+        legacy = [input_digest(*key) for r in records for key in r.get("inputs", ())]
+        chunks = [np.frombuffer(c.buffers()[1], "S16")[c.offset:c.offset + len(c)]
+                  for part in parts for c in part.chunks]
+        if legacy:
+            chunks.append(np.array(legacy, "S16"))
+        return Ledger(np.concatenate(chunks) if chunks else None)
 
     def write_config(self, run_id: str, config: ScoringConfig) -> None:
-        write_atomic(self.fs, self._p("_runs", run_id, "config.json"), config.to_json().encode())
+        try:
+            write_atomic(self.fs, self._p("_runs", run_id, "config.json"),
+                         config.to_json().encode())
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
 
     def commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
                scored_at: dt.datetime) -> dict:
-        """Publish, then record one chunk; the record is what makes it count. The record lists
-        the inputs of exactly the rows in the file: they become the ledger. Counts and inputs
-        come from the field rows (one per input), so cell rows do not inflate the accounting;
-        the caller commits an input's field and cell rows together (``CompleteInputs``)."""
+        """Publish, then record one chunk; the record is what makes it count. Beside the table
+        file a ledger file holds the digests of exactly the inputs in it (``_ledger/<model>/``);
+        the record names both, so the ledger of a model is the ledger files its records name.
+        Counts and digests come from the field rows (one per input), so cell rows do not inflate
+        the accounting; the caller commits an input's field and cell rows together
+        (``CompleteInputs``). Inputs whose error may pass (``TRANSIENT_ERROR_KINDS``) are left
+        out of the ledger file (counted as ``retry``): the next run tries them again without
+        ``--full``.
+        An ``OSError`` of the output (read-only, disk full) is raised as
+        ``OutputUnwritableError``; the chunk is then not committed and the rerun scores it."""
+        try:
+            return self._commit(table, run_id=run_id, chunk=chunk, model_sha256=model_sha256,
+                                scored_at=scored_at)
+        except OSError as exc:
+            raise output_error(self.root, exc) from exc
+
+    def _commit(self, table: pa.Table, *, run_id: str, chunk: int, model_sha256: str,
+                scored_at: dt.datetime) -> dict:
         relative = self.publish(table, posixpath.join(
             "predictions", f"scored_date={scored_at:%Y-%m-%d}", f"part-{run_id}-{chunk:05d}.parquet"),
             run_id=run_id)
         field_rows = table.filter(pc.equal(table["row_kind"], FIELD))
         status = field_rows["status"].to_pylist()
+        final = _final_inputs(field_rows)
+        ledger = self.publish(pa.table({"digest": pa.array(
+            [input_digest(*key) for key in zip(*(final[c].to_pylist() for c in INPUT_KEY))],
+            DIGEST)}), posixpath.join("_ledger", model_sha256, f"{run_id}-{chunk:05d}.parquet"),
+            run_id=run_id)
         record = {"run_id": run_id, "chunk": chunk, "model_sha256": model_sha256,
                   "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
-                  "files": [{"path": relative, "rows": table.num_rows}],
+                  "files": [{"path": relative, "rows": table.num_rows}], "ledger": ledger,
                   "counts": {OK: status.count(OK), ERROR: status.count(ERROR),
-                             CELL: table.num_rows - field_rows.num_rows},
-                  "inputs": [list(k) for k in zip(*(field_rows[c].to_pylist() for c in INPUT_KEY))]}
+                             CELL: table.num_rows - field_rows.num_rows,
+                             "retry": field_rows.num_rows - final.num_rows}}
         write_atomic(self.fs, self._p("_commits", f"{run_id}-{chunk:05d}.json"),
                      json.dumps(record).encode())
         return record
@@ -194,6 +336,28 @@ class OutputStore:
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
         return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
+
+
+def _prefix(digests: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each 16-byte digest as an integer: a sort key numpy sorts fast."""
+    return digests.view("<u8")[::2] if len(digests) else np.empty(0, "<u8")
+
+
+def _lock_holder(data: bytes) -> dict:
+    """The lock's holder; a lock another run has created but not yet filled in (empty) is fresh."""
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError:
+        return {"run_id": "(starting)", "host": "?", "pid": -1, "since": time.time()}
+
+
+def _final_inputs(field_rows: pa.Table) -> pa.Table:
+    """The field rows that settle their input for this model: all but errors of a transient kind,
+    which the ledger leaves out so the next run tries them again."""
+    if "error_kind" not in field_rows.column_names:
+        return field_rows
+    transient = pc.is_in(field_rows["error_kind"], pa.array(sorted(TRANSIENT_ERROR_KINDS)))
+    return field_rows.filter(pc.invert(pc.fill_null(transient, False)))
 
 
 def _process_alive(pid: int) -> bool:
