@@ -6,8 +6,9 @@
 
 Incremental: inputs already committed for this model are skipped; --full rescores them (new rows
 under a new run_id; the `latest_predictions` view in sql/bi_queries.sql keeps the newest).
-Exit status 0 on success, 2 when the error rate exceeds --max-error-rate (everything scored is
-still committed). s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
+Exit status 0 on success, 2 when the error rate exceeds --max-error-rate, 3 when the share of
+rows flagged for review exceeds --max-review-rate (the archive drifted from the model's training
+data; see _runs/<run_id>/drift.png). In both cases everything scored is still committed. s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
 AWS_ENDPOINT_URL.
 """
 
@@ -56,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                         help="inference actor pool size (default %(default)s)")
     parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
                         help="exit 2 above this fraction of error rows (default %(default)s)")
+    parser.add_argument("--max-review-rate", type=float, default=defaults.max_review_rate,
+                        help="warn and exit 3 above this fraction of ok fields flagged for review "
+                        "(needs_review) (default %(default)s)")
     parser.add_argument("--specimen-pattern", help="regex on the input path; capture group 1 is "
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
@@ -76,6 +80,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
                              input_list=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
+                             max_review_rate=args.max_review_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, fast=args.fast, gpu=args.gpu,
                              per_cell=args.per_cell, verbose=args.verbose)
@@ -95,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.max_error_rate:.2%} (or the accounting does not balance); the error rows "
               f"say why: see the error summary in sql/bi_queries.sql", file=sys.stderr)
         return 2
+    if summary.review_rate_exceeded:
+        print(f"WARNING: {summary.review_rate:.2%} of the fields scored need review, more than "
+              f"--max-review-rate {config.max_review_rate:.2%}: these images differ from what the "
+              f"model was trained on (scanner, stain, magnification, focus?). Do not act on this "
+              f"run's calls before looking at {config.output}/_runs/{summary.run_id}/drift.png "
+              f"and the review_reason column", file=sys.stderr)
+        return 3
     return 0
 
 
