@@ -196,7 +196,7 @@ def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
     assert len(files) == 1
     written = {r["specimen_id"]: r for r in pq.read_table(files[0]).to_pylist()}
     expected = con.execute("""
-        SELECT specimen_id, count(*) AS cells, count(*) FILTER (is_blast) AS blasts,
+        SELECT specimen_id, count(*) AS cells, count(*) FILTER (call = 'blast') AS blasts,
                count(*) FILTER (pred_label = 'Pre') AS pre
         FROM cell_predictions GROUP BY specimen_id""").fetchall()
     assert {s: (c, b, p) for s, c, b, p in expected} == {
