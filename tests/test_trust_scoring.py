@@ -175,3 +175,13 @@ def test_corrupted_and_foreign_images_get_needs_review_end_to_end(tmp_path, ray_
     old = duckdb.sql(f"SELECT DISTINCT review_reason, needs_review FROM "
                      f"read_parquet('{tmp_path}/out-old/predictions/**/*.parquet')").fetchall()
     assert old == [(trust.NO_TRUST_CHECKS, None)]
+
+
+def test_max_review_rate_reaches_the_config_and_is_checked():
+    from allcore.scoring.config import ScoringConfig
+    from jobs.score import parse_args
+
+    paths = ["--model", "m", "--input", "i", "--output", "o"]
+    assert parse_args([*paths, "--max-review-rate", "0.3"]).max_review_rate == 0.3
+    with pytest.raises(ValueError, match=r"max_review_rate must be in \[0, 1\]"):
+        ScoringConfig(model="m", input="i", output="o", max_review_rate=2)
