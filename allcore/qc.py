@@ -15,12 +15,13 @@ every image resized to its input size, so the fraction is what it sees.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
 from skimage import color, measure
 
-from allcore.cells import CellFinderConfig, find_cells
+from allcore.cells import Cell, CellFinderConfig, find_cells
 
 WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
 CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
@@ -80,13 +81,16 @@ def jpeg_blockiness(rgb: np.ndarray) -> float:
     return float((border.mean() + 0.5) / (inside.mean() + 0.5))
 
 
-def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> dict[str, float]:
+def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig(),
+                    cells: Sequence[Cell] | None = None) -> dict[str, float]:
     """Count and median size of the white cells, searched at most ``CELL_SEARCH_MAX_SIDE`` px
-    (a 2592 px field would take seconds at full size); sizes are scaled back to original pixels."""
+    (a 2592 px field would take seconds at full size); sizes are scaled back to original pixels.
+    ``cells`` already found on the original image (scoring's ``--per-cell``) are used instead of
+    searching again."""
     side = min(rgb.shape[:2])
-    scale = min(1.0, CELL_SEARCH_MAX_SIDE / side)
-    searched = _resized(rgb, CELL_SEARCH_MAX_SIDE) if scale < 1 else rgb
-    cells = find_cells(searched, config)
+    scale = 1.0 if cells is not None else min(1.0, CELL_SEARCH_MAX_SIDE / side)
+    if cells is None:
+        cells = find_cells(_resized(rgb, CELL_SEARCH_MAX_SIDE) if scale < 1 else rgb, config)
     if not cells:
         return {"qc_cell_count": 0.0, "qc_cell_diameter_px": math.nan,
                 "qc_cell_diameter_fraction": math.nan}
@@ -95,9 +99,10 @@ def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig
             "qc_cell_diameter_fraction": diameter / side}
 
 
-def image_qc(img: Image.Image | np.ndarray,
-             cell_config: CellFinderConfig = CellFinderConfig()) -> dict[str, float]:
-    """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array)."""
+def image_qc(img: Image.Image | np.ndarray, cell_config: CellFinderConfig = CellFinderConfig(),
+             cells: Sequence[Cell] | None = None) -> dict[str, float]:
+    """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array);
+    ``cells``: see ``cell_statistics``."""
     rgb = _rgb_array(img)
     small = _resized(rgb, WORKING_SIDE)
     lab = color.rgb2lab(small)
@@ -111,7 +116,7 @@ def image_qc(img: Image.Image | np.ndarray,
         "qc_a_mean": float(lab[..., 1].mean()),
         "qc_b_mean": float(lab[..., 2].mean()),
         "qc_blockiness": jpeg_blockiness(rgb),
-        **cell_statistics(rgb, cell_config),
+        **cell_statistics(rgb, cell_config, cells),
     }
     assert list(values) == list(QC_COLUMNS), "QC_COLUMNS and image_qc disagree"
     return values

@@ -58,6 +58,7 @@ OUT_OF_DISTRIBUTION = "out of distribution"
 REVIEW_REASONS = (OUT_OF_DISTRIBUTION,) + tuple(dict.fromkeys(
     reason for pair in QC_CHECKS.values() for reason in pair if reason))
 CALLS = ("blast", "not blast", "abstain")
+NO_TRUST_CHECKS = "no trust checks in model card"  # review_reason of rows scored without them
 NO_TRUST_WARNING = ("the model card has no trust section (the model was trained before allcore "
                     "fitted one): rows carry no calibration, out-of-distribution or image QC "
                     "checks. Retrain, or fit one with allcore.trust.attach_trust(artifact, "
@@ -71,12 +72,24 @@ def pooled_features(backbone_output: torch.Tensor) -> torch.Tensor:
     return backbone_output.mean(dim=(2, 3)) if backbone_output.ndim == 4 else backbone_output
 
 
+class FeaturesAndLogits(torch.nn.Module):
+    """Penultimate features and logits of ``model`` (an ``allcore.models.Classifier``:
+    ``head(backbone(x))``) from one forward pass, as a module so that ONNX export and tracing
+    (scoring's fast path) see both outputs."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.backbone(pixels)
+        return pooled_features(out), self.model.head(out)
+
+
 @torch.inference_mode()
 def features_and_logits(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of a preprocessed batch in one forward pass
-    (``model`` is an ``allcore.models.Classifier``: ``head(backbone(x))``)."""
-    out = model.backbone(pixels)
-    return pooled_features(out), model.head(out)
+    """Penultimate features and logits of a preprocessed batch in one forward pass."""
+    return FeaturesAndLogits(model)(pixels)
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -273,7 +286,12 @@ def review_row(qc: Mapping[str, float], ood_score: float, blast_probability: flo
     reasons += qc_reasons(qc, trust.qc_reference)
     if reasons:
         return Review(True, "; ".join(reasons), "abstain")
-    return Review(False, None, "blast" if blast_probability >= BLAST_THRESHOLD else "not blast")
+    return Review(False, None, probability_call(blast_probability))
+
+
+def probability_call(blast_probability: float) -> str:
+    """The call the probabilities alone make ("blast" / "not blast"), for a row nothing flags."""
+    return "blast" if blast_probability >= BLAST_THRESHOLD else "not blast"
 
 
 def trust_from_card_section(section: Mapping) -> Trust:

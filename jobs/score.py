@@ -6,8 +6,10 @@
 
 Incremental: inputs already committed for this model are skipped; --full rescores them (new rows
 under a new run_id; the `latest_predictions` view in sql/bi_queries.sql keeps the newest).
-Exit status: see the README's exit-code table (0 ok, 2 error rate above --max-error-rate with
-everything scored still committed, 4-6 a fault that ends the run with one line saying what to do).
+Exit status: see the README's exit-code table (0 ok; 2 error rate above --max-error-rate and 3
+share of fields flagged for review above --max-review-rate, the archive having drifted from the
+model's training data (_runs/<run_id>/drift.png), both with everything scored still committed;
+4-7 a fault that ends the run with one line saying what to do).
 s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
 AWS_ENDPOINT_URL.
 """
@@ -59,6 +61,9 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                         help="inference actor pool size (default %(default)s)")
     parser.add_argument("--max-error-rate", type=float, default=defaults.max_error_rate,
                         help="exit 2 above this fraction of error rows (default %(default)s)")
+    parser.add_argument("--max-review-rate", type=float, default=defaults.max_review_rate,
+                        help="warn and exit 3 above this fraction of ok fields flagged for review "
+                        "(needs_review) (default %(default)s)")
     parser.add_argument("--specimen-pattern", help="regex on the input path; capture group 1 is "
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
@@ -82,6 +87,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
         return ScoringConfig(model=args.model, input=args.input, output=args.output,
                              input_list=args.manifest, full=args.full, batch_size=args.batch_size,
                              actors=args.actors, max_error_rate=args.max_error_rate,
+                             max_review_rate=args.max_review_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, max_pixels=args.max_pixels,
                              fast=args.fast, gpu=args.gpu,
@@ -106,6 +112,13 @@ def main(argv: list[str] | None = None) -> int:
               f"{config.max_error_rate:.2%} (or the accounting does not balance); the error rows "
               f"say why: see the error summary in sql/bi_queries.sql", file=sys.stderr)
         return 2
+    if summary.review_rate_exceeded:
+        print(f"WARNING: {summary.review_rate:.2%} of the fields scored need review, more than "
+              f"--max-review-rate {config.max_review_rate:.2%}: these images differ from what the "
+              f"model was trained on (scanner, stain, magnification, focus?). Do not act on this "
+              f"run's calls before looking at {config.output}/_runs/{summary.run_id}/drift.png "
+              f"and the review_reason column", file=sys.stderr)
+        return 3
     return 0
 
 

@@ -29,12 +29,14 @@ from allcore.artifact import load_artifact
 from allcore.cells import CellFinderConfig
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
+from allcore.scoring.drift import write_drift_summary
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id
 from allcore.scoring.summary import RunSummary, write_specimen_summary
 from allcore.scoring.table import build_output_table, card_summary
+from allcore.trust import NO_TRUST_WARNING
 
 log = logging.getLogger("allcore.score")
 
@@ -65,7 +67,10 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
     done = Ledger() if config.full else store.ledger(card.weights_sha256)
-    summary = RunSummary(run_id=run_id, output=config.output, max_error_rate=config.max_error_rate)
+    summary = RunSummary(run_id=run_id, output=config.output, max_error_rate=config.max_error_rate,
+                         max_review_rate=config.max_review_rate)
+    if not card.trust:
+        log.warning("%s", NO_TRUST_WARNING)
     store.write_config(run_id, config)
     log.info("run %s: model %s %s (%s); %d inputs already committed for it", run_id,
              card.model_name, card.model_version, card.weights_sha256[:12], len(done))
@@ -76,6 +81,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
     log.info("listed %d inputs: %d to score, %d skipped", summary.listed, summary.to_score,
              summary.skipped)
     specimens: set[str] = set()
+    run_files: list[str] = []
     if blocks:
         _quiet_ray(config.verbose)
         # prepare -> predict
@@ -98,6 +104,8 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
             record = store.commit(table, run_id=run_id, chunk=summary.chunks,
                                   model_sha256=card.weights_sha256, scored_at=scored_at)
             summary.add_commit(record)
+            summary.add_reviews(table)
+            run_files += [store.uri(f["path"]) for f in record["files"]]
             summary.seconds = time.perf_counter() - started
             specimens.update(s for s in table["specimen_id"].to_pylist() if s is not None)
             log.info("chunk %d committed: %s", record["chunk"], summary.progress())
@@ -112,6 +120,12 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
             store, run_id=run_id, model_sha256=card.weights_sha256, classes=card.classes,
             specimens=specimens, scored_date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}")
         log.info("specimen summary of %d specimens -> %s", len(specimens), written)
+    if run_files:
+        drift = write_drift_summary(store.uri(f"_runs/{run_id}"), run_files, card.trust,
+                                    max_review_rate=config.max_review_rate)
+        log.info("drift summary -> %s (%.1f%% of fields flagged for review: %s)",
+                 store.uri(f"_runs/{run_id}/drift.json"), 100 * drift["flagged_fraction"],
+                 drift["reasons"] or "none")
     summary.seconds = time.perf_counter() - started
     store.finish(run_id, summary.to_dict(), passed=not summary.failed)
     log.info(summary.line())

@@ -64,7 +64,8 @@ SELECT * FROM latest_predictions WHERE row_kind = 'cell';
 
 -- Specimen summary computed from the cell rows, per specimen and model: the same numbers as the
 -- <out>/specimen_summary/ table the job writes (class counts as a map here, as columns there).
--- Blast fraction with a 95% Wilson interval (z = 1.959964).
+-- Blast fraction over the trusted cells (call is not 'abstain') with a 95% Wilson interval
+-- (z = 1.959964); abstained cells (their field needs review) are counted separately.
 CREATE OR REPLACE VIEW specimen_summary AS
 WITH counts AS (
     SELECT specimen_id, model_sha256,
@@ -72,24 +73,28 @@ WITH counts AS (
            count(*) FILTER (row_kind = 'field' AND status = 'error') AS fields_with_errors,
            count(*) FILTER (row_kind = 'field' AND status = 'ok' AND cell_count = 0)
                AS fields_without_cells,
+           count(*) FILTER (row_kind = 'field' AND status = 'ok' AND needs_review)
+               AS fields_needing_review,
            count(*) FILTER (row_kind = 'cell') AS cells_total,
            histogram(pred_label) FILTER (row_kind = 'cell') AS cells_by_class,
-           count(*) FILTER (row_kind = 'cell' AND is_blast) AS blast_cells,
+           count(*) FILTER (row_kind = 'cell' AND call = 'abstain') AS cells_abstained,
+           count(*) FILTER (row_kind = 'cell' AND coalesce(call = 'blast', is_blast)) AS blast_cells,
+           count(*) FILTER (row_kind = 'cell' AND call IS DISTINCT FROM 'abstain') AS n,
            list(cell_id ORDER BY blast_probability DESC, cell_id)
                FILTER (row_kind = 'cell')[1:5] AS top_suspicious_cells
     FROM latest_predictions
     WHERE specimen_id IN (SELECT specimen_id FROM latest_predictions WHERE row_kind = 'cell')
     GROUP BY specimen_id, model_sha256),
 z AS (SELECT 1.959964 AS z)
-SELECT counts.* EXCLUDE (top_suspicious_cells),
-       blast_cells / nullif(cells_total, 0) AS blast_fraction,
-       (blast_fraction + z * z / (2 * cells_total)
-        - z * sqrt(blast_fraction * (1 - blast_fraction) / cells_total
-                   + z * z / (4 * cells_total * cells_total))) / (1 + z * z / cells_total)
+SELECT counts.* EXCLUDE (top_suspicious_cells, n),
+       blast_cells / nullif(n, 0) AS blast_fraction,
+       (blast_fraction + z * z / (2 * n)
+        - z * sqrt(blast_fraction * (1 - blast_fraction) / n
+                   + z * z / (4 * n * n))) / (1 + z * z / n)
            AS blast_ci_low,
-       (blast_fraction + z * z / (2 * cells_total)
-        + z * sqrt(blast_fraction * (1 - blast_fraction) / cells_total
-                   + z * z / (4 * cells_total * cells_total))) / (1 + z * z / cells_total)
+       (blast_fraction + z * z / (2 * n)
+        + z * sqrt(blast_fraction * (1 - blast_fraction) / n
+                   + z * z / (4 * n * n))) / (1 + z * z / n)
            AS blast_ci_high,
        top_suspicious_cells
 FROM counts, z;

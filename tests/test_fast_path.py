@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from allcore.artifact import load_artifact
-from allcore.scoring.predict import Predictor, probability_function
+from allcore.scoring.predict import Predictor, model_outputs, probability_function
 from allcore.scoring.table import OK, prob_column
 
 # fp32 throughout (ONNX Runtime or a frozen trace): only operator fusion and summation order
@@ -35,6 +35,25 @@ def test_fast_path_agrees_with_eager(tiny_artifact, pixels, onnx, monkeypatch):
     assert fast.shape == eager.shape and fast.dtype == np.float32
     np.testing.assert_array_equal(fast.argmax(1), eager.argmax(1))
     np.testing.assert_allclose(fast, eager, atol=PROBABILITY_TOLERANCE, rtol=0)
+
+
+@pytest.mark.parametrize("onnx", [True, False], ids=["onnxruntime", "torchscript"])
+def test_fast_path_returns_the_same_features_for_the_ood_score(tiny_artifact, pixels, onnx,
+                                                               monkeypatch):
+    """The OOD detector works on the penultimate features: the fast path exports them as a second
+    output of the same forward pass, so --fast keeps the trust checks."""
+    if onnx:
+        pytest.importorskip("onnxruntime")
+    else:
+        monkeypatch.setattr("allcore.scoring.predict._onnx_session", lambda model, size: None)
+    cpu = torch.device("cpu")
+    eager = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=False, device=cpu)
+    fast = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=True, device=cpu)
+    (eager_features, eager_logits), (fast_features, fast_logits) = eager(pixels), fast(pixels)
+    assert fast_features.shape == eager_features.shape and eager_features.shape[1] > 1
+    scale = np.abs(eager_features).max()
+    np.testing.assert_allclose(fast_features, eager_features, atol=1e-4 * scale, rtol=0)
+    np.testing.assert_allclose(fast_logits, eager_logits, atol=1e-3, rtol=0)
 
 
 def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):

@@ -136,23 +136,30 @@ def test_blast_classes_follow_the_label_set():
 
 
 def test_specimen_summary_counts_cells_per_class_and_picks_the_most_suspicious():
-    def row(specimen, kind, label=None, blast=None, status="ok", cells=None, cid=None):
+    def row(specimen, kind, label=None, blast=None, status="ok", cells=None, cid=None,
+            review=False):
+        is_blast = None if label is None else label != "Benign"
+        call = None if label is None else "abstain" if review else "blast" if is_blast else "not blast"
         return {"specimen_id": specimen, "model_sha256": "m", "row_kind": kind, "status": status,
-                "pred_label": label, "is_blast": None if label is None else label != "Benign",
-                "blast_probability": blast, "cell_count": cells, "cell_id": cid}
+                "pred_label": label, "is_blast": is_blast, "blast_probability": blast,
+                "cell_count": cells, "cell_id": cid, "needs_review": review, "call": call}
 
-    rows = [row("A", "field", cells=3), row("A", "field", cells=0), row("A", "field", status="error"),
+    rows = [row("A", "field", cells=3), row("A", "field", cells=1, review=True),
+            row("A", "field", cells=0), row("A", "field", status="error"),
             row("A", "cell", "Pro", 0.9, cid="a1"), row("A", "cell", "Benign", 0.2, cid="a2"),
-            row("A", "cell", "Pre", 0.95, cid="a3"), row("B", "field", cells=0)]
+            row("A", "cell", "Pre", 0.95, cid="a3"), row("B", "field", cells=0),
+            row("A", "cell", "Pro", 0.5, cid="a4", review=True)]  # its field needs review
     summary = {r["specimen_id"]: r for r in specimen_summary(pa.Table.from_pylist(rows),
                                                               ["Benign", "Early", "Pre", "Pro"])
                .to_pylist()}
     a = summary["A"]
-    assert (a["fields_scored"], a["fields_with_errors"], a["fields_without_cells"]) == (2, 1, 1)
-    assert (a["cells_total"], a["cells_Benign"], a["cells_Pre"], a["cells_Pro"]) == (3, 1, 1, 1)
-    assert a["blast_fraction"] == pytest.approx(2 / 3)
+    assert (a["fields_scored"], a["fields_with_errors"], a["fields_without_cells"]) == (3, 1, 1)
+    assert a["fields_needing_review"] == 1
+    assert (a["cells_total"], a["cells_Benign"], a["cells_Pre"], a["cells_Pro"]) == (4, 1, 1, 2)
+    assert a["cells_abstained"] == 1 and a["blast_cells"] == 2
+    assert a["blast_fraction"] == pytest.approx(2 / 3)  # the abstained cell counts in neither
     assert (a["blast_ci_low"], a["blast_ci_high"]) == pytest.approx(wilson_interval(2, 3))
-    assert a["top_suspicious_cells"] == ["a3", "a1", "a2"]
+    assert a["top_suspicious_cells"] == ["a3", "a1", "a4", "a2"]
     b = summary["B"]
     assert (b["cells_total"], b["blast_fraction"], b["top_suspicious_cells"]) == (0, None, [])
 
@@ -189,7 +196,7 @@ def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
     assert len(files) == 1
     written = {r["specimen_id"]: r for r in pq.read_table(files[0]).to_pylist()}
     expected = con.execute("""
-        SELECT specimen_id, count(*) AS cells, count(*) FILTER (is_blast) AS blasts,
+        SELECT specimen_id, count(*) AS cells, count(*) FILTER (call = 'blast') AS blasts,
                count(*) FILTER (pred_label = 'Pre') AS pre
         FROM cell_predictions GROUP BY specimen_id""").fetchall()
     assert {s: (c, b, p) for s, c, b, p in expected} == {

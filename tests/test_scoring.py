@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from allcore.qc import QC_COLUMNS
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import chunked, input_digest, iter_input_list
 from allcore.scoring.store import OutputStore
@@ -40,6 +41,8 @@ def scored_table() -> pa.Table:
         "pred_label": ["Early", None], "confidence": np.array([0.75, np.nan], np.float32),
         "prob_Benign": np.array([0.25, np.nan], np.float32),
         "prob_Early": np.array([0.75, np.nan], np.float32),
+        "ood_score": np.full(2, np.nan, np.float32),
+        **{name: np.full(2, np.nan) for name in QC_COLUMNS},
     })
 
 

@@ -22,6 +22,7 @@ class ScoringConfig:
     batch_size: int = 64
     actors: tuple[int, int] = (1, 2)  # inference actor pool (min, max); Ray autoscales between
     max_error_rate: float = 0.05  # fail the run (after committing) when errors / scored exceed it
+    max_review_rate: float = 0.10  # warn and exit 3 (after committing) when flagged / ok exceeds it
     specimen_pattern: str | None = None  # regex on source_uri; group 1 (or whole match) = specimen
     commit_every: int = 4096  # result rows per commit (cells count with --per-cell): bounds the work a crash loses
     max_pixels: int = MAX_PIXELS  # decompression-bomb guard passed to decode_rgb
@@ -38,6 +39,8 @@ class ScoringConfig:
             raise ValueError(f"actors must be MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
         if not 0.0 <= self.max_error_rate <= 1.0:
             raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
+        if not 0.0 <= self.max_review_rate <= 1.0:
+            raise ValueError(f"max_review_rate must be in [0, 1], got {self.max_review_rate}")
         if self.specimen_pattern is not None:
             try:
                 groups = re.compile(self.specimen_pattern).groups

@@ -2,7 +2,11 @@
 
 ``Predictor`` is the ``map_batches`` class of ``pipelines/score.py`` (one per actor, so the model
 is loaded once per actor); it takes and returns ``dict[str, np.ndarray]`` batches, so it is
-tested without Ray. ``probability_function`` is the pixels -> probabilities function alone.
+tested without Ray. ``model_outputs`` is the pixels -> (features, logits) function alone.
+
+With a ``trust`` section in the model card the probabilities are temperature-scaled (calibrated)
+and every ok row gets an ``ood_score`` from the same forward pass (``allcore.trust``); without
+one they are the plain softmax and ``ood_score`` is NaN (the driver warns once).
 """
 
 from __future__ import annotations
@@ -13,37 +17,50 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from scipy import special
 
 from allcore.artifact import load_artifact
+from allcore.trust import FeaturesAndLogits, calibrated_probabilities, features_and_logits, load_trust
 from allcore.scoring.table import OK, prob_column
 
 log = logging.getLogger("allcore.scoring.predict")
 
 
-def eager_probabilities(model: torch.nn.Module, device: torch.device) -> Callable[[np.ndarray], np.ndarray]:
+# A model-outputs function: float32 N x 3 x S x S pixels -> (features, logits), float32 numpy
+# N x F and N x C from one forward pass. The features are the penultimate layer the card's OOD
+# detector was fitted on (allcore.trust.features_and_logits), so every path must return them.
+ModelOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def _numpy(features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    return features.float().cpu().numpy(), logits.float().cpu().numpy()
+
+
+def eager_outputs(model: torch.nn.Module, device: torch.device) -> ModelOutputs:
     """The reference path: the model as trained, fp32, eager, ``inference_mode``."""
     model.to(device).eval()
 
-    def probabilities(pixels: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(np.ascontiguousarray(pixels)).to(device))
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+    def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+        return _numpy(*features_and_logits(model, x))
 
-    return probabilities
+    return outputs
 
 
 def _onnx_session(model: torch.nn.Module, input_size: int):
-    """Export ``model`` to ONNX in memory and open an ONNX Runtime session, or None when
-    ``onnxruntime`` is not installed (the ``fast`` extra). Threads: ``torch.get_num_threads()``,
-    which follows OMP_NUM_THREADS, i.e. the CPUs Ray gave this actor."""
+    """Export ``model`` (features and logits) to ONNX in memory and open an ONNX Runtime
+    session, or None when ``onnxruntime`` is not installed (the ``fast`` extra). Threads:
+    ``torch.get_num_threads()``, which follows OMP_NUM_THREADS, i.e. the CPUs Ray gave this actor."""
     try:
         import onnxruntime
     except ImportError:
         return None
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(model, (example,), buffer, input_names=["pixels"], output_names=["logits"],
-                      dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+    torch.onnx.export(FeaturesAndLogits(model), (example,), buffer, input_names=["pixels"],
+                      output_names=["features", "logits"],
+                      dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"},
+                                    "logits": {0: "batch"}},
                       opset_version=17, dynamo=False)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
@@ -53,8 +70,7 @@ def _onnx_session(model: torch.nn.Module, input_size: int):
                                         providers=["CPUExecutionProvider"])
 
 
-def fast_probabilities(model: torch.nn.Module, device: torch.device,
-                       input_size: int) -> Callable[[np.ndarray], np.ndarray]:
+def fast_outputs(model: torch.nn.Module, device: torch.device, input_size: int) -> ModelOutputs:
     """The fast path, same fp32 weights. CPU: ONNX Runtime (graph fusions; 7-10x eager on
     MobileNetV2, see docs/PERFORMANCE.md), else a frozen TorchScript trace in channels_last;
     both agree with eager to ~1e-6 in probability. CUDA: channels_last + bf16 (fp16 without
@@ -64,49 +80,56 @@ def fast_probabilities(model: torch.nn.Module, device: torch.device,
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         model.to(memory_format=torch.channels_last)
 
-        def probabilities(pixels: np.ndarray) -> np.ndarray:
+        def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
-                logits = model(x.contiguous(memory_format=torch.channels_last))
-            return torch.softmax(logits.float(), dim=1).cpu().numpy()
+            with torch.autocast("cuda", dtype=dtype):
+                return _numpy(*features_and_logits(model, x.contiguous(memory_format=torch.channels_last)))
 
-        return probabilities
+        return outputs
     session = _onnx_session(model, input_size)
     if session is not None:
-        def probabilities(pixels: np.ndarray) -> np.ndarray:
-            logits = session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})[0]
-            return torch.softmax(torch.from_numpy(logits), dim=1).numpy()
+        def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            features, logits = session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})
+            return features, logits
 
-        return probabilities
+        return outputs
     log.warning("onnxruntime is not installed (pip install 'allcore[fast]'); the fast path uses "
                 "a frozen TorchScript trace instead, which is slower")
     model.to(memory_format=torch.channels_last)
     example = torch.zeros(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(model, example))
+        frozen = torch.jit.freeze(torch.jit.trace(FeaturesAndLogits(model).eval(), example))
 
-    def probabilities(pixels: np.ndarray) -> np.ndarray:
+    def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(pixels)).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            return torch.softmax(frozen(x), dim=1).numpy()
+            return _numpy(*frozen(x))
 
-    return probabilities
+    return outputs
+
+
+def model_outputs(model: torch.nn.Module, *, input_size: int, fast: bool,
+                  device: torch.device | None = None) -> ModelOutputs:
+    """The pixels -> (features, logits) function of one path. The device is picked here, once:
+    CUDA when available, else CPU."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if fast:
+        return fast_outputs(model, device, input_size)
+    return eager_outputs(model, device)
 
 
 def probability_function(model: torch.nn.Module, *, input_size: int, fast: bool,
                          device: torch.device | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 N x 3 x S x S pixels -> float32 N x C softmax probabilities. The device is picked
-    here, once: CUDA when available, else CPU."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if fast:
-        return fast_probabilities(model, device, input_size)
-    return eager_probabilities(model, device)
+    """float32 N x 3 x S x S pixels -> float32 N x C softmax probabilities (uncalibrated: the
+    benchmarks' view of one path)."""
+    outputs = model_outputs(model, input_size=input_size, fast=fast, device=device)
+    return lambda pixels: special.softmax(outputs(pixels)[1], axis=1).astype(np.float32)
 
 
 class Predictor:
     """Scores prepared batches. ``__init__`` loads the artifact once per actor; class names and
     their order come from its model card, never from this code. ``fast`` selects
-    ``fast_probabilities`` instead of the eager reference path.
+    ``fast_outputs`` instead of the eager reference path.
 
     ``expected_sha256`` guards against the artifact being replaced while a run is going: the
     driver recorded one model in the table, so every actor must score with that one.
@@ -119,16 +142,23 @@ class Predictor:
                              f"but this run started with {expected_sha256}; it was replaced "
                              "mid-run: rerun the job")
         self.classes = list(card.classes)
-        self.probabilities = probability_function(
-            model, input_size=int(card.data_config["input_size"]), fast=fast)
+        self.trust = load_trust(artifact_uri, card.trust) if card.trust else None
+        self.outputs = model_outputs(model, input_size=int(card.data_config["input_size"]),
+                                     fast=fast)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {k: v for k, v in batch.items() if k != "pixels"}
         ok = np.asarray(batch["status"] == OK, dtype=bool)
         n = len(ok)
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
+        out["ood_score"] = np.full(n, np.nan, np.float32)
         if ok.any():
-            probs[ok] = self.probabilities(batch["pixels"][ok])
+            features, logits = self.outputs(batch["pixels"][ok])
+            if self.trust is None:
+                probs[ok] = special.softmax(logits, axis=1)
+            else:
+                probs[ok] = calibrated_probabilities(logits, self.trust.temperature)
+                out["ood_score"][ok] = self.trust.ood_scores(features, logits)
         best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
         out["pred_label"] = np.array([self.classes[b] if good else ""
                                       for b, good in zip(best, ok)], dtype=object)

@@ -13,6 +13,10 @@ Per-row measurements of the decoded field (e.g. image-quality numbers) are added
 function into ``FIELD_MEASUREMENTS`` (column name -> function of the decoded RGB image, returning
 a float) and declaring the column in ``allcore.scoring.table.COLUMNS``. Cell and error rows get
 NaN (null in the table).
+
+Every field row also gets the image QC statistics (``allcore.qc.QC_COLUMNS``), which the review
+decision compares with the model card's training ranges. With ``--per-cell`` the QC's cell
+statistics come from the cells found for the cell rows, so the cell finder runs once per field.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from PIL import Image
 from allcore.cells import CellFinderConfig, cell_crop, find_cells
 from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
                         read_bytes)
+from allcore.qc import QC_COLUMNS, image_qc
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
 from allcore.transforms import DataConfig, mask_scale_bar, preprocess_array
 
@@ -90,7 +95,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                      "note": f"scored on frame 1 of {frames}" if frames > 1 else "",
                      "cell_area": -1, "circularity": math.nan, "nucleus_cell_ratio": math.nan,
                      "box": (0, 0, 0, 0), "pixels": None,
-                     **{name: math.nan for name in measurements}}
+                     **{name: math.nan for name in (*measurements, *QC_COLUMNS)}}
         if img is None:
             rows.append({**field_row, "status": ERROR, "error": error, "error_kind": error_kind})
             continue
@@ -98,17 +103,18 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                           "pixels": preprocess_array(img, cfg),
                           **{name: float(measure(img)) for name, measure in measurements.items()}})
         if cell_finder is None:
-            rows.append(field_row)
+            rows.append({**field_row, **image_qc(img)})
             continue
         searched = mask_scale_bar(img) if cfg.mask_corner else img
         cells = find_cells(searched, cell_finder)
+        field_row.update(image_qc(img, cell_finder, cells=cells))
         rows.append({**field_row, "cell_count": len(cells),
                      "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
                   "cell_area": cell.area, "circularity": cell.circularity,
                   "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
                                          else cell.nucleus_cell_ratio),
-                  **{name: math.nan for name in measurements},
+                  **{name: math.nan for name in (*measurements, *QC_COLUMNS)},
                   "pixels": preprocess_array(
                       cell_crop(searched, cell, cell_finder.crop_pad_fraction), crop_cfg)}
                  for cell in cells]
@@ -124,7 +130,7 @@ def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
                 for k in ("content_sha256", "row_kind", "status", "error", "error_kind", "note")})
     out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "cell_area")})
     out.update({k: np.array([r[k] for r in rows], np.float32)
-                for k in ("circularity", "nucleus_cell_ratio", *measurements)})
+                for k in ("circularity", "nucleus_cell_ratio", *measurements, *QC_COLUMNS)})
     out.update({f"box_{k}": np.array([r["box"][j] for r in rows], np.int32)
                 for j, k in enumerate(("x0", "y0", "x1", "y1"))})
     blank = np.zeros((3, cfg.input_size, cfg.input_size), np.float32)

@@ -40,6 +40,8 @@ class RunSummary:
     chunks: int = 0
     seconds: float = 0.0
     max_error_rate: float = 1.0
+    flagged: int = 0  # ok field rows that need review (allcore.trust); 0 without trust checks
+    max_review_rate: float = 1.0
 
     @property
     def scored(self) -> int:
@@ -60,6 +62,22 @@ class RunSummary:
     @property
     def failed(self) -> bool:
         return self.error_rate > self.max_error_rate or not self.balanced
+
+    @property
+    def review_rate(self) -> float:
+        return self.flagged / self.ok if self.ok else 0.0
+
+    @property
+    def review_rate_exceeded(self) -> bool:
+        """Too many rows flagged: the archive has probably drifted from the training data."""
+        return self.review_rate > self.max_review_rate
+
+    def add_reviews(self, table: pa.Table) -> None:
+        """Count the flagged field rows of one committed output table."""
+        con = duckdb.connect()
+        con.register("committed", table)
+        self.flagged += con.execute("SELECT count(*) FROM committed WHERE row_kind = 'field' "
+                                    "AND status = 'ok' AND needs_review").fetchone()[0]
 
     def add_commit(self, record: dict) -> None:
         """Count one commit record (``OutputStore.commit``) into the accounting."""
@@ -82,11 +100,14 @@ class RunSummary:
         return (f"run {self.run_id}: {self.listed} inputs = {self.ok} ok + {self.errors} errors "
                 f"+ {self.skipped} skipped ({'balanced' if self.balanced else 'UNBALANCED'}); "
                 f"error rate {self.error_rate:.2%} (max {self.max_error_rate:.2%}); "
+                f"{self.flagged} flagged for review ({self.review_rate:.2%}, max "
+                f"{self.max_review_rate:.2%}); "
                 f"{rate:.1f} images/s; {self.chunks} chunks committed to {self.output}")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "scored": self.scored, "balanced": self.balanced,
-                "error_rate": self.error_rate, "failed": self.failed}
+                "error_rate": self.error_rate, "failed": self.failed,
+                "review_rate": self.review_rate, "review_rate_exceeded": self.review_rate_exceeded}
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
@@ -108,10 +129,15 @@ SUMMARY_DESCRIPTIONS = {
     "fields_scored": "fields (inputs) of the specimen scored ok",
     "fields_with_errors": "inputs that could not be scored",
     "fields_without_cells": "fields scored ok in which no white cell was found",
+    "fields_needing_review": "fields scored ok that need review (needs_review)",
     "cells_total": "white cells classified",
     "cells_<class>": "cells predicted as <class>",
-    "blast_cells": "cells predicted as a blast class",
-    "blast_fraction": "blast_cells / cells_total (null without cells)",
+    "cells_abstained": "cells whose call is 'abstain' (their field needs review): not counted "
+                       "in blast_fraction",
+    "blast_cells": "cells whose call is 'blast' (rows written before the call column existed: "
+                   "predicted as a blast class)",
+    "blast_fraction": "blast_cells / (cells_total - cells_abstained): over trusted cells only "
+                      "(null without any)",
     "blast_ci_low": "95% Wilson interval, lower bound",
     "blast_ci_high": "95% Wilson interval, upper bound",
     "top_suspicious_cells": f"cell_id of the {TOP_SUSPICIOUS} cells with the highest "
@@ -133,13 +159,19 @@ def specimen_summary(rows: pa.Table, classes: Sequence[str]) -> pa.Table:
                    AS fields_with_errors,
                count(*) FILTER (row_kind = 'field' AND status = 'ok' AND cell_count = 0)::BIGINT
                    AS fields_without_cells,
+               count(*) FILTER (row_kind = 'field' AND status = 'ok' AND needs_review)::BIGINT
+                   AS fields_needing_review,
                count(*) FILTER (row_kind = 'cell')::BIGINT AS cells_total, {per_class},
-               count(*) FILTER (row_kind = 'cell' AND is_blast)::BIGINT AS blast_cells,
+               count(*) FILTER (row_kind = 'cell' AND call = 'abstain')::BIGINT AS cells_abstained,
+               count(*) FILTER (row_kind = 'cell' AND coalesce(call = 'blast', is_blast))::BIGINT
+                   AS blast_cells,
                coalesce(list(cell_id ORDER BY blast_probability DESC, cell_id)
                         FILTER (row_kind = 'cell')[1:{TOP_SUSPICIOUS}], [])
                    AS top_suspicious_cells
         FROM scored GROUP BY specimen_id ORDER BY specimen_id""").to_arrow_table()
-    blast, total = table["blast_cells"].to_pylist(), table["cells_total"].to_pylist()
+    blast = table["blast_cells"].to_pylist()
+    total = [n - a for n, a in zip(table["cells_total"].to_pylist(),
+                                   table["cells_abstained"].to_pylist())]
     intervals = [wilson_interval(b, n) for b, n in zip(blast, total)]
     extra = {"blast_fraction": [b / n if n else None for b, n in zip(blast, total)],
              "blast_ci_low": [None if n == 0 else low for (low, _), n in zip(intervals, total)],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 import posixpath
 import re
@@ -25,8 +26,13 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+from allcore.qc import QC_COLUMNS
+from allcore.trust import NO_TRUST_CHECKS, Review, probability_call, review_row, trust_from_card_section
+
 SCHEMA_METADATA_KEY = b"allcore.schema"
-SCHEMA_VERSION = 1
+# 2: prob_<class>, confidence and blast_probability are temperature-scaled when the model card has
+# a trust section; qc_*, ood_score, needs_review, review_reason and call added (docs/SCORING.md)
+SCHEMA_VERSION = 2
 OK, ERROR = "ok", "error"  # status
 FIELD, CELL = "field", "cell"  # row_kind: one field row per input, plus cell rows with --per-cell
 
@@ -60,6 +66,10 @@ class ScoredRows:
 
     def repeat(self, value) -> list:
         return [value] * self.num_rows
+
+    @cached_property
+    def reviews(self) -> list:
+        return _reviews(self)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,51 @@ def _as_listed(rows: ScoredRows, name: str) -> pa.ChunkedArray:
     return rows.table[name]
 
 
+def _field_ood_score(rows: ScoredRows) -> pa.Array:
+    """The detector was fitted on whole fields: a crop's distance to them says nothing."""
+    scores = rows.numbers("ood_score").astype(np.float64)
+    field = np.array([k == FIELD for k in rows.table["row_kind"].to_pylist()])
+    return pa.array(scores, mask=~rows.ok | ~field | np.isnan(scores))
+
+
+def _reviews(rows: ScoredRows) -> list[Review | None]:
+    """The review decision of every row (None for error rows); see ``allcore.trust.review_row``.
+
+    Field rows are judged on their own QC and OOD score. A cell row is judged by its field (the
+    crop's image is the field's): it needs review when its field does, else its own probability
+    makes the call. Without a trust section in the card nothing is checked: ``needs_review`` is
+    null, the reason says so, and the call follows the probabilities."""
+    section = rows.model_summary.get("trust") or None
+    trust = trust_from_card_section(section) if section else None
+    blast = _blast_probability(rows).to_pylist()
+    kinds, uris = rows.table["row_kind"].to_pylist(), rows.table["source_uri"].to_pylist()
+    qc = {name: rows.numbers(name) for name in QC_COLUMNS}
+    ood = rows.numbers("ood_score")
+    field_reviews: dict[str, Review] = {}
+    out: list[Review | None] = []
+    for i, (good, kind, uri, p) in enumerate(zip(rows.ok, kinds, uris, blast)):
+        call = None if p is None else probability_call(p)
+        if not good:
+            review = None
+        elif trust is None:
+            review = Review(None, NO_TRUST_CHECKS, call)
+        elif kind == FIELD:
+            review = review_row({k: float(v[i]) for k, v in qc.items()}, float(ood[i]),
+                                math.nan if p is None else p, trust)
+            if p is None and not review.needs_review:  # no blast classes in the label set
+                review = review._replace(call=None)
+            field_reviews[uri] = review
+        else:  # rows are sorted: the field row of an input comes before its cells
+            field = field_reviews[uri]
+            review = field if field.needs_review else Review(False, None, call)
+        out.append(review)
+    return out
+
+
+def _review_column(index: int) -> Callable[[ScoredRows], list]:
+    return lambda rows: [None if r is None else r[index] for r in rows.reviews]
+
+
 COLUMNS: tuple[Column, ...] = (
     Column("run_id", pa.string(), "scoring run that wrote the row (UTC start time + random suffix)",
            lambda r: r.repeat(r.run_id)),
@@ -184,12 +239,30 @@ COLUMNS: tuple[Column, ...] = (
            "nucleus area / cell area (cell rows where the nucleus is distinct)"),
     Column("pred_label", pa.string(), "class with the highest probability (null for error rows)"),
     Column("confidence", pa.float32(), "probability of pred_label (null for error rows)"),
-    Column("prob_{cls}", pa.float32(), "softmax probability of class {cls!r} (null for error rows)",
-           per_class=True),
-    Column("blast_probability", pa.float32(), "sum of the probabilities of the label set's blast "
-           "classes (LabelSet.blast_classes in allcore/labels.py); null for error rows",
+    Column("prob_{cls}", pa.float32(), "calibrated (temperature-scaled, the model card's "
+           "trust.temperature) probability of class {cls!r}; the plain softmax when the card has "
+           "no trust section (null for error rows)", per_class=True),
+    Column("blast_probability", pa.float32(), "sum of the calibrated probabilities of the label "
+           "set's blast classes (LabelSet.blast_classes in allcore/labels.py); null for error rows",
            _blast_probability),
-    Column("is_blast", pa.bool_(), "pred_label is a blast class (null for error rows)", _is_blast),
+    Column("is_blast", pa.bool_(), "pred_label is a blast class (null for error rows); what the "
+           "model says, whether or not it can be trusted: act on `call`", _is_blast),
+    *(Column(name, pa.float64(), f"image QC: {text} (field rows; else null)")
+      for name, text in QC_COLUMNS.items()),
+    Column("ood_score", pa.float32(), "out-of-distribution score of the field on the model's own "
+           "penultimate features (allcore.trust; higher is further from the training images); "
+           "above the card's trust.ood.threshold the row needs review (field rows; null for cell "
+           "rows and without a trust section)", _field_ood_score),
+    Column("needs_review", pa.bool_(), "the field is out of distribution or fails image QC "
+           "against the training ranges (cell rows: their field does); its probabilities are "
+           "kept but `call` is 'abstain'. Null for error rows and when the model card has no "
+           "trust section", _review_column(0)),
+    Column("review_reason", pa.string(), "why the row needs review: '; '-joined "
+           "allcore.trust.REVIEW_REASONS (e.g. 'out of distribution; blurred'); "
+           f"'{NO_TRUST_CHECKS}' when nothing could be checked; else null", _review_column(1)),
+    Column("call", pa.string(), "what a lab may act on: 'blast' (blast_probability >= "
+           "allcore.trust.BLAST_THRESHOLD), 'not blast', or 'abstain' when the row needs review "
+           "(null for error rows and label sets without blast classes)", _review_column(2)),
     Column("status", pa.string(), "'ok' or 'error'", lambda r: _as_listed(r, "status")),
     Column("error", pa.string(), "why the input could not be scored (null for ok rows)",
            lambda r: [None if good else e for e, good in zip(r.text("error"), r.ok)]),
@@ -230,7 +303,7 @@ def card_summary(card) -> dict:
     """What a predictions file records about the model that produced it."""
     return {"model_name": card.model_name, "model_version": str(card.model_version),
             "weights_sha256": card.weights_sha256, "classes": list(card.classes),
-            "data_config": dict(card.data_config)}
+            "data_config": dict(card.data_config), "trust": dict(card.trust)}
 
 
 def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
