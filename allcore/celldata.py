@@ -44,10 +44,6 @@ ALL_IDB_CELL_DIAMETER_PX = 120.0
 # ALL-IDB white cells are ~100-140 px across in both field resolutions (data README); one value
 # for the archive keeps every crop at the same magnification. A per-field estimate (the finder's
 # cell_diameter_px) replaces it where available.
-FINDER_CELL_DIAMETER_PX = 30.0
-# The finder's defaults were tuned on 224 px Taleqani fields, where a white cell is ~25-35 px:
-# fields are resampled so their cells are this size before finding, then boxes scaled back.
-FINDER_REFERENCE_SIDE = 224  # the Taleqani field side those fractional defaults refer to
 CROP_MATCH_THRESHOLD = 0.95
 # Normalised cross-correlation at which an ALL_IDB2 crop is taken to come from an ALL_IDB1 field
 # (true sources score 0.98-0.995 at 1/6 scale, the best wrong field <= 0.91 unless it overlaps).
@@ -122,27 +118,6 @@ def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
         canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
     size = (geometry.input_size, geometry.input_size)
     return Image.fromarray(canvas).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
-
-
-# ------------------------------------------------------------------------------ finding cells
-
-def find_cells_at_diameter(field: Image.Image, cell_diameter_px: float) -> list[Box]:
-    """White-cell boxes (field pixels) of a field whose cells are ``cell_diameter_px`` wide: the
-    field is resampled so its cells match the finder's tuning scale, and the finder's fractional
-    settings are rescaled to that field's side so they mean the same pixels as on Taleqani."""
-    scale = FINDER_CELL_DIAMETER_PX / cell_diameter_px
-    small = field.resize((max(1, round(field.width * scale)), max(1, round(field.height * scale))),
-                         Image.Resampling.BILINEAR, reducing_gap=3.0)
-    ratio = FINDER_REFERENCE_SIDE / min(small.size)
-    base = CellFinderConfig()
-    config = CellFinderConfig(
-        purple_threshold=base.purple_threshold, seed_threshold=base.seed_threshold,
-        min_solidity=base.min_solidity, nucleus_contrast=base.nucleus_contrast,
-        smoothing_sigma=base.smoothing_sigma * ratio, opening_radius=base.opening_radius * ratio,
-        split_depth=base.split_depth * ratio, crop_pad_fraction=base.crop_pad_fraction,
-        min_area_fraction=base.min_area_fraction * ratio ** 2,
-        max_area_fraction=min(1.0, base.max_area_fraction * ratio ** 2))
-    return [tuple(int(round(v / scale)) for v in cell.box) for cell in find_cells(small, config)]
 
 
 # ------------------------------------------------------------------------------ ALL-IDB layout
@@ -304,7 +279,7 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
     """
     settings = {"side_cell_diameters": geometry.side_cell_diameters, "cell_diameter_px": cell_diameter_px,
                 "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
-                "finder": asdict(CellFinderConfig()), "root": os.path.abspath(root),
+                "finder": asdict(CellFinderConfig(cell_diameter_px=cell_diameter_px)), "root": os.path.abspath(root),
                 "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
     manifest_uri = aio.join(out_dir, MANIFEST_FILE)
     settings_uri = aio.join(out_dir, "settings.json")
@@ -362,7 +337,8 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
             if not _near((x, y), kept[field.name], radius):
                 add(img, (x, y), "blast", name=f"{field.name}-blast{i:03d}", origin="ALL_IDB1-blast",
                     **common)
-        centres = [box_centre(b) for b in find_cells_at_diameter(img, cell_diameter_px)]
+        centres = [box_centre(cell.box)
+                   for cell in find_cells(img, CellFinderConfig(cell_diameter_px=cell_diameter_px))]
         for i, centre in enumerate(centres):
             if _near(centre, [tuple(c) for c in blasts], BLAST_EXCLUSION_RADIUS * cell_diameter_px) \
                     or _near(centre, kept[field.name], radius):
