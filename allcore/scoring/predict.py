@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from allcore.artifact import load_artifact
-from allcore.scoring.table import OK, prob_column
+from allcore.labels import get_label_set
+from allcore.scoring.table import CELL, OK, prob_column
 
 log = logging.getLogger("allcore.scoring.predict")
 
@@ -110,29 +111,64 @@ class Predictor:
 
     ``expected_sha256`` guards against the artifact being replaced while a run is going: the
     driver recorded one model in the table, so every actor must score with that one.
+
+    With ``cell_artifact_uri`` (``--cell-model``) cell rows are scored by that model on their
+    ``cell_pixels`` instead: their ``pred_label`` and ``confidence`` are the cell model's, their
+    field-class probabilities stay NaN, and ``blast_probability`` carries the cell model's
+    probability of its blast classes (NaN on field rows, whose value the table derives).
     """
 
-    def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False):
-        model, card = load_artifact(artifact_uri)
-        if expected_sha256 is not None and card.weights_sha256 != expected_sha256:
-            raise ValueError(f"artifact {artifact_uri} now has weights {card.weights_sha256}, "
-                             f"but this run started with {expected_sha256}; it was replaced "
-                             "mid-run: rerun the job")
+    def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
+                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None):
+        card, self.probabilities = _loaded(artifact_uri, expected_sha256, fast)
         self.classes = list(card.classes)
-        self.probabilities = probability_function(
-            model, input_size=int(card.data_config["input_size"]), fast=fast)
+        self.cell_probabilities = None
+        if cell_artifact_uri is not None:
+            cell_card, self.cell_probabilities = _loaded(cell_artifact_uri, cell_expected_sha256, fast)
+            self.cell_classes = list(cell_card.classes)
+            self.cell_blast = [self.cell_classes.index(c) for c in
+                               get_label_set(cell_card.label_set).blast_classes_of(self.cell_classes)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "cell_pixels")}
         ok = np.asarray(batch["status"] == OK, dtype=bool)
         n = len(ok)
+        by_cell_model = np.zeros(n, bool)
+        if self.cell_probabilities is not None:
+            by_cell_model = ok & (np.asarray(batch["row_kind"]) == CELL)
+        by_field_model = ok & ~by_cell_model
         probs = np.full((n, len(self.classes)), np.nan, np.float32)
-        if ok.any():
-            probs[ok] = self.probabilities(batch["pixels"][ok])
-        best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
-        out["pred_label"] = np.array([self.classes[b] if good else ""
-                                      for b, good in zip(best, ok)], dtype=object)
-        out["confidence"] = np.where(ok, probs[np.arange(n), best], np.nan).astype(np.float32)
+        if by_field_model.any():
+            probs[by_field_model] = self.probabilities(batch["pixels"][by_field_model])
+        labels, confidence = _best(probs, self.classes, by_field_model)
+        if self.cell_probabilities is not None:
+            cell_probs = np.full((n, len(self.cell_classes)), np.nan, np.float32)
+            if by_cell_model.any():
+                cell_probs[by_cell_model] = self.cell_probabilities(batch["cell_pixels"][by_cell_model])
+            cell_labels, cell_confidence = _best(cell_probs, self.cell_classes, by_cell_model)
+            labels = np.where(by_cell_model, cell_labels, labels)
+            confidence = np.where(by_cell_model, cell_confidence, confidence)
+            out["blast_probability"] = cell_probs[:, self.cell_blast].sum(axis=1)
+        out["pred_label"], out["confidence"] = labels, confidence
         for j, cls in enumerate(self.classes):
             out[prob_column(cls)] = probs[:, j]
         return out
+
+
+def _loaded(artifact_uri: str, expected_sha256: str | None, fast: bool):
+    """(model card, probability function) of an artifact, refusing one replaced mid-run."""
+    model, card = load_artifact(artifact_uri)
+    if expected_sha256 is not None and card.weights_sha256 != expected_sha256:
+        raise ValueError(f"artifact {artifact_uri} now has weights {card.weights_sha256}, "
+                         f"but this run started with {expected_sha256}; it was replaced "
+                         "mid-run: rerun the job")
+    return card, probability_function(
+        model, input_size=int(card.data_config["input_size"]), fast=fast)
+
+
+def _best(probs: np.ndarray, classes: list[str], scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(label, its probability) per row; "" and NaN where ``scored`` is False."""
+    best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+    labels = np.array([classes[b] if good else "" for b, good in zip(best, scored)], dtype=object)
+    confidence = np.where(scored, probs[np.arange(len(probs)), best], np.nan).astype(np.float32)
+    return labels, confidence
