@@ -113,6 +113,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
         diameter = cell_finder.cell_diameter_px or estimate_cell_diameter(searched, cell_finder)
         cells = [] if diameter is None else find_cells(
             searched, replace(cell_finder, cell_diameter_px=diameter))
+        pixel_key = "pixels" if cell_model is None else "cell_pixels"
         rows.append({**field_row, "cell_count": len(cells),
                      "note": "" if cells else NO_CELLS_NOTE})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
@@ -120,20 +121,23 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                   "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
                                          else cell.nucleus_cell_ratio),
                   **{name: math.nan for name in measurements},
-                  **_cell_pixels(searched, cell, diameter, cell_finder, crop_cfg, cell_model)}
+                  "pixels": None,  # a cell row's pixels are the crop's, under pixel_key
+                  pixel_key: cell_input(searched, cell, diameter, finder=cell_finder,
+                                        crop_cfg=crop_cfg, cell_model=cell_model)}
                  for cell in cells]
     return _columns(batch, rows, cfg, measurements, cell_model)
 
 
-def _cell_pixels(field: Image.Image, cell, diameter: float, finder: CellFinderConfig,
-                 crop_cfg: DataConfig, cell_model: CellModelInput | None) -> dict:
-    """The pixels of one cell row: the cell model's crop, else the field model's."""
+def cell_input(field: Image.Image, cell, diameter: float, *, finder: CellFinderConfig,
+               crop_cfg: DataConfig, cell_model: CellModelInput | None) -> np.ndarray:
+    """The preprocessed pixels of one found cell as the model that classifies it sees them: the
+    cell model's crop (its geometry at ``diameter``, its data config), else the field model's
+    square crop around the box (``crop_cfg``)."""
     if cell_model is None:
-        return {"pixels": preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction), crop_cfg)}
+        return preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction), crop_cfg)
     crop = cut_cell_crop(field, box_centre(cell.box), cell_diameter_px=diameter,
                          geometry=cell_model.geometry)
-    return {"pixels": None, "cell_pixels": preprocess_array(
-        crop, DataConfig.from_dict(cell_model.data_config))}
+    return preprocess_array(crop, DataConfig.from_dict(cell_model.data_config))
 
 
 def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
