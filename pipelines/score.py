@@ -208,12 +208,16 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
     prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
+    # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
+    # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
+    # (the larger of the two batch sizes wins), which put 52 large fields in one task on one actor
+    predict_size = None if finder else config.batch_size
     return (
         ray.data.from_arrow_refs(blocks)
         .map_batches(prepare_batch, batch_size=prepare_size,
                      fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
                                               cell_finder=finder, cell_card=cell_card))
-        .map_batches(Predictor, batch_size=config.batch_size, num_gpus=num_gpus,
+        .map_batches(Predictor, batch_size=predict_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
