@@ -9,7 +9,7 @@ cell is classified as scoring classifies it (the crop its card's geometry cuts) 
 for a blast call, green otherwise, with the blast probability beside it; with --model (a field
 model) the crop around the box is classified and labelled with that model's class, unvalidated
 (docs/CELLS.md). Cells are also listed on stdout. Lines and text scale with the image, and
---max-side shrinks the PNG (e.g. for documentation).
+--side draws on the field resized so its longer side has that many pixels (e.g. for documentation).
 """
 
 from __future__ import annotations
@@ -57,14 +57,20 @@ def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter
     return calls
 
 
-def render(img: Image.Image, cells: list[Cell], calls: list[tuple[str, float, bool]] | None = None) -> Image.Image:
-    """A copy of ``img`` with numbered boxes (red: blast call) and, when given, 'label value'."""
+def render(img: Image.Image, cells: list[Cell], calls: list[tuple[str, float, bool]] | None = None,
+           side: int | None = None) -> Image.Image:
+    """A copy of ``img`` (resized so its longer side is ``side``) with numbered boxes (red: blast
+    call) and, when given, 'label value'."""
+    scale = 1.0 if side is None else side / max(img.size)
     canvas = img.convert("RGB")
+    if scale != 1.0:
+        canvas = canvas.resize((round(img.width * scale), round(img.height * scale)),
+                               Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(canvas)
     width = max(1, round(min(canvas.size) * LINE_FRACTION))
     font = ImageFont.load_default(size=max(10, 6 * width))
     for number, cell in enumerate(cells, start=1):
-        x0, y0, x1, y1 = cell.box
+        x0, y0, x1, y1 = (round(v * scale) for v in cell.box)
         blast = calls is not None and calls[number - 1][2]
         draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BLAST_COLOUR if blast else BOX_COLOUR,
                        width=width)
@@ -85,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     models.add_argument("--model", help="field model artifact: label each crop (unvalidated)")
     parser.add_argument("--cell-diameter", type=float, metavar="PX",
                         help="white-cell diameter in pixels (default: estimated from the field)")
-    parser.add_argument("--max-side", type=int, help="shrink the PNG so its longer side is at most this")
+    parser.add_argument("--side", type=int, help="draw on the field resized so its longer side is this")
+    parser.add_argument("--colours", type=int, help="save with a palette of this many colours "
+                        "(a PNG several times smaller)")
     parser.add_argument("--out", required=True, help="output PNG")
     args = parser.parse_args(argv)
 
@@ -95,10 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     model = args.cell_model or args.model
     calls = (classify_cells(model, img, cells, diameter, cell_model=args.cell_model is not None)
              if model and cells else None)
-    canvas = render(img, cells, calls)
-    if args.max_side and max(canvas.size) > args.max_side:
-        canvas.thumbnail((args.max_side, args.max_side), Image.Resampling.LANCZOS)
-    canvas.save(args.out)
+    canvas = render(img, cells, calls, args.side)
+    (canvas.quantize(args.colours) if args.colours else canvas).save(args.out, optimize=True)
     for number, cell in enumerate(cells, start=1):
         ratio = "n/a" if cell.nucleus_cell_ratio is None else f"{cell.nucleus_cell_ratio:.2f}"
         call = "" if calls is None else f"  {calls[number - 1][0]} {calls[number - 1][1]:.2f}"
