@@ -279,7 +279,7 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
     """
     settings = {"side_cell_diameters": geometry.side_cell_diameters, "cell_diameter_px": cell_diameter_px,
                 "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
-                "finder": asdict(CellFinderConfig()), "root": os.path.abspath(root),
+                "finder": asdict(CellFinderConfig(cell_diameter_px=cell_diameter_px)), "root": os.path.abspath(root),
                 "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
     manifest_uri = aio.join(out_dir, MANIFEST_FILE)
     settings_uri = aio.join(out_dir, "settings.json")

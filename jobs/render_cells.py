@@ -1,82 +1,115 @@
-"""Draw the white cells found in one smear field, optionally with a model's label per cell.
+"""Draw the white cells found in one smear field, coloured by the cell call of a model.
 
     python jobs/render_cells.py --image field.jpg --out cells.png
-    python jobs/render_cells.py --image field.jpg --model runs/demo/model --out cells.png
+    python jobs/render_cells.py --image field.jpg --cell-model runs/cell/model --out cells.png
+    python jobs/render_cells.py --image field.jpg --model runs/s000/model --out cells.png
 
-Each box is numbered in the finder's order (top to bottom, left to right). With --model, every cell
-crop is classified on its own and its label and confidence are written beside its box, so a person
-can see which cells carry a field-level call. Cells are also listed on stdout.
+Each box is numbered in the finder's order (top to bottom, left to right). With --cell-model every
+cell is classified as scoring classifies it (the crop its card's geometry cuts) and its box is red
+for a blast call, green otherwise, with the blast probability beside it; with --model (a field
+model) the crop around the box is classified and labelled with that model's class, unvalidated
+(docs/CELLS.md). Cells are also listed on stdout. Lines and text scale with the image, and
+--side draws on the field resized so its longer side has that many pixels (e.g. for documentation).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.cells import Cell, CellFinderConfig, cell_crop, find_cells  # noqa: E402
+from allcore.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
 from allcore.io import absolute_location, decode_rgb, read_bytes  # noqa: E402
 
-BOX_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (255, 255, 255), (0, 0, 0)
+BOX_COLOUR, BLAST_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (230, 30, 30), (255, 255, 255), (0, 0, 0)
+LINE_FRACTION = 1 / 250  # box line width as a fraction of the image's shorter side (at least 1 px)
 
 
-def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell],
-                   config: CellFinderConfig) -> list[tuple[str, float]]:
-    """(label, softmax confidence) per cell, preprocessed exactly as the artifact's card says."""
-    import torch
+def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter: float,
+                   *, cell_model: bool) -> list[tuple[str, float, bool]]:
+    """(label, probability shown, blast call) per cell, preprocessed exactly as scoring does
+    (``allcore.scoring.prepare.cell_input``). A cell model shows its blast probability, a field
+    model the confidence of its label."""
+    from allcore.labels import get_label_set
+    from allcore.scoring.predict import ScoringModel
+    from allcore.scoring.prepare import cell_input, prepare_kwargs
 
-    from allcore.artifact import load_artifact
-    from allcore.transforms import preprocess_array
+    model = ScoringModel(model_uri)
+    card = model.card
+    kwargs = prepare_kwargs(card, cell_finder=CellFinderConfig(), cell_card=card if cell_model else None)
+    crop_cfg = replace(card.data_config_obj(), mask_corner=False)
+    pixels = np.stack([cell_input(img, cell, diameter, finder=kwargs["cell_finder"], crop_cfg=crop_cfg,
+                                  cell_model=kwargs["cell_model"]) for cell in cells])
+    probabilities = model(pixels)[0]  # calibrated with the card's temperature, as scoring writes them
+    blasts = [card.classes.index(c) for c in get_label_set(card.label_set).blast_classes_of(card.classes)]
+    calls = []
+    for row in probabilities:
+        best = int(row.argmax())
+        shown = float(row[blasts].sum()) if cell_model else float(row[best])
+        calls.append((card.classes[best], shown, best in blasts))
+    return calls
 
-    model, card = load_artifact(model_uri)
-    data_config = card.data_config_obj()
-    batch = np.stack([preprocess_array(cell_crop(img, cell, config.crop_pad_fraction), data_config)
-                      for cell in cells])
-    with torch.no_grad():
-        probabilities = torch.softmax(model.eval()(torch.from_numpy(batch)), dim=1)
-    confidence, index = probabilities.max(dim=1)
-    return [(card.classes[i], float(c)) for i, c in zip(index.tolist(), confidence.tolist())]
 
-
-def render(img: Image.Image, cells: list[Cell], labels: list[tuple[str, float]] | None = None) -> Image.Image:
-    """A copy of ``img`` with numbered boxes and, when given, 'label confidence' per box."""
+def render(img: Image.Image, cells: list[Cell], calls: list[tuple[str, float, bool]] | None = None,
+           side: int | None = None) -> Image.Image:
+    """A copy of ``img`` (resized so its longer side is ``side``) with numbered boxes (red: blast
+    call) and, when given, 'label value'."""
+    scale = 1.0 if side is None else side / max(img.size)
     canvas = img.convert("RGB")
+    if scale != 1.0:
+        canvas = canvas.resize((round(img.width * scale), round(img.height * scale)),
+                               Image.Resampling.LANCZOS)
     draw = ImageDraw.Draw(canvas)
+    width = max(1, round(min(canvas.size) * LINE_FRACTION))
+    font = ImageFont.load_default(size=max(10, 6 * width))
     for number, cell in enumerate(cells, start=1):
-        x0, y0, x1, y1 = cell.box
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BOX_COLOUR, width=2)
-        text = str(number) if labels is None else f"{number} {labels[number - 1][0]} {labels[number - 1][1]:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text)
+        x0, y0, x1, y1 = (round(v * scale) for v in cell.box)
+        blast = calls is not None and calls[number - 1][2]
+        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BLAST_COLOUR if blast else BOX_COLOUR,
+                       width=width)
+        text = str(number) if calls is None else f"{number} {calls[number - 1][0]} {calls[number - 1][1]:.2f}"
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         tx = min(x0, canvas.width - (right - left))
         ty = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y1 + 1
         draw.rectangle((tx, ty, tx + right - left, ty + bottom - top), fill=TEXT_BACKGROUND)
-        draw.text((tx - left, ty - top), text, fill=TEXT_COLOUR)
+        draw.text((tx - left, ty - top), text, fill=TEXT_COLOUR, font=font)
     return canvas
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=absolute_location, required=True, help="smear field (local path or s3:// uri)")
-    parser.add_argument("--model", type=absolute_location, help="model artifact folder: classify each cell crop")
+    models = parser.add_mutually_exclusive_group()
+    models.add_argument("--cell-model", type=absolute_location, help="cell model artifact (recipe cell_blast): colour by its call")
+    models.add_argument("--model", type=absolute_location, help="field model artifact: label each crop (unvalidated)")
+    parser.add_argument("--cell-diameter", type=float, metavar="PX",
+                        help="white-cell diameter in pixels (default: estimated from the field)")
+    parser.add_argument("--side", type=int, help="draw on the field resized so its longer side is this")
+    parser.add_argument("--colours", type=int, help="save with a palette of this many colours "
+                        "(a PNG several times smaller)")
     parser.add_argument("--out", type=absolute_location, required=True, help="output PNG")
     args = parser.parse_args(argv)
 
-    config = CellFinderConfig()
     img = decode_rgb(read_bytes(args.image))
-    cells = find_cells(img, config)
-    labels = classify_cells(args.model, img, cells, config) if args.model and cells else None
-    render(img, cells, labels).save(args.out)
+    diameter = args.cell_diameter or estimate_cell_diameter(img)
+    cells = [] if diameter is None else find_cells(img, CellFinderConfig(cell_diameter_px=diameter))
+    model = args.cell_model or args.model
+    calls = (classify_cells(model, img, cells, diameter, cell_model=args.cell_model is not None)
+             if model and cells else None)
+    canvas = render(img, cells, calls, args.side)
+    (canvas.quantize(args.colours) if args.colours else canvas).save(args.out, optimize=True)
     for number, cell in enumerate(cells, start=1):
         ratio = "n/a" if cell.nucleus_cell_ratio is None else f"{cell.nucleus_cell_ratio:.2f}"
-        label = "" if labels is None else f"  {labels[number - 1][0]} {labels[number - 1][1]:.2f}"
+        call = "" if calls is None else f"  {calls[number - 1][0]} {calls[number - 1][1]:.2f}"
         print(f"{number}: box {cell.box} area {cell.area} circularity {cell.circularity:.2f} "
-              f"N:C {ratio}{label}")
-    print(f"{len(cells)} cell(s) -> {args.out}")
+              f"N:C {ratio}{call}")
+    print(f"{len(cells)} cell(s) at {diameter or 0:.1f} px diameter -> {args.out}")
     return 0
 
 

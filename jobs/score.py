@@ -74,11 +74,17 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--gpu", action="store_true", help="one GPU per inference actor; "
                         "without it GPUs are used when the cluster has some at start")
     parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
-                        "cell (crop classified by the model) and a specimen_summary table; see "
+                        "cell (classified by --cell-model) and a specimen_summary table; see "
                         "docs/SCORING.md")
     parser.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
                         help="largest image decoded, in pixels (decompression-bomb guard; larger "
                         "images become 'too large' error rows; default %(default)s)")
+    parser.add_argument("--cell-model", type=absolute_location, help="cell model artifact (e.g. recipe "
+                        "cell_blast) that classifies the cell rows; without it --per-cell "
+                        "classifies crops with --model, which is unvalidated")
+    parser.add_argument("--cell-diameter", type=float, metavar="PX", help="white-cell diameter "
+                        "in input pixels for the whole run (default: the median estimate over a "
+                        "sample of the inputs)")
     parser.add_argument("--verbose", action="store_true", help="Ray's INFO logs and progress "
                         "bars (default: one progress line per commit: images done / total, "
                         "rate, time left)")
@@ -90,8 +96,9 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                              max_review_rate=args.max_review_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, max_pixels=args.max_pixels,
-                             fast=args.fast, gpu=args.gpu,
-                             per_cell=args.per_cell, verbose=args.verbose)
+                             fast=args.fast, gpu=args.gpu, per_cell=args.per_cell,
+                             cell_model=args.cell_model, cell_diameter_px=args.cell_diameter,
+                             verbose=args.verbose)
     except ValueError as exc:
         parser.error(str(exc))
 

@@ -18,27 +18,34 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import random
 import time
 from collections.abc import Callable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from pipelines import init_ray
 from allcore.artifact import load_artifact
-from allcore.cells import CellFinderConfig
+from allcore.celldata import CellCropGeometry
+from allcore.cells import CellFinderConfig, median_cell_diameter
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
-from allcore.scoring.prepare import prepare_batch, prepare_kwargs
+from allcore.scoring.prepare import load_image, prepare_batch, prepare_kwargs
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id
 from allcore.scoring.summary import RunSummary, write_specimen_summary
-from allcore.scoring.table import build_output_table, card_summary
+from allcore.scoring.table import FIELD, build_output_table, card_summary
+from allcore.transforms import mask_scale_bar
 from allcore.trust import NO_TRUST_WARNING
 
 log = logging.getLogger("allcore.score")
+FIELDS_PER_CELL_BLOCK = 4  # --per-cell inputs per block: a 2592 px field takes ~1 s to prepare
+DIAMETER_SAMPLE = 32  # inputs whose median white-cell size is the run's cell diameter
+PROGRESS_SECONDS = 10.0  # at most one progress line this often between commits
 
 
 def run_scoring(config: ScoringConfig, *,
@@ -50,23 +57,25 @@ def run_scoring(config: ScoringConfig, *,
     one row per white cell; an input's rows are committed together, and at the end the specimen
     summary of the specimens this run scored is written beside the table.
     """
-    # the weights' integrity, on the driver before the lock, the listing or Ray: a tampered
-    # artifact ends here with one ArtifactIntegrityError line, not in every actor
-    _, card = load_artifact(config.model)
+    # both artifacts' weights checked against their cards on the driver, before the lock, the
+    # listing or Ray: a tampered artifact ends here with one ArtifactIntegrityError line
+    card, cell_card = _verified_cards(config)
     store = OutputStore(config.output)
     run_id = new_run_id()
     store.acquire_writer(run_id)  # a second concurrent run would delete this one's new files
     try:
-        return _score(config, store, run_id, card, on_commit)
+        return _score(config, store, run_id, card, cell_card, on_commit)
     finally:
         store.release_writer(run_id)
 
 
-def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
+def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_card,
            on_commit: Callable[[dict], None] | None) -> RunSummary:
     for orphan in store.recover():
         log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
-    done = Ledger() if config.full else store.ledger(card.weights_sha256)
+    # a new cell model rescores the inputs: its cell rows are new rows
+    ledger_key = card.weights_sha256 + ("" if cell_card is None else f".cell-{cell_card.weights_sha256}")
+    done = Ledger() if config.full else store.ledger(ledger_key)
     summary = RunSummary(run_id=run_id, output=config.output, max_error_rate=config.max_error_rate,
                          max_review_rate=config.max_review_rate)
     if not card.trust:
@@ -77,47 +86,51 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
     started = time.perf_counter()
 
     # list
-    blocks = _list_todo(config, done, summary)
+    blocks, sample = _list_todo(config, done, summary)
     log.info("listed %d inputs: %d to score, %d skipped", summary.listed, summary.to_score,
              summary.skipped)
     specimens: set[str] = set()
     run_files: list[str] = []
     if blocks:
         _quiet_ray(config.verbose)
+        finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
         # prepare -> predict
-        scored = _scored_batches(config, card, blocks)
+        scored = _scored_batches(config, card, cell_card, finder, blocks)
         # table -> commit
         complete = CompleteInputs()
-        model_summary = card_summary(card)
+        model_summary = card_summary(card, cell_card)
         # --per-cell needs the blast classes (specimen summary); field runs fill them if known
         blasts = (get_label_set(card.label_set).blast_classes_of(card.classes)
                   if config.per_cell or card.label_set in LABEL_SETS else ())
-        for batch in scored:
-            rows = complete.add(batch)
-            if rows.num_rows == 0:
-                continue
+        cell_blasts = (() if cell_card is None else
+                       get_label_set(cell_card.label_set).blast_classes_of(cell_card.classes))
+
+        def commit(rows: pa.Table) -> None:
             scored_at = dt.datetime.now(dt.timezone.utc)
             table = build_output_table(rows, run_id=run_id, scored_at=scored_at,
                                        model_summary=model_summary,
                                        specimen_pattern=config.specimen_pattern,
-                                       blast_classes=blasts)
+                                       blast_classes=blasts, cell_blast_classes=cell_blasts)
             record = store.commit(table, run_id=run_id, chunk=summary.chunks,
-                                  model_sha256=card.weights_sha256, scored_at=scored_at)
+                                  model_sha256=ledger_key, scored_at=scored_at)
             summary.add_commit(record)
             summary.add_reviews(table)
-            run_files += [store.uri(f["path"]) for f in record["files"]]
+            run_files.extend(store.uri(f["path"]) for f in record["files"])
             summary.seconds = time.perf_counter() - started
             specimens.update(s for s in table["specimen_id"].to_pylist() if s is not None)
             log.info("chunk %d committed: %s", record["chunk"], summary.progress())
             if on_commit is not None:
                 on_commit(record)
+
+        _commit_as_complete(scored, complete, commit, config.commit_every, summary, started)
         if complete.pending_rows:  # a bug, not bad input: the accounting line will not balance
             log.error("%d rows of inputs missing some of their cell rows were not committed",
                       complete.pending_rows)
     # summarise
     if config.per_cell and specimens:
         written = write_specimen_summary(
-            store, run_id=run_id, model_sha256=card.weights_sha256, classes=card.classes,
+            store, run_id=run_id, model_sha256=card.weights_sha256,
+            classes=(card if cell_card is None else cell_card).classes,
             specimens=specimens, scored_date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}")
         log.info("specimen summary of %d specimens -> %s", len(specimens), written)
     if run_files:
@@ -132,42 +145,125 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card,
     return summary
 
 
-def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> list:
-    """Object refs of Arrow tables of the inputs to score; counts listed and skipped."""
+def _verified_cards(config: ScoringConfig):
+    """The model card and, with ``--cell-model``, the cell model's card, each after its weights
+    were checked against it (``load_artifact``): a corrupt artifact stops the run here, on the
+    driver, not in every actor."""
+    card = load_artifact(config.model)[1]
+    if config.cell_model is None:
+        if config.per_cell:
+            log.warning("--per-cell without --cell-model: cell rows are the field model applied "
+                        "to crops, which was never validated against people's cell labels "
+                        "(docs/CELLS.md); pass a cell model, e.g. one trained with the "
+                        "cell_blast recipe")
+        return card, None
+    cell_card = load_artifact(config.cell_model)[1]
+    CellCropGeometry.from_card(cell_card)  # refuses a field model passed as --cell-model
+    log.info("cell model %s %s (%s)", cell_card.model_name, cell_card.model_version,
+             cell_card.weights_sha256[:12])
+    return card, cell_card
+
+
+def _cell_finder(config: ScoringConfig, card, sample: list[str],
+                 summary: RunSummary) -> CellFinderConfig:
+    """The finder with one white-cell diameter for the whole run: ``--cell-diameter``, else the
+    median of the per-field estimates over ``sample`` (docs/CELLS.md: one diameter per archive
+    finds cells more precisely than each field's own estimate). Recorded in the run summary."""
+    diameter, source = config.cell_diameter_px, "given (--cell-diameter)"
+    if diameter is None:
+        mask = card.data_config_obj().mask_corner
+        images = (img for img in (load_image(uri, max_pixels=config.max_pixels)[1] for uri in sample)
+                  if img is not None)
+        diameter = median_cell_diameter(mask_scale_bar(img) if mask else img for img in images)
+        source = f"median estimate over {len(sample)} sampled inputs"
+    if diameter is None:
+        log.warning("no white-cell stain in the %d sampled inputs: the cell diameter is estimated "
+                    "per field; pass --cell-diameter PX if cells are missed", len(sample))
+        source = "per field (nothing to measure in the sample)"
+    else:
+        log.info("cell diameter %.1f px, %s", diameter, source)
+    summary.cell_diameter_px, summary.cell_diameter_source = diameter, source
+    return CellFinderConfig(cell_diameter_px=diameter)
+
+
+def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tuple[list, list[str]]:
+    """Object refs of Arrow tables of the inputs to score, and a random sample of their uris
+    (``DIAMETER_SAMPLE``, for the run's cell diameter); counts listed and skipped."""
     refs = []
+    sample, seen, rng = [], 0, random.Random(0)
+    # --per-cell: a few fields per block, so large fields spread over every actor and progress
+    # moves image by image; field runs: one block per model batch
+    block_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if config.per_cell else config.batch_size
     for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
         summary.listed += listed
         summary.skipped += listed - len(todo)
-        # one block per model batch, so every actor of the pool gets work
-        for block in chunked(todo, config.batch_size):
+        for info in todo:  # reservoir sampling: a uniform sample of a list streamed once
+            seen += 1
+            if len(sample) < DIAMETER_SAMPLE:
+                sample.append(info.uri)
+            elif (slot := rng.randrange(seen)) < DIAMETER_SAMPLE:
+                sample[slot] = info.uri
+        for block in chunked(todo, block_size):
             init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
             refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                           "source_size": [i.size for i in block],
                                           "source_mtime": [i.mtime_or_etag for i in block],
                                           "listing_error": [i.listing_error for i in block],
                                           "error_kind": [i.error_kind for i in block]})))
-    return refs
+    return refs, sample
 
 
-def _scored_batches(config: ScoringConfig, card, blocks: list):
+def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
+                    blocks: list):
     """prepare (a CPU function) then predict (``Predictor`` actors), streamed back to the driver
-    in batches of ``commit_every`` rows."""
+    block by block as they finish."""
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
-    finder = CellFinderConfig() if config.per_cell else None
+    prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
+    # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
+    # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
+    # (the larger of the two batch sizes wins), which put 52 large fields in one task on one actor
+    predict_size = None if finder else config.batch_size
     return (
         ray.data.from_arrow_refs(blocks)
-        .map_batches(prepare_batch, batch_size=config.batch_size,
+        .map_batches(prepare_batch, batch_size=prepare_size,
                      fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
-                                              cell_finder=finder))
-        .map_batches(Predictor, batch_size=config.batch_size, num_gpus=num_gpus,
+                                              cell_finder=finder, cell_card=cell_card))
+        .map_batches(Predictor, batch_size=predict_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
                                             "expected_sha256": card.weights_sha256,
-                                            "fast": config.fast})
-        .iter_batches(batch_size=config.commit_every, batch_format="pyarrow")
+                                            "fast": config.fast,
+                                            "cell_artifact_uri": config.cell_model,
+                                            "cell_expected_sha256": (None if cell_card is None
+                                                                     else cell_card.weights_sha256)})
+        .iter_batches(batch_size=None, batch_format="pyarrow")
     )
+
+
+def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],
+                        commit_every: int, summary: RunSummary, started: float) -> None:
+    """Commit the rows of complete inputs every ``commit_every`` rows (and the rest at the end);
+    between commits log the images done at most every ``PROGRESS_SECONDS``, so a run of large
+    fields shows progress long before its first commit."""
+    ready: list[pa.Table] = []
+    last_line = time.perf_counter()
+    for batch in scored:
+        rows = complete.add(batch)
+        if rows.num_rows:
+            ready.append(rows)
+        if sum(t.num_rows for t in ready) >= commit_every:
+            commit(pa.concat_tables(ready))
+            ready, last_line = [], time.perf_counter()
+        elif time.perf_counter() - last_line >= PROGRESS_SECONDS:
+            summary.seconds = time.perf_counter() - started
+            images = sum(pc.sum(pc.equal(t["row_kind"], FIELD)).as_py() or 0
+                         for t in ready)
+            log.info("scoring: %s", summary.progress(uncommitted=images))
+            last_line = time.perf_counter()
+    if ready:
+        commit(pa.concat_tables(ready))
 
 
 def _quiet_ray(verbose: bool) -> None:

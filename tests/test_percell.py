@@ -19,7 +19,7 @@ from allcore.labels import LabelSet, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
-from allcore.scoring.store import CompleteInputs
+from allcore.scoring.store import CompleteInputs, OutputStore
 from allcore.scoring.summary import specimen_summary, wilson_interval
 from allcore.scoring.table import build_output_table, card_summary
 from allcore.synthetic import make_field, write_archive
@@ -214,3 +214,99 @@ def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
 
     again = run_scoring(config)
     assert (again.listed, again.skipped, again.ok, again.cells) == (9, 9, 0, 0)
+
+
+def test_cell_model_classifies_the_cell_rows_from_its_own_crops(tmp_path, tiny_artifact,
+                                                                tiny_cell_artifact):
+    """With a cell model, cell rows carry its call on the crop its card's geometry cuts at the
+    given diameter; field rows keep the field model; field-class probabilities stay null on cells."""
+    import torch
+
+    from allcore.artifact import load_artifact
+    from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
+    from allcore.transforms import preprocess_array
+
+    paths, _ = write_fields(tmp_path / "S1")
+    card, cell_model_card = read_card(tiny_artifact), read_card(tiny_cell_artifact)
+    diameter = 30.0
+    prepared = prepare_batch(batch_of(paths), **prepare_kwargs(
+        card, cell_finder=CellFinderConfig(cell_diameter_px=diameter), cell_card=cell_model_card))
+    predictor = Predictor(tiny_artifact, cell_artifact_uri=tiny_cell_artifact)
+    rows = build_output_table(pa.table(predictor(prepared)), run_id="r1",
+                              scored_at=__import__("datetime").datetime(2025, 1, 2),
+                              model_summary=card_summary(card, cell_model_card),
+                              specimen_pattern=None, blast_classes=("Early", "Pre", "Pro"),
+                              cell_blast_classes=("blast",)).to_pylist()
+    cells = [r for r in rows if r["row_kind"] == "cell"]
+    assert len(cells) >= 3
+
+    model, _ = load_artifact(tiny_cell_artifact)
+    geometry = CellCropGeometry.from_card(cell_model_card)
+    by_path = {p: Image.open(p).convert("RGB") for p in paths[:3]}
+    crops = np.stack([preprocess_array(cut_cell_crop(
+        by_path[c["source_uri"]], box_centre((c["box_x0"], c["box_y0"], c["box_x1"], c["box_y1"])),
+        cell_diameter_px=diameter, geometry=geometry), cell_model_card.data_config_obj())
+        for c in cells])
+    with torch.no_grad():
+        expected = torch.softmax(model(torch.from_numpy(crops)), dim=1).numpy()
+    blast = cell_model_card.classes.index("blast")
+    assert [c["pred_label"] for c in cells] == [cell_model_card.classes[i] for i in expected.argmax(1)]
+    np.testing.assert_allclose([c["blast_probability"] for c in cells], expected[:, blast], rtol=1e-4)
+    assert [c["is_blast"] for c in cells] == [bool(i == blast) for i in expected.argmax(1)]
+    assert all(c["prob_Benign"] is None and c["prob_Pro"] is None for c in cells)
+    assert {c["cell_model_sha256"] for c in cells} == {cell_model_card.weights_sha256}
+    assert {c["cell_model_version"] for c in cells} == {"cell-test-1"}
+
+    fields = [r for r in rows if r["row_kind"] == "field" and r["status"] == "ok"]
+    assert all(f["pred_label"] in card.classes and f["prob_Benign"] is not None
+               and f["cell_model_sha256"] is None for f in fields)
+    np.testing.assert_allclose([f["blast_probability"] for f in fields],
+                               [f["prob_Early"] + f["prob_Pre"] + f["prob_Pro"] for f in fields],
+                               rtol=1e-5)
+
+
+def test_a_field_model_is_refused_as_cell_model(tiny_artifact):
+    with pytest.raises(ValueError, match="not a cell model"):
+        prepare_kwargs(read_card(tiny_artifact), cell_finder=CellFinderConfig(),
+                       cell_card=read_card(tiny_artifact))
+    with pytest.raises(ValueError, match="add --per-cell"):
+        ScoringConfig(model="m", input="i", output="o", cell_model="c")
+
+
+def test_cell_model_run_uses_one_estimated_diameter_and_balances(
+        tmp_path, ray_session, tiny_artifact, tiny_cell_artifact):
+    from allcore.cells import median_cell_diameter
+    from pipelines.score import run_scoring
+
+    inputs = tmp_path / "in"
+    paths, _ = write_fields(inputs / "S1")
+    out = tmp_path / "out"
+    config = ScoringConfig(model=tiny_artifact, input=str(inputs), output=str(out), batch_size=4,
+                           actors=(1, 2), commit_every=6, per_cell=True, max_error_rate=0.5,
+                           cell_model=tiny_cell_artifact)
+    summary = run_scoring(config)
+    assert (summary.listed, summary.ok, summary.errors, summary.skipped) == (5, 4, 1, 0)
+    assert summary.balanced and summary.cells >= 3
+    expected = median_cell_diameter(Image.open(p).convert("RGB") for p in paths[:4])
+    assert summary.cell_diameter_px == pytest.approx(expected)
+    finished = json.loads((out / "_runs" / summary.run_id / "summary.json").read_text())
+    assert finished["cell_diameter_px"] == pytest.approx(expected)
+
+    rows = pa.concat_tables(pq.read_table(f) for f in OutputStore(str(out)).committed_files()
+                            ).to_pylist()
+    cells = [r for r in rows if r["row_kind"] == "cell"]
+    cell_sha = read_card(tiny_cell_artifact).weights_sha256
+    assert len(cells) == summary.cells
+    assert all(c["pred_label"] in ("blast", "not_blast") and c["cell_model_sha256"] == cell_sha
+               for c in cells)
+    assert Counter(r["source_uri"] for r in rows if r["row_kind"] == "field") == Counter(paths)
+
+    (written,) = (out / "specimen_summary").rglob(f"part-{summary.run_id}.parquet")
+    (specimen,) = pq.read_table(written).to_pylist()
+    assert specimen["cells_total"] == len(cells)
+    assert specimen["cells_blast"] == specimen["blast_cells"] == sum(c["is_blast"] for c in cells)
+
+    field_model_only = run_scoring(ScoringConfig(model=tiny_artifact, input=str(inputs),
+                                                 output=str(out), per_cell=True,
+                                                 max_error_rate=0.5, cell_diameter_px=30.0))
+    assert field_model_only.ok == 4 and field_model_only.cell_diameter_px == 30.0

@@ -29,6 +29,8 @@ class ScoringConfig:
     fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
     gpu: bool = False  # one GPU per actor even if none is up yet (autoscaling GPU workers)
     per_cell: bool = False  # also one row per detected white cell (docs/SCORING.md)
+    cell_model: str | None = None  # --cell-model: artifact that classifies the cell rows
+    cell_diameter_px: float | None = None  # white-cell size in input pixels; None: estimated per run
     verbose: bool = False  # Ray's INFO logs and progress bars (else one progress line per commit)
 
     def __post_init__(self) -> None:
@@ -41,6 +43,10 @@ class ScoringConfig:
             raise ValueError(f"max_error_rate must be in [0, 1], got {self.max_error_rate}")
         if not 0.0 <= self.max_review_rate <= 1.0:
             raise ValueError(f"max_review_rate must be in [0, 1], got {self.max_review_rate}")
+        if (self.cell_model is not None or self.cell_diameter_px is not None) and not self.per_cell:
+            raise ValueError("--cell-model and --cell-diameter apply to cell rows: add --per-cell")
+        if self.cell_diameter_px is not None and not self.cell_diameter_px > 0:
+            raise ValueError(f"cell_diameter_px must be > 0, got {self.cell_diameter_px}")
         if self.specimen_pattern is not None:
             try:
                 groups = re.compile(self.specimen_pattern).groups

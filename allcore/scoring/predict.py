@@ -20,8 +20,9 @@ import torch
 from scipy import special
 
 from allcore.artifact import load_artifact
+from allcore.labels import get_label_set
+from allcore.scoring.table import CELL, OK, prob_column
 from allcore.trust import FeaturesAndLogits, calibrated_probabilities, features_and_logits, load_trust
-from allcore.scoring.table import OK, prob_column
 
 log = logging.getLogger("allcore.scoring.predict")
 
@@ -126,43 +127,87 @@ def probability_function(model: torch.nn.Module, *, input_size: int, fast: bool,
     return lambda pixels: special.softmax(outputs(pixels)[1], axis=1).astype(np.float32)
 
 
-class Predictor:
-    """Scores prepared batches. ``__init__`` loads the artifact once per actor; class names and
-    their order come from its model card, never from this code. ``fast`` selects
-    ``fast_outputs`` instead of the eager reference path.
+class ScoringModel:
+    """One artifact as scoring runs it: pixels -> (probabilities, OOD scores) from one forward
+    pass. With a ``trust`` section in the card the probabilities are temperature-scaled and the
+    OOD scores come from its detector; without one they are the plain softmax and NaN.
 
     ``expected_sha256`` guards against the artifact being replaced while a run is going: the
-    driver recorded one model in the table, so every actor must score with that one.
-    """
+    driver recorded one model in the table, so every actor must score with that one."""
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False):
-        model, card = load_artifact(artifact_uri)
-        if expected_sha256 is not None and card.weights_sha256 != expected_sha256:
-            raise ValueError(f"artifact {artifact_uri} now has weights {card.weights_sha256}, "
+        model, self.card = load_artifact(artifact_uri)
+        if expected_sha256 is not None and self.card.weights_sha256 != expected_sha256:
+            raise ValueError(f"artifact {artifact_uri} now has weights {self.card.weights_sha256}, "
                              f"but this run started with {expected_sha256}; it was replaced "
                              "mid-run: rerun the job")
-        self.classes = list(card.classes)
-        self.trust = load_trust(artifact_uri, card.trust) if card.trust else None
-        self.outputs = model_outputs(model, input_size=int(card.data_config["input_size"]),
+        self.classes = list(self.card.classes)
+        self.trust = load_trust(artifact_uri, self.card.trust) if self.card.trust else None
+        self.outputs = model_outputs(model, input_size=int(self.card.data_config["input_size"]),
                                      fast=fast)
 
+    def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        features, logits = self.outputs(pixels)
+        if self.trust is None:
+            return special.softmax(logits, axis=1), np.full(len(logits), np.nan, np.float32)
+        return (calibrated_probabilities(logits, self.trust.temperature),
+                self.trust.ood_scores(features, logits))
+
+
+class Predictor:
+    """Scores prepared batches. ``__init__`` loads the artifacts once per actor; class names and
+    their order come from the model cards, never from this code. ``fast`` selects
+    ``fast_outputs`` instead of the eager reference path.
+
+    With ``cell_artifact_uri`` (``--cell-model``) cell rows are scored by that model on their
+    ``cell_pixels`` instead: their ``pred_label`` and ``confidence`` are the cell model's
+    (calibrated with its own card's temperature), their field-class probabilities stay NaN, and
+    ``blast_probability`` carries the cell model's probability of its blast classes (NaN on field
+    rows, whose value the table derives).
+    """
+
+    def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
+                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None):
+        self.field_model = ScoringModel(artifact_uri, expected_sha256, fast)
+        self.cell_model = None
+        if cell_artifact_uri is not None:
+            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, fast)
+            cell_classes = self.cell_model.classes
+            self.cell_blast = [cell_classes.index(c) for c in get_label_set(
+                self.cell_model.card.label_set).blast_classes_of(cell_classes)]
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {k: v for k, v in batch.items() if k != "pixels"}
+        out = {k: v for k, v in batch.items() if k not in ("pixels", "cell_pixels")}
         ok = np.asarray(batch["status"] == OK, dtype=bool)
         n = len(ok)
-        probs = np.full((n, len(self.classes)), np.nan, np.float32)
+        by_cell_model = np.zeros(n, bool)
+        if self.cell_model is not None:
+            by_cell_model = ok & (np.asarray(batch["row_kind"]) == CELL)
+        by_field_model = ok & ~by_cell_model
+        classes = self.field_model.classes
+        probs = np.full((n, len(classes)), np.nan, np.float32)
         out["ood_score"] = np.full(n, np.nan, np.float32)
-        if ok.any():
-            features, logits = self.outputs(batch["pixels"][ok])
-            if self.trust is None:
-                probs[ok] = special.softmax(logits, axis=1)
-            else:
-                probs[ok] = calibrated_probabilities(logits, self.trust.temperature)
-                out["ood_score"][ok] = self.trust.ood_scores(features, logits)
-        best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
-        out["pred_label"] = np.array([self.classes[b] if good else ""
-                                      for b, good in zip(best, ok)], dtype=object)
-        out["confidence"] = np.where(ok, probs[np.arange(n), best], np.nan).astype(np.float32)
-        for j, cls in enumerate(self.classes):
+        if by_field_model.any():
+            probs[by_field_model], out["ood_score"][by_field_model] = self.field_model(
+                batch["pixels"][by_field_model])
+        labels, confidence = _best(probs, classes, by_field_model)
+        if self.cell_model is not None:
+            cell_probs = np.full((n, len(self.cell_model.classes)), np.nan, np.float32)
+            if by_cell_model.any():
+                cell_probs[by_cell_model] = self.cell_model(batch["cell_pixels"][by_cell_model])[0]
+            cell_labels, cell_confidence = _best(cell_probs, self.cell_model.classes, by_cell_model)
+            labels = np.where(by_cell_model, cell_labels, labels)
+            confidence = np.where(by_cell_model, cell_confidence, confidence)
+            out["blast_probability"] = cell_probs[:, self.cell_blast].sum(axis=1)
+        out["pred_label"], out["confidence"] = labels, confidence
+        for j, cls in enumerate(classes):
             out[prob_column(cls)] = probs[:, j]
         return out
+
+
+def _best(probs: np.ndarray, classes: list[str], scored: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(label, its probability) per row; "" and NaN where ``scored`` is False."""
+    best = np.argmax(np.nan_to_num(probs, nan=-1.0), axis=1)
+    labels = np.array([classes[b] if good else "" for b, good in zip(best, scored)], dtype=object)
+    confidence = np.where(scored, probs[np.arange(len(probs)), best], np.nan).astype(np.float32)
+    return labels, confidence

@@ -1,9 +1,12 @@
 """The prepare stage (CPU): read, hash, decode and preprocess each input of a batch.
 
 One input gives its field row (the whole field, preprocessed as the model card says; an error
-row for a bad input) and, when a cell finder is given (``--per-cell``), one row per white cell,
-whose pixels are the square crop around the cell preprocessed the same way. Every row has
-``row_kind`` ('field' or 'cell'), so later stages never guess the mode.
+row for a bad input) and, when a cell finder is given (``--per-cell``), one row per white cell.
+A cell row's pixels are, with a cell model (``--cell-model``), the crop its card's geometry
+prescribes at the run's cell diameter, preprocessed as that card says, in ``cell_pixels``;
+without one, the square crop around the cell preprocessed like the field (the field model on
+crops, unvalidated). Every row has ``row_kind`` ('field' or 'cell'), so later stages never guess
+the mode.
 
 Batches are ``dict[str, np.ndarray]``, the shape Ray Data's ``map_batches`` passes; nothing here
 raises for a bad input: the row gets ``status='error'`` and a message, and flows on to the table
@@ -24,12 +27,13 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
-from allcore.cells import CellFinderConfig, cell_crop, find_cells
+from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
+from allcore.cells import CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells
 from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
                         read_bytes)
 from allcore.qc import QC_COLUMNS, image_qc
@@ -42,12 +46,24 @@ FieldMeasurement = Callable[[Image.Image], float]
 FIELD_MEASUREMENTS: dict[str, FieldMeasurement] = {}
 
 
+@dataclass(frozen=True)
+class CellModelInput:
+    """What a cell model sees: crops cut with its card's geometry, preprocessed with its card's
+    data config (which may differ from the field model's, e.g. in input size)."""
+
+    geometry: CellCropGeometry
+    data_config: dict
+
+
 def prepare_kwargs(card, *, max_pixels: int = MAX_PIXELS,
-                   cell_finder: CellFinderConfig | None = None) -> dict:
-    """``prepare_batch`` keyword arguments for a model card: scoring preprocesses exactly as the
-    model was evaluated in training (the card's data config, scale-bar masking included)."""
+                   cell_finder: CellFinderConfig | None = None, cell_card=None) -> dict:
+    """``prepare_batch`` keyword arguments for a model card (and a cell model's card): scoring
+    preprocesses exactly as each model was evaluated in training (the card's data config,
+    scale-bar masking included; the cell card's crop geometry)."""
+    cell_model = None if cell_card is None else CellModelInput(
+        CellCropGeometry.from_card(cell_card), cell_card.data_config_obj().to_dict())
     return {"data_config": card.data_config_obj().to_dict(), "max_pixels": max_pixels,
-            "cell_finder": cell_finder}
+            "cell_finder": cell_finder, "cell_model": cell_model}
 
 
 def load_image(uri: str, *, max_pixels: int = MAX_PIXELS
@@ -69,7 +85,7 @@ def load_image(uri: str, *, max_pixels: int = MAX_PIXELS
 
 def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
                   measurements: Mapping[str, FieldMeasurement] = FIELD_MEASUREMENTS,
-                  ) -> dict[str, np.ndarray]:
+                  cell_model: CellModelInput | None = None) -> dict[str, np.ndarray]:
     """Rows of the inputs ``batch`` names (``source_uri``; its other columns, e.g. the rest of
     ``INPUT_KEY``, are carried onto every row of the input): the field row of each, plus its cell
     rows when ``cell_finder`` is given.
@@ -78,7 +94,8 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
     image), cell_count, cell_area, circularity, nucleus_cell_ratio, one column per measurement
     and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
     With the data config's ``mask_corner`` the scale bar is painted out before cells are searched,
-    so its label is neither found as a cell nor seen in a crop.
+    so its label is neither found as a cell nor seen in a crop. With ``cell_model`` every row
+    also has ``cell_pixels`` (the cell model's crops; zeros on field and error rows).
     """
     cfg = DataConfig.from_dict(data_config)
     crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
@@ -106,8 +123,12 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
             rows.append({**field_row, **image_qc(img)})
             continue
         searched = mask_scale_bar(img) if cfg.mask_corner else img
-        cells = find_cells(searched, cell_finder)
-        field_row.update(image_qc(img, cell_finder, cells=cells))
+        # one diameter for finding and cutting: the run's, else this field's estimate
+        diameter = cell_finder.cell_diameter_px or estimate_cell_diameter(searched, cell_finder)
+        cells = [] if diameter is None else find_cells(
+            searched, replace(cell_finder, cell_diameter_px=diameter))
+        field_row.update(image_qc(img, cells=cells))
+        pixel_key = "pixels" if cell_model is None else "cell_pixels"
         rows.append({**field_row, "cell_count": len(cells),
                      "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
@@ -115,14 +136,27 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                   "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
                                          else cell.nucleus_cell_ratio),
                   **{name: math.nan for name in (*measurements, *QC_COLUMNS)},
-                  "pixels": preprocess_array(
-                      cell_crop(searched, cell, cell_finder.crop_pad_fraction), crop_cfg)}
+                  "pixels": None,  # a cell row's pixels are the crop's, under pixel_key
+                  pixel_key: cell_input(searched, cell, diameter, finder=cell_finder,
+                                        crop_cfg=crop_cfg, cell_model=cell_model)}
                  for cell in cells]
-    return _columns(batch, rows, cfg, measurements)
+    return _columns(batch, rows, cfg, measurements, cell_model)
+
+
+def cell_input(field: Image.Image, cell, diameter: float, *, finder: CellFinderConfig,
+               crop_cfg: DataConfig, cell_model: CellModelInput | None) -> np.ndarray:
+    """The preprocessed pixels of one found cell as the model that classifies it sees them: the
+    cell model's crop (its geometry at ``diameter``, its data config), else the field model's
+    square crop around the box (``crop_cfg``)."""
+    if cell_model is None:
+        return preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction), crop_cfg)
+    crop = cut_cell_crop(field, box_centre(cell.box), cell_diameter_px=diameter,
+                         geometry=cell_model.geometry)
+    return preprocess_array(crop, DataConfig.from_dict(cell_model.data_config))
 
 
 def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
-             measurements: Mapping) -> dict[str, np.ndarray]:
+             measurements: Mapping, cell_model: CellModelInput | None = None) -> dict[str, np.ndarray]:
     """The rows as a column batch; the batch's own columns are repeated onto each input's rows."""
     inputs = np.array([r["input"] for r in rows], np.int64)
     out = {k: np.asarray(v)[inputs] for k, v in batch.items()}
@@ -133,7 +167,15 @@ def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
                 for k in ("circularity", "nucleus_cell_ratio", *measurements, *QC_COLUMNS)})
     out.update({f"box_{k}": np.array([r["box"][j] for r in rows], np.int32)
                 for j, k in enumerate(("x0", "y0", "x1", "y1"))})
-    blank = np.zeros((3, cfg.input_size, cfg.input_size), np.float32)
-    out["pixels"] = (np.stack([blank if r["pixels"] is None else r["pixels"] for r in rows])
-                     if rows else np.zeros((0, *blank.shape), np.float32))
+    out["pixels"] = _stacked(rows, "pixels", cfg.input_size)
+    if cell_model is not None:
+        out["cell_pixels"] = _stacked(rows, "cell_pixels",
+                                      DataConfig.from_dict(cell_model.data_config).input_size)
     return out
+
+
+def _stacked(rows: list[dict], key: str, size: int) -> np.ndarray:
+    """One pixel column, zeros where a row has none, so the column keeps one shape."""
+    blank = np.zeros((3, size, size), np.float32)
+    return (np.stack([blank if r.get(key) is None else r[key] for r in rows])
+            if rows else np.zeros((0, *blank.shape), np.float32))

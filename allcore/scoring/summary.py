@@ -3,9 +3,10 @@ skipped) and, for ``--per-cell`` runs, one row per specimen summarising its cell
 
 Why per specimen: a field label says "this smear has blasts", not which cell is one. Counting
 the cells classified as blasts gives a blast fraction per specimen, the quantity a
-haematologist reports, and lists the most suspicious cells for review. The crops are classified
-with the field model (docs/CELLS.md: "Which model classifies a cell"), so cell labels are weak
-labels inherited from the field.
+haematologist reports, and lists the most suspicious cells for review. With ``--cell-model`` the
+cells are classified by a model trained on cell crops (counts per cell-model class); without it
+by the field model on crops, whose cell labels are weak labels inherited from the field
+(docs/CELLS.md: "Which model classifies a cell").
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class RunSummary:
     max_error_rate: float = 1.0
     flagged: int = 0  # ok field rows that need review (allcore.trust); 0 without trust checks
     max_review_rate: float = 1.0
+    cell_diameter_px: float | None = None  # --per-cell: the run's white-cell diameter
+    cell_diameter_source: str = ""  # given, or how it was estimated
 
     @property
     def scored(self) -> int:
@@ -86,13 +89,15 @@ class RunSummary:
         self.cells += record["counts"]["cell"]
         self.chunks += 1
 
-    def progress(self) -> str:
-        """Images done / total, rate and time left: the driver's line after each commit."""
-        rate = self.scored / self.seconds if self.seconds > 0 else 0.0
-        left = (self.to_score - self.scored) / rate if rate > 0 else math.inf
+    def progress(self, uncommitted: int = 0) -> str:
+        """Images done / total, rate and time left: the driver's line after each commit (and
+        between commits, counting the ``uncommitted`` images scored since the last one)."""
+        done = self.scored + uncommitted
+        rate = done / self.seconds if self.seconds > 0 else 0.0
+        left = (self.to_score - done) / rate if rate > 0 else math.inf
         eta = "unknown" if math.isinf(left) else f"{left // 3600:.0f}h{left % 3600 // 60:02.0f}m{left % 60:02.0f}s"
-        share = self.scored / self.to_score if self.to_score else 1.0
-        return (f"{self.scored:,}/{self.to_score:,} images ({share:.1%}), {self.errors:,} errors, "
+        share = done / self.to_score if self.to_score else 1.0
+        return (f"{done:,}/{self.to_score:,} images ({share:.1%}), {self.errors:,} errors, "
                 f"{rate:.1f} images/s, about {eta} left")
 
     def line(self) -> str:

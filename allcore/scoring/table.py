@@ -48,6 +48,7 @@ class ScoredRows:
     model_summary: dict
     specimen_pattern: str | None
     blast_classes: tuple[str, ...]
+    cell_blast_classes: tuple[str, ...] = ()  # the cell model's (--cell-model runs)
 
     @property
     def num_rows(self) -> int:
@@ -136,16 +137,30 @@ def _cell_ids(rows: ScoredRows) -> list[str | None]:
 
 
 def _blast_probability(rows: ScoredRows) -> pa.Array:
-    if not rows.blast_classes:
-        return pa.nulls(rows.num_rows, pa.float32())
-    total = sum(rows.numbers(prob_column(c)).astype(np.float64) for c in rows.blast_classes)
+    total = (sum(rows.numbers(prob_column(c)).astype(np.float64) for c in rows.blast_classes)
+             if rows.blast_classes else np.full(rows.num_rows, np.nan))
+    if "blast_probability" in rows.table.column_names:  # cell rows scored by a cell model
+        by_cell_model = rows.numbers("blast_probability").astype(np.float64)
+        total = np.where(np.isnan(by_cell_model), total, by_cell_model)
     return pa.array(total, mask=~rows.ok | np.isnan(total))
 
 
+def _cell_model(key: str) -> Callable[[ScoredRows], list[str | None]]:
+    """A fact of the cell model (``model_summary['cell_model']``) on the cell rows it scored."""
+    def values(rows: ScoredRows) -> list[str | None]:
+        cell_model = rows.model_summary.get("cell_model")
+        value = None if cell_model is None else cell_model[key]
+        return [value if kind == CELL and good else None
+                for kind, good in zip(rows.table["row_kind"].to_pylist(), rows.ok)]
+    return values
+
+
 def _is_blast(rows: ScoredRows) -> list[bool | None]:
-    blast = set(rows.blast_classes)
+    field_blast = set(rows.blast_classes)
+    cell_blast = set(rows.cell_blast_classes) if rows.model_summary.get("cell_model") else field_blast
+    blasts = [cell_blast if kind == CELL else field_blast for kind in rows.table["row_kind"].to_pylist()]
     return [(label in blast) if good and blast else None
-            for label, good in zip(rows.table["pred_label"].to_pylist(), rows.ok)]
+            for label, blast, good in zip(rows.table["pred_label"].to_pylist(), blasts, rows.ok)]
 
 
 def _as_listed(rows: ScoredRows, name: str) -> pa.ChunkedArray:
@@ -209,6 +224,11 @@ COLUMNS: tuple[Column, ...] = (
     Column("model_sha256", pa.string(),
            "sha256 of the model weights (the incremental ledger is per model_sha256)",
            lambda r: r.repeat(r.model_summary["weights_sha256"])),
+    Column("cell_model_version", pa.string(), "version of the cell model (--cell-model) that "
+           "classified this cell row; null on field rows and without a cell model, where cell "
+           "rows are the field model on crops (unvalidated)", _cell_model("model_version")),
+    Column("cell_model_sha256", pa.string(), "sha256 of the cell model's weights (cell rows "
+           "of --cell-model runs; else null)", _cell_model("weights_sha256")),
     Column("source_uri", pa.string(), "local path or s3:// uri of the input image",
            lambda r: _as_listed(r, "source_uri")),
     Column("source_size", pa.int64(),
@@ -237,16 +257,21 @@ COLUMNS: tuple[Column, ...] = (
            "4 pi area / perimeter^2 of the cell, 1 for a disk (cell rows; else null)"),
     Column("nucleus_cell_ratio", pa.float32(),
            "nucleus area / cell area (cell rows where the nucleus is distinct)"),
-    Column("pred_label", pa.string(), "class with the highest probability (null for error rows)"),
-    Column("confidence", pa.float32(), "probability of pred_label (null for error rows)"),
-    Column("prob_{cls}", pa.float32(), "calibrated (temperature-scaled, the model card's "
-           "trust.temperature) probability of class {cls!r}; the plain softmax when the card has "
-           "no trust section (null for error rows)", per_class=True),
+    Column("pred_label", pa.string(), "class with the highest probability (null for error rows); "
+           "cell rows of --cell-model runs: the cell model's class (e.g. 'blast', 'not_blast')"),
+    Column("confidence", pa.float32(), "probability of pred_label (null for error rows), from "
+           "the model that made pred_label"),
+    Column("prob_{cls}", pa.float32(), "field model's calibrated (temperature-scaled, the model "
+           "card's trust.temperature) probability of class {cls!r}; the plain softmax when the card "
+           "has no trust section (null for error rows, and for cell rows of --cell-model runs)",
+           per_class=True),
     Column("blast_probability", pa.float32(), "sum of the calibrated probabilities of the label "
-           "set's blast classes (LabelSet.blast_classes in allcore/labels.py); null for error rows",
-           _blast_probability),
-    Column("is_blast", pa.bool_(), "pred_label is a blast class (null for error rows); what the "
-           "model says, whether or not it can be trusted: act on `call`", _is_blast),
+           "set's blast classes (LabelSet.blast_classes in allcore/labels.py) under the model that "
+           "made pred_label: the cell model on cell rows of --cell-model runs, else the field "
+           "model; null for error rows", _blast_probability),
+    Column("is_blast", pa.bool_(), "pred_label is a blast class of the model that made it (null "
+           "for error rows); what the model says, whether or not it can be trusted: act on `call`",
+           _is_blast),
     *(Column(name, pa.float64(), f"image QC: {text} (field rows; else null)")
       for name, text in QC_COLUMNS.items()),
     Column("ood_score", pa.float32(), "out-of-distribution score of the field on the model's own "
@@ -299,8 +324,15 @@ def columns_markdown() -> str:
     return "\n".join(lines)
 
 
-def card_summary(card) -> dict:
-    """What a predictions file records about the model that produced it."""
+def card_summary(card, cell_card=None) -> dict:
+    """What a predictions file records about the models that produced it (the cell model's
+    entry is None without ``--cell-model``)."""
+    cell_model = None if cell_card is None else {**_model_facts(cell_card),
+                                                 "cell_crop": dict(cell_card.cell_crop)}
+    return {**_model_facts(card), "cell_model": cell_model}
+
+
+def _model_facts(card) -> dict:
     return {"model_name": card.model_name, "model_version": str(card.model_version),
             "weights_sha256": card.weights_sha256, "classes": list(card.classes),
             "data_config": dict(card.data_config), "trust": dict(card.trust)}
@@ -308,7 +340,8 @@ def card_summary(card) -> dict:
 
 def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
                        model_summary: dict, specimen_pattern: str | None,
-                       blast_classes: Iterable[str] = ()) -> pa.Table:
+                       blast_classes: Iterable[str] = (),
+                       cell_blast_classes: Iterable[str] = ()) -> pa.Table:
     """Rows of the output schema from the predict stage's columns (see ``allcore.scoring.prepare``
     and ``allcore.scoring.predict``). Rows are sorted by source_uri, field row first, then cells
     top to bottom, so a chunk's file is reproducible."""
@@ -316,6 +349,7 @@ def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
                              ("box_y0", "ascending"), ("box_x0", "ascending")])
     classes = model_summary["classes"]
     rows = ScoredRows(scored, run_id, scored_at, model_summary, specimen_pattern,
-                      tuple(c for c in classes if c in set(blast_classes)))
+                      tuple(c for c in classes if c in set(blast_classes)),
+                      tuple(cell_blast_classes))
     schema = output_schema(classes, model_summary)
     return pa.Table.from_arrays([c.values(rows) for c in output_columns(classes)], schema=schema)
