@@ -17,6 +17,7 @@ from allcore.artifact import read_card
 from allcore.cells import CellFinderConfig
 from allcore.labels import LabelSet, get_label_set
 from allcore.scoring.config import ScoringConfig
+from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
 from allcore.scoring.store import CompleteInputs, OutputStore
@@ -189,8 +190,10 @@ def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
     assert sum(r["row_kind"] == "cell" for r in rows) == summary.cells
     assert sum(r["cell_count"] or 0 for r in rows if r["row_kind"] == "field") == summary.cells
     records = [json.loads(p.read_text()) for p in (out / "_commits").glob("*.json")]
-    committed = Counter(k[0] for r in records for k in r["inputs"])
-    assert committed == Counter(paths)  # the ledger keys by input, each exactly once
+    ledger = list(OutputStore(str(out)).ledger(records[0]["model_sha256"]))
+    assert sorted(ledger) == sorted(input_digest(*(r[c] for c in INPUT_KEY))
+                                    for r in rows if r["row_kind"] == "field")
+    assert len(ledger) == len(paths)  # the ledger keys by input, each exactly once
 
     files = list((out / "specimen_summary").rglob(f"part-{summary.run_id}.parquet"))
     assert len(files) == 1

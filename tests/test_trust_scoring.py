@@ -43,6 +43,7 @@ def scored(rows: list[dict]) -> pa.Table:
         "source_uri": [r["uri"] for r in rows], "source_size": [1] * n, "source_mtime": ["1"] * n,
         "content_sha256": ["f" * 64] * n, "row_kind": [r["kind"] for r in rows],
         "status": [r["status"] for r in rows], "error": ["" if o else "broken" for o in ok],
+        "error_kind": ["" if o else "corrupt" for o in ok],
         "note": [""] * n, **{f"box_{k}": np.arange(n, dtype=np.int32) for k in ("x0", "y0", "x1", "y1")},
         "cell_count": np.full(n, -1, np.int32), "cell_area": np.full(n, -1, np.int32),
         "circularity": np.full(n, np.nan, np.float32), "nucleus_cell_ratio": np.full(n, np.nan, np.float32),
@@ -87,6 +88,24 @@ def test_review_columns_abstain_on_flagged_fields_and_their_cells():
     assert by_key["/s/c.jpg", "field"]["call"] == "not blast"
     error = by_key["/s/d.jpg", "field"]
     assert all(error[c] is None for c in ("needs_review", "review_reason", "call", "ood_score", "qc_blur"))
+
+
+def test_cell_rows_of_a_cell_model_run_are_judged_by_the_cell_models_trust():
+    """A field foreign to the field model (another laboratory) may hold cells the cell model
+    knows: its cells follow the cell model's detector on the crop, not the field's flag."""
+    cell_section = {**SECTION, "ood": {"method": "mahalanobis", "threshold": 5.0}}
+    rows = [{"uri": "/s/b.jpg", "kind": "field", "status": "ok", "ood": 3.0, "pro": 0.9},
+            {"uri": "/s/b.jpg", "kind": "cell", "status": "ok", "ood": 4.0, "pro": 0.9},
+            {"uri": "/s/b.jpg", "kind": "cell", "status": "ok", "ood": 6.0, "pro": 0.9}]
+    model_summary = {**summary(SECTION), "cell_model": {**summary(cell_section), "cell_crop": {}}}
+    field, familiar, foreign = build_output_table(
+        scored(rows), run_id="r1", scored_at=SCORED_AT, model_summary=model_summary,
+        specimen_pattern=None, blast_classes=BLASTS, cell_blast_classes=BLASTS).to_pylist()
+    assert (field["needs_review"], field["call"]) == (True, "abstain")
+    assert (familiar["needs_review"], familiar["call"], familiar["ood_score"]) == \
+        (False, "blast", pytest.approx(4.0))
+    assert (foreign["needs_review"], foreign["review_reason"], foreign["call"]) == \
+        (True, trust.OUT_OF_DISTRIBUTION, "abstain")
 
 
 def test_without_a_trust_section_rows_say_nothing_was_checked():

@@ -161,9 +161,10 @@ class Predictor:
 
     With ``cell_artifact_uri`` (``--cell-model``) cell rows are scored by that model on their
     ``cell_pixels`` instead: their ``pred_label`` and ``confidence`` are the cell model's
-    (calibrated with its own card's temperature), their field-class probabilities stay NaN, and
-    ``blast_probability`` carries the cell model's probability of its blast classes (NaN on field
-    rows, whose value the table derives).
+    (calibrated with its own card's temperature), their ``ood_score`` is the cell model's
+    detector on the crop, their field-class probabilities stay NaN, and ``blast_probability``
+    carries the cell model's probability of its blast classes (NaN on field rows, whose value the
+    table derives).
     """
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
@@ -194,7 +195,8 @@ class Predictor:
         if self.cell_model is not None:
             cell_probs = np.full((n, len(self.cell_model.classes)), np.nan, np.float32)
             if by_cell_model.any():
-                cell_probs[by_cell_model] = self.cell_model(batch["cell_pixels"][by_cell_model])[0]
+                cell_probs[by_cell_model], out["ood_score"][by_cell_model] = self.cell_model(
+                    batch["cell_pixels"][by_cell_model])
             cell_labels, cell_confidence = _best(cell_probs, self.cell_model.classes, by_cell_model)
             labels = np.where(by_cell_model, cell_labels, labels)
             confidence = np.where(by_cell_model, cell_confidence, confidence)

@@ -167,11 +167,15 @@ def _as_listed(rows: ScoredRows, name: str) -> pa.ChunkedArray:
     return rows.table[name]
 
 
-def _field_ood_score(rows: ScoredRows) -> pa.Array:
-    """The detector was fitted on whole fields: a crop's distance to them says nothing."""
+def _ood_score(rows: ScoredRows) -> pa.Array:
+    """Field rows: the field model's detector on the field. Cell rows: the cell model's detector
+    on the crop in --cell-model runs; else null, since the field model's detector was fitted on
+    whole fields and a crop's distance to them says nothing."""
     scores = rows.numbers("ood_score").astype(np.float64)
-    field = np.array([k == FIELD for k in rows.table["row_kind"].to_pylist()])
-    return pa.array(scores, mask=~rows.ok | ~field | np.isnan(scores))
+    judged = np.array([k == FIELD for k in rows.table["row_kind"].to_pylist()])
+    if rows.model_summary.get("cell_model"):
+        judged[:] = True
+    return pa.array(scores, mask=~rows.ok | ~judged | np.isnan(scores))
 
 
 def _reviews(rows: ScoredRows) -> list[Review | None]:
@@ -179,10 +183,16 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
 
     Field rows are judged on their own QC and OOD score. A cell row is judged by its field (the
     crop's image is the field's): it needs review when its field does, else its own probability
-    makes the call. Without a trust section in the card nothing is checked: ``needs_review`` is
-    null, the reason says so, and the call follows the probabilities."""
+    makes the call. In --cell-model runs a cell row is judged by the cell model's trust section
+    instead (its OOD detector on the crop), since the field model's domain is not the cell
+    model's: a field from another laboratory may be foreign to the field model and familiar to a
+    cell model trained on that laboratory's cells. Without a trust section in the card nothing is
+    checked: ``needs_review`` is null, the reason says so, and the call follows the probabilities."""
     section = rows.model_summary.get("trust") or None
     trust = trust_from_card_section(section) if section else None
+    cell_model = rows.model_summary.get("cell_model")
+    cell_section = (cell_model or {}).get("trust") or None
+    cell_trust = trust_from_card_section(cell_section) if cell_section else None
     blast = _blast_probability(rows).to_pylist()
     kinds, uris = rows.table["row_kind"].to_pylist(), rows.table["source_uri"].to_pylist()
     qc = {name: rows.numbers(name) for name in QC_COLUMNS}
@@ -193,6 +203,9 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
         call = None if p is None else probability_call(p)
         if not good:
             review = None
+        elif kind == CELL and cell_model:
+            review = (Review(None, NO_TRUST_CHECKS, call) if cell_trust is None else
+                      review_row({}, float(ood[i]), math.nan if p is None else p, cell_trust))
         elif trust is None:
             review = Review(None, NO_TRUST_CHECKS, call)
         elif kind == FIELD:
@@ -274,14 +287,16 @@ COLUMNS: tuple[Column, ...] = (
            _is_blast),
     *(Column(name, pa.float64(), f"image QC: {text} (field rows; else null)")
       for name, text in QC_COLUMNS.items()),
-    Column("ood_score", pa.float32(), "out-of-distribution score of the field on the model's own "
-           "penultimate features (allcore.trust; higher is further from the training images); "
-           "above the card's trust.ood.threshold the row needs review (field rows; null for cell "
-           "rows and without a trust section)", _field_ood_score),
+    Column("ood_score", pa.float32(), "out-of-distribution score on the model's own penultimate "
+           "features (allcore.trust; higher is further from the training images); above the "
+           "card's trust.ood.threshold the row needs review. Field rows: the field model on the "
+           "field; cell rows of --cell-model runs: the cell model on the crop; null for other cell "
+           "rows and without a trust section", _ood_score),
     Column("needs_review", pa.bool_(), "the field is out of distribution or fails image QC "
-           "against the training ranges (cell rows: their field does); its probabilities are "
-           "kept but `call` is 'abstain'. Null for error rows and when the model card has no "
-           "trust section", _review_column(0)),
+           "against the training ranges (cell rows: their field does; cell rows of --cell-model "
+           "runs: the crop is out of the cell model's distribution); its probabilities are kept "
+           "but `call` is 'abstain'. Null for error rows and when the model card has no trust "
+           "section", _review_column(0)),
     Column("review_reason", pa.string(), "why the row needs review: '; '-joined "
            "allcore.trust.REVIEW_REASONS (e.g. 'out of distribution; blurred'); "
            f"'{NO_TRUST_CHECKS}' when nothing could be checked; else null", _review_column(1)),
