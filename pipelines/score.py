@@ -20,6 +20,7 @@ import datetime as dt
 import logging
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -33,7 +34,7 @@ from allcore.cells import CellFinderConfig, median_cell_diameter
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
-from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
+from allcore.scoring.inputs import INPUT_KEY, chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import load_image, prepare_batch, prepare_kwargs
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id
@@ -244,9 +245,9 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
 
 def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],
                         commit_every: int, summary: RunSummary, started: float) -> None:
-    """Commit the rows of complete inputs every ``commit_every`` rows (and the rest at the end);
-    between commits log the images done at most every ``PROGRESS_SECONDS``, so a run of large
-    fields shows progress long before its first commit."""
+    """Commit the rows of complete inputs in chunks of ``commit_every`` rows (and the rest at the
+    end); between commits log the images done at most every ``PROGRESS_SECONDS``, so a run of
+    large fields shows progress long before its first commit."""
     ready: list[pa.Table] = []
     last_line = time.perf_counter()
     for batch in scored:
@@ -254,8 +255,11 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
         if rows.num_rows:
             ready.append(rows)
         if sum(t.num_rows for t in ready) >= commit_every:
-            commit(pa.concat_tables(ready))
-            ready, last_line = [], time.perf_counter()
+            rest = pa.concat_tables(ready)
+            while rest.num_rows >= commit_every:
+                chunk, rest = _whole_inputs(rest, commit_every)
+                commit(chunk)
+            ready, last_line = ([rest] if rest.num_rows else []), time.perf_counter()
         elif time.perf_counter() - last_line >= PROGRESS_SECONDS:
             summary.seconds = time.perf_counter() - started
             images = sum(pc.sum(pc.equal(t["row_kind"], FIELD)).as_py() or 0
@@ -264,6 +268,22 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
             last_line = time.perf_counter()
     if ready:
         commit(pa.concat_tables(ready))
+
+
+def _whole_inputs(rows: pa.Table, limit: int) -> tuple[pa.Table, pa.Table]:
+    """(the rows of the first inputs that fit in ``limit`` rows, the rest): a chunk never splits
+    an input's field row from its cell rows, and holds at least one input even when that input
+    alone has more than ``limit`` rows. Field runs (one row per input) get exactly ``limit``."""
+    keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
+    sizes = Counter(keys)  # rows per input, in order of first appearance
+    taken, total = set(), 0
+    for key, size in sizes.items():
+        if taken and total + size > limit:
+            break
+        taken.add(key)
+        total += size
+    head = pa.array([key in taken for key in keys])
+    return rows.filter(head), rows.filter(pc.invert(head))
 
 
 def _quiet_ray(verbose: bool) -> None:
