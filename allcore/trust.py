@@ -40,6 +40,8 @@ IN_DISTRIBUTION_FLAG_RATE = 0.02  # share of validation images above the OOD thr
 QC_QUANTILES = (0.005, 0.995)  # training-data range of each QC statistic ...
 QC_MARGIN = 0.25  # ... widened by this share of its width on each side
 BLAST_THRESHOLD = 0.5  # calibrated blast probability at and above which the call is "blast"
+MAX_CELL_ENLARGEMENT = 1.5  # cell crops enlarged more than this get "cell size differs"
+CELL_SIZE_DIFFERS = "cell size differs"
 
 # QC statistic -> (reason when below the training range, reason when above); None: not checked.
 QC_CHECKS: dict[str, tuple[str | None, str | None]] = {
@@ -52,7 +54,7 @@ QC_CHECKS: dict[str, tuple[str | None, str | None]] = {
     "qc_b_mean": ("stain differs", "stain differs"),
     "qc_blockiness": (None, "compression artefacts"),
     "qc_cell_count": ("no white cells found", None),
-    "qc_cell_diameter_fraction": ("cell size differs", "cell size differs"),
+    "qc_cell_diameter_fraction": (CELL_SIZE_DIFFERS, CELL_SIZE_DIFFERS),
 }
 OUT_OF_DISTRIBUTION = "out of distribution"
 REVIEW_REASONS = (OUT_OF_DISTRIBUTION,) + tuple(dict.fromkeys(
@@ -287,6 +289,21 @@ def review_row(qc: Mapping[str, float], ood_score: float, blast_probability: flo
     if reasons:
         return Review(True, "; ".join(reasons), "abstain")
     return Review(False, None, probability_call(blast_probability))
+
+
+def review_cell(ood_score: float, blast_probability: float, trust: Trust | Mapping, *,
+                cell_diameter_px: float, pixels_per_cell_diameter: float) -> Review:
+    """The review decision of one cell row scored by a cell model: its OOD score on the crop
+    against the cell model's threshold, and the cell size. A crop is resized so a cell diameter
+    spans ``pixels_per_cell_diameter`` (the cell card's geometry); cells much smaller than that in
+    the field's pixels are enlarged, and an enlarged crop lacks the detail the model learned from
+    (e.g. 224 px Taleqani fields, 27 px cells, before a cell model trained on 120 px ALL-IDB
+    cells), so above ``MAX_CELL_ENLARGEMENT`` the row needs review. A NaN diameter is not judged."""
+    review = review_row({}, ood_score, blast_probability, trust)
+    if not cell_diameter_px * MAX_CELL_ENLARGEMENT < pixels_per_cell_diameter:
+        return review
+    reasons = [r for r in (review.review_reason, CELL_SIZE_DIFFERS) if r]
+    return Review(True, "; ".join(reasons), "abstain")
 
 
 def probability_call(blast_probability: float) -> str:

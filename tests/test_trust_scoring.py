@@ -94,11 +94,17 @@ def test_cell_rows_of_a_cell_model_run_are_judged_by_the_cell_models_trust():
     """A field foreign to the field model (another laboratory) may hold cells the cell model
     knows: its cells follow the cell model's detector on the crop, not the field's flag."""
     cell_section = {**SECTION, "ood": {"method": "mahalanobis", "threshold": 5.0}}
-    rows = [{"uri": "/s/b.jpg", "kind": "field", "status": "ok", "ood": 3.0, "pro": 0.9},
+    rows = [{"uri": "/s/b.jpg", "kind": "field", "status": "ok", "ood": 3.0, "pro": 0.9,
+             "qc_cell_diameter_px": 110.0},
             {"uri": "/s/b.jpg", "kind": "cell", "status": "ok", "ood": 4.0, "pro": 0.9},
-            {"uri": "/s/b.jpg", "kind": "cell", "status": "ok", "ood": 6.0, "pro": 0.9}]
-    model_summary = {**summary(SECTION), "cell_model": {**summary(cell_section), "cell_crop": {}}}
-    field, familiar, foreign = build_output_table(
+            {"uri": "/s/b.jpg", "kind": "cell", "status": "ok", "ood": 6.0, "pro": 0.9},
+            # cells 20 px across, cut for a model that sees 48 px a diameter: enlarged 2.4x
+            {"uri": "/s/t.jpg", "kind": "field", "status": "ok", "ood": 1.0, "pro": 0.9,
+             "qc_cell_diameter_px": 20.0},
+            {"uri": "/s/t.jpg", "kind": "cell", "status": "ok", "ood": 4.0, "pro": 0.1}]
+    model_summary = {**summary(SECTION), "cell_model": {
+        **summary(cell_section), "cell_crop": {"pixels_per_cell_diameter": 48.0}}}
+    field, familiar, foreign, _, small = build_output_table(
         scored(rows), run_id="r1", scored_at=SCORED_AT, model_summary=model_summary,
         specimen_pattern=None, blast_classes=BLASTS, cell_blast_classes=BLASTS).to_pylist()
     assert (field["needs_review"], field["call"]) == (True, "abstain")
@@ -106,6 +112,8 @@ def test_cell_rows_of_a_cell_model_run_are_judged_by_the_cell_models_trust():
         (False, "blast", pytest.approx(4.0))
     assert (foreign["needs_review"], foreign["review_reason"], foreign["call"]) == \
         (True, trust.OUT_OF_DISTRIBUTION, "abstain")
+    assert (small["needs_review"], small["review_reason"], small["call"]) == \
+        (True, trust.CELL_SIZE_DIFFERS, "abstain")
 
 
 def test_without_a_trust_section_rows_say_nothing_was_checked():

@@ -27,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from allcore.qc import QC_COLUMNS
-from allcore.trust import NO_TRUST_CHECKS, Review, probability_call, review_row, trust_from_card_section
+from allcore.trust import (NO_TRUST_CHECKS, Review, probability_call, review_cell, review_row,
+                           trust_from_card_section)
 
 SCHEMA_METADATA_KEY = b"allcore.schema"
 # 2: prob_<class>, confidence and blast_probability are temperature-scaled when the model card has
@@ -184,7 +185,8 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
     Field rows are judged on their own QC and OOD score. A cell row is judged by its field (the
     crop's image is the field's): it needs review when its field does, else its own probability
     makes the call. In --cell-model runs a cell row is judged by the cell model's trust section
-    instead (its OOD detector on the crop), since the field model's domain is not the cell
+    instead (its OOD detector on the crop, and its field's cell size against the cell model's
+    working resolution: ``allcore.trust.review_cell``), since the field model's domain is not the cell
     model's: a field from another laboratory may be foreign to the field model and familiar to a
     cell model trained on that laboratory's cells. Without a trust section in the card nothing is
     checked: ``needs_review`` is null, the reason says so, and the call follows the probabilities."""
@@ -198,14 +200,19 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
     qc = {name: rows.numbers(name) for name in QC_COLUMNS}
     ood = rows.numbers("ood_score")
     field_reviews: dict[str, Review] = {}
+    field_diameters: dict[str, float] = {}  # the field's white-cell size, for its cells' review
     out: list[Review | None] = []
     for i, (good, kind, uri, p) in enumerate(zip(rows.ok, kinds, uris, blast)):
         call = None if p is None else probability_call(p)
+        if kind == FIELD:
+            field_diameters[uri] = float(qc["qc_cell_diameter_px"][i])
         if not good:
             review = None
-        elif kind == CELL and cell_model:
-            review = (Review(None, NO_TRUST_CHECKS, call) if cell_trust is None else
-                      review_row({}, float(ood[i]), math.nan if p is None else p, cell_trust))
+        elif kind == CELL and cell_model:  # rows are sorted: its field row came first
+            review = (Review(None, NO_TRUST_CHECKS, call) if cell_trust is None else review_cell(
+                float(ood[i]), math.nan if p is None else p, cell_trust,
+                cell_diameter_px=field_diameters.get(uri, math.nan),
+                pixels_per_cell_diameter=float(cell_model["cell_crop"]["pixels_per_cell_diameter"])))
         elif trust is None:
             review = Review(None, NO_TRUST_CHECKS, call)
         elif kind == FIELD:
