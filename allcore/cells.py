@@ -151,7 +151,9 @@ def _lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
 
 
-def _as_rgb(img: Image.Image | np.ndarray) -> np.ndarray:
+def rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
+    """A uint8 (H, W, 3) array of a PIL image (converted to RGB) or an array already in that form;
+    anything else is refused with what to do."""
     if isinstance(img, Image.Image):
         return np.asarray(img.convert("RGB"))
     rgb = np.asarray(img)
@@ -199,7 +201,7 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
     one microscope should pass the median over several fields as ``cell_diameter_px``, steadier
     than any one field (docs/CELLS.md gives both).
     """
-    rgb = _as_rgb(img)
+    rgb = rgb_array(img)
     scale = min(1.0, ESTIMATE_SIDE / max(rgb.shape[:2]))
     mask = _stain_mask(_stain(_resampled(rgb, scale), 1.0)[0], config)
     mask = ndi.binary_opening(ndi.binary_fill_holes(mask))
@@ -325,13 +327,13 @@ def find_cells(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFin
     """White cells of one smear field, ordered top to bottom, then left to right (by box), in the
     field's own pixels whatever resolution they were searched at. Empty when the field shows no
     white-cell stain."""
-    return _find(_as_rgb(img), config)
+    return _find(rgb_array(img), config)
 
 
 def foreground_mask(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> np.ndarray:
     """Union of the detected cells as a bool (H, W) array: what validation compares with other
     segmentations."""
-    rgb = _as_rgb(img)
+    rgb = rgb_array(img)
     mask = np.zeros(rgb.shape[:2], dtype=bool)
     for cell in _find(rgb, config):
         x0, y0, x1, y1 = cell.box
@@ -348,7 +350,7 @@ def cell_crop(img: Image.Image | np.ndarray, cell: Cell,
         raise ValueError(f"pad_fraction must be >= 0, got {pad_fraction}")
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive number of pixels or None, got {size}")
-    rgb = _as_rgb(img)
+    rgb = rgb_array(img)
     x0, y0, x1, y1 = cell.box
     side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * pad_fraction)))
     left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)

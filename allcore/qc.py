@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, measure
 
-from allcore.cells import Cell, CellFinderConfig, find_cells
+from allcore.cells import Cell, CellFinderConfig, find_cells, rgb_array
 
 WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
 CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
@@ -47,15 +47,6 @@ QC_COLUMNS: dict[str, str] = {
     "qc_cell_diameter_fraction": "qc_cell_diameter_px / shorter image side: the cell size the "
                                  "model sees after resizing (NaN without cells)",
 }
-
-
-def _rgb_array(img: Image.Image | np.ndarray) -> np.ndarray:
-    rgb = np.asarray(img)  # an RGB PIL image converts without a copy of its meaning
-    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-        raise ValueError(f"image_qc needs an RGB image (PIL mode RGB, or uint8 array (H, W, 3)), "
-                         f"got dtype {rgb.dtype} shape {rgb.shape}; decode with "
-                         f"allcore.io.decode_rgb")
-    return rgb
 
 
 def _resized(rgb: np.ndarray, shorter_side: int) -> np.ndarray:
@@ -103,7 +94,7 @@ def image_qc(img: Image.Image | np.ndarray, cell_config: CellFinderConfig = Cell
              cells: Sequence[Cell] | None = None) -> dict[str, float]:
     """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array);
     ``cells``: see ``cell_statistics``."""
-    rgb = _rgb_array(img)
+    rgb = rgb_array(img)
     small = _resized(rgb, WORKING_SIDE)
     lab = color.rgb2lab(small)
     lightness = lab[..., 0]
