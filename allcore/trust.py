@@ -171,8 +171,11 @@ class MahalanobisDetector:
         return cls(means=means.astype(np.float32), precision=precision.astype(np.float32))
 
     def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        diff = np.asarray(features, dtype=np.float32)[:, None, :] - self.means[None]
-        distances = np.einsum("ncf,fg,ncg->nc", diff, self.precision, diff)
+        diff = np.asarray(features, dtype=np.float32)[:, None, :] - self.means[None]  # (N, C, F)
+        flat = diff.reshape(-1, diff.shape[-1])
+        # one (N*C, F) x (F, F) product through BLAS; a three-operand einsum does not use it and
+        # took 15% of per-cell scoring
+        distances = np.einsum("kf,kf->k", flat @ self.precision, flat).reshape(diff.shape[:2])
         return np.sqrt(np.maximum(distances.min(axis=1), 0))
 
     def tensors(self) -> dict[str, np.ndarray]:
