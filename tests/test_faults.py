@@ -82,28 +82,30 @@ def test_input_list_paths_are_normalised(tmp_path):
     assert {f.uri for f in iter_input_list(str(listing), str(tmp_path / "in"))} == {str(first)}
 
 
-def _take_lock(root: str, run_id: str, start, results) -> None:
+def _take_lock(root: str, run_id: str, start, results, finish) -> None:
     start.wait()
     try:
         OutputStore(root).acquire_writer(run_id)
         results.put(run_id)
     except WriterLockedError:
         results.put(None)
+    finish.wait(30)  # stay alive: a holder that has exited is stale, and taking over is right
 
 
 def test_two_runs_started_at_the_same_instant_get_one_lock(tmp_path):
     context = multiprocessing.get_context("fork")
     for trial in range(5):
         root = str(tmp_path / f"out{trial}")
-        start, results = context.Event(), context.Queue()
-        runs = [context.Process(target=_take_lock, args=(root, f"run{i}", start, results))
+        start, finish, results = context.Event(), context.Event(), context.Queue()
+        runs = [context.Process(target=_take_lock, args=(root, f"run{i}", start, results, finish))
                 for i in range(2)]
         for run in runs:
             run.start()
         start.set()
+        taken = [results.get(timeout=30) for _ in runs]
+        finish.set()
         for run in runs:
             run.join(10)
-        taken = [results.get(timeout=5) for _ in runs]
         assert sum(t is not None for t in taken) == 1, taken
 
 
