@@ -164,6 +164,13 @@ def test_specimen_summary_counts_cells_per_class_and_picks_the_most_suspicious()
     b = summary["B"]
     assert (b["cells_total"], b["blast_fraction"], b["top_suspicious_cells"]) == (0, None, [])
 
+    # every cell of every specimen abstained: no fraction anywhere, and still a typed table
+    only_b = specimen_summary(pa.Table.from_pylist([r for r in rows if r["specimen_id"] == "B"]
+                                                   + [row("B", "cell", "Pro", 0.9, cid="b1", review=True)]),
+                              ["Benign", "Early", "Pre", "Pro"])
+    assert only_b.schema.field("blast_fraction").type == pa.float64()
+    assert only_b.to_pylist()[0]["blast_fraction"] is None
+
 
 def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
         tmp_path, ray_session, tiny_artifact):

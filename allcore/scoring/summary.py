@@ -183,7 +183,7 @@ def specimen_summary(rows: pa.Table, classes: Sequence[str]) -> pa.Table:
              "blast_ci_high": [None if n == 0 else high for (_, high), n in zip(intervals, total)]}
     at = table.column_names.index("top_suspicious_cells")
     for offset, (name, values) in enumerate(extra.items()):
-        table = table.add_column(at + offset, pa.field(name, pa.float64()), pa.array(values))
+        table = table.add_column(at + offset, pa.field(name, pa.float64()), pa.array(values, pa.float64()))
     return table
 
 
