@@ -106,18 +106,24 @@ def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
     resampled to ``geometry.input_size``. Beyond the image edge the field's median colour (its
     background) fills in, not black, which would look like stain. Training and scoring both cut
     here, so the crops cannot drift apart; for a found cell pass ``box_centre(cell.box)``."""
-    rgb = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
     side = geometry.side_px(cell_diameter_px)
     left, top = round(centre[0] - side / 2), round(centre[1] - side / 2)
-    canvas = np.empty((side, side, 3), dtype=np.uint8)
-    canvas[:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
-    height, width = rgb.shape[:2]
-    sx0, sy0 = max(left, 0), max(top, 0)
-    sx1, sy1 = min(left + side, width), min(top + side, height)
-    if sx1 > sx0 and sy1 > sy0:
-        canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
-    size = (geometry.input_size, geometry.input_size)
-    return Image.fromarray(canvas).resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+    width, height = img.size if isinstance(img, Image.Image) else img.shape[1::-1]
+    if isinstance(img, Image.Image) and img.mode == "RGB" and left >= 0 and top >= 0 \
+            and left + side <= width and top + side <= height:
+        # inside the field (most cells): the same pixels without copying a 5-megapixel field
+        # and taking its median for every cell, which cost 65 ms a cell on ALL-IDB fields
+        crop = img.crop((left, top, left + side, top + side))
+    else:
+        rgb = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
+        canvas = np.empty((side, side, 3), dtype=np.uint8)
+        canvas[:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+        sx0, sy0 = max(left, 0), max(top, 0)
+        sx1, sy1 = min(left + side, width), min(top + side, height)
+        if sx1 > sx0 and sy1 > sy0:
+            canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
+        crop = Image.fromarray(canvas)
+    return crop.resize((geometry.input_size,) * 2, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
 # ------------------------------------------------------------------------------ ALL-IDB layout
