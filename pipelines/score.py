@@ -20,7 +20,6 @@ import datetime as dt
 import logging
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 
 import pyarrow as pa
@@ -30,17 +29,16 @@ import ray
 from pipelines import init_ray
 from allcore.artifact import load_artifact
 from allcore.celldata import CellCropGeometry
-from allcore.cells import CellFinderConfig, median_cell_diameter
+from allcore.cells import CellFinderConfig
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
-from allcore.scoring.inputs import INPUT_KEY, chunked, iter_inputs, new_inputs
+from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
-from allcore.scoring.prepare import load_image, prepare_batch, prepare_kwargs
-from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
+from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
 from allcore.scoring.table import FIELD, build_output_table, card_summary
-from allcore.transforms import mask_scale_bar
 from allcore.trust import NO_TRUST_WARNING
 
 log = logging.getLogger("allcore.score")
@@ -172,10 +170,8 @@ def _cell_finder(config: ScoringConfig, card, sample: list[str],
     finds cells more precisely than each field's own estimate). Recorded in the run summary."""
     diameter, source = config.cell_diameter_px, "given (--cell-diameter)"
     if diameter is None:
-        mask = card.data_config_obj().mask_corner
-        images = (img for img in (load_image(uri, max_pixels=config.max_pixels)[1] for uri in sample)
-                  if img is not None)
-        diameter = median_cell_diameter(mask_scale_bar(img) if mask else img for img in images)
+        diameter = sampled_cell_diameter(sample, data_config=card.data_config_obj(),
+                                          max_pixels=config.max_pixels)
         source = f"median estimate over {len(sample)} sampled inputs"
     if diameter is None:
         log.warning("no white-cell stain in the %d sampled inputs: the cell diameter is estimated "
@@ -257,7 +253,7 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
         if sum(t.num_rows for t in ready) >= commit_every:
             rest = pa.concat_tables(ready)
             while rest.num_rows >= commit_every:
-                chunk, rest = _whole_inputs(rest, commit_every)
+                chunk, rest = whole_inputs(rest, commit_every)
                 commit(chunk)
             ready, last_line = ([rest] if rest.num_rows else []), time.perf_counter()
         elif time.perf_counter() - last_line >= PROGRESS_SECONDS:
@@ -268,22 +264,6 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
             last_line = time.perf_counter()
     if ready:
         commit(pa.concat_tables(ready))
-
-
-def _whole_inputs(rows: pa.Table, limit: int) -> tuple[pa.Table, pa.Table]:
-    """(the rows of the first inputs that fit in ``limit`` rows, the rest): a chunk never splits
-    an input's field row from its cell rows, and holds at least one input even when that input
-    alone has more than ``limit`` rows. Field runs (one row per input) get exactly ``limit``."""
-    keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
-    sizes = Counter(keys)  # rows per input, in order of first appearance
-    taken, total = set(), 0
-    for key, size in sizes.items():
-        if taken and total + size > limit:
-            break
-        taken.add(key)
-        total += size
-    head = pa.array([key in taken for key in keys])
-    return rows.filter(head), rows.filter(pc.invert(head))
 
 
 def _quiet_ray(verbose: bool) -> None:

@@ -20,7 +20,7 @@ from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
-from allcore.scoring.store import CompleteInputs, OutputStore
+from allcore.scoring.store import CompleteInputs, OutputStore, whole_inputs
 from allcore.scoring.summary import specimen_summary, wilson_interval
 from allcore.scoring.table import build_output_table, card_summary
 from allcore.synthetic import make_field, write_archive
@@ -322,14 +322,12 @@ def test_cell_model_run_uses_one_estimated_diameter_and_balances(
     assert field_model_only.ok == 4 and field_model_only.cell_diameter_px == 30.0
 
 
-def test_commit_chunks_hold_whole_inputs():
-    from pipelines.score import _whole_inputs
-
+def test_commit_chunks_holdwhole_inputs():
     uris = ["a", "c", "a", "b", "c", "a", "c", "c"]  # a: 3 rows, c: 4 rows, b: 1 row, interleaved
     rows = pa.table({"source_uri": uris, "source_size": [1] * 8, "source_mtime": ["1"] * 8})
-    chunk, rest = _whole_inputs(rows, 4)
+    chunk, rest = whole_inputs(rows, 4)
     assert chunk["source_uri"].to_pylist() == ["a", "a", "a"]  # a + c would be 7 rows
     assert sorted(rest["source_uri"].to_pylist()) == ["b", "c", "c", "c", "c"]
-    chunk, rest = _whole_inputs(rest, 2)
+    chunk, rest = whole_inputs(rest, 2)
     assert chunk["source_uri"].to_pylist() == ["c"] * 4  # one input larger than the limit, whole
     assert rest["source_uri"].to_pylist() == ["b"]

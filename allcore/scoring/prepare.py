@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image
 
 from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
-from allcore.cells import CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells
+from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells,
+                           median_cell_diameter)
 from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
                         read_bytes)
 from allcore.qc import QC_COLUMNS, image_qc
@@ -141,6 +142,17 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                                         crop_cfg=crop_cfg, cell_model=cell_model)}
                  for cell in cells]
     return _columns(batch, rows, cfg, measurements, cell_model)
+
+
+def sampled_cell_diameter(uris: Iterable[str], *, data_config: DataConfig,
+                          max_pixels: int = MAX_PIXELS) -> float | None:
+    """One white-cell diameter for a run: the median of the per-field estimates over ``uris``
+    (a sample of the inputs; unreadable ones skipped), on the fields as prepare sees them (scale
+    bar masked when the model's data config says so). None when nothing could be measured."""
+    images = (img for img in (load_image(uri, max_pixels=max_pixels)[1] for uri in uris)
+              if img is not None)
+    return median_cell_diameter(mask_scale_bar(img) if data_config.mask_corner else img
+                                for img in images)
 
 
 def cell_input(field: Image.Image, cell, diameter: float, *, finder: CellFinderConfig,

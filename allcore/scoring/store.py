@@ -25,6 +25,7 @@ import posixpath
 import socket
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -146,6 +147,22 @@ class CompleteInputs:
                         dtype=bool)
         self._pending = [rows.filter(pa.array(~done))] if not done.all() else []
         return rows.filter(pa.array(done))
+
+
+def whole_inputs(rows: pa.Table, limit: int) -> tuple[pa.Table, pa.Table]:
+    """(the rows of the first inputs that fit in ``limit`` rows, the rest): a chunk never splits
+    an input's field row from its cell rows, and holds at least one input even when that input
+    alone has more than ``limit`` rows. Field runs (one row per input) get exactly ``limit``."""
+    keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
+    sizes = Counter(keys)  # rows per input, in order of first appearance
+    taken, total = set(), 0
+    for key, size in sizes.items():
+        if taken and total + size > limit:
+            break
+        taken.add(key)
+        total += size
+    head = pa.array([key in taken for key in keys])
+    return rows.filter(head), rows.filter(pc.invert(head))
 
 
 @dataclass
