@@ -73,7 +73,7 @@ def most_suspicious_first(rows: pd.DataFrame) -> pd.DataFrame:
 
 class ReviewQueue:
     """The flagged rows of one output root. Committed files are read once each and kept (only
-    their flagged rows and the newest ``scored_at`` of every cell), so a long-running app reads
+    ``ROW_COLUMNS`` of their ok rows), so a long-running app reads
     just the chunks committed since the last request."""
 
     def __init__(self, output_root: str):
