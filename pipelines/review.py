@@ -9,8 +9,8 @@ Bound to anything but loopback the app needs a token (``token=``): every API cal
 ``Authorization: Bearer <token>``; opening ``/?token=<token>`` once stores it in a cookie.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real Request/UploadFile types
+# on the methods Serve rewraps, not strings it can no longer resolve.
 import base64
 import datetime as dt
 import hmac
