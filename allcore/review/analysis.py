@@ -13,7 +13,7 @@ import datetime as dt
 import posixpath
 import tempfile
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
