@@ -47,13 +47,19 @@ LEDGER_FILES_PER_READ = 256  # fetched concurrently (s3fs), parsed, then their b
 
 class Ledger:
     """The ``input_digest`` of every input committed for one model, as one sorted array of
-    16-byte strings (10M inputs are 160 MB, where a Python set of them took 4.5 GB, and the
-    array is the only copy held), plus the inputs this run has taken on. Membership is asked a
-    whole listing chunk at a time with a binary search."""
+    16-byte strings (10M inputs are 160 MB, where a Python set of them took 4.5 GB), plus the
+    inputs this run has taken on. Membership is asked a whole listing chunk at a time with a
+    binary search over the digests' first 8 bytes as integers (``_prefix``: half the size, and
+    numpy searches integers several times faster than byte strings), then decided on all 16."""
 
     def __init__(self, digests: np.ndarray | None = None):
-        self._sorted = np.sort(np.empty(0, "S16") if digests is None else np.asarray(digests, "S16"))
+        self._sort(np.sort(np.empty(0, "S16") if digests is None else np.asarray(digests, "S16")))
         self._taken: set[bytes] = set()
+
+    def _sort(self, digests: np.ndarray) -> None:
+        """Keep ``digests`` (sorted, byte-wise) and their prefixes."""
+        self._sorted = digests
+        self._prefix = _prefix(digests)
 
     @classmethod
     def of_parts(cls, parts: list[np.ndarray]) -> "Ledger":
@@ -61,8 +67,9 @@ class Ledger:
         beside the concatenation would double the driver's peak memory."""
         ledger = cls()
         if parts:
-            ledger._sorted = np.concatenate(parts)
-            ledger._sorted.sort()
+            digests = np.concatenate(parts)
+            digests.sort()
+            ledger._sort(digests)
         return ledger
 
     def __len__(self) -> int:
@@ -81,8 +88,16 @@ class Ledger:
         query = np.array(digests, dtype="S16")
         committed = np.zeros(len(query), bool)
         if len(self._sorted):
-            at = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
-            committed = self._sorted[at] == query
+            prefix, last = _prefix(query), len(self._sorted) - 1
+            order = np.argsort(prefix)  # sorted keys let numpy narrow each search from the last
+            first = np.empty(len(query), np.int64)
+            first[order] = np.searchsorted(self._prefix, prefix[order])
+            committed = self._sorted[np.minimum(first, last)] == query
+            # a prefix several digests share (rare): look through all of them
+            shared = ~committed & (first < last) & (self._prefix[np.minimum(first + 1, last)] == prefix)
+            for at in np.flatnonzero(shared).tolist():
+                end = np.searchsorted(self._prefix, prefix[at], side="right")
+                committed[at] = bool((self._sorted[first[at]:end] == query[at]).any())
         new = (~committed).tolist()
         for at in np.flatnonzero(~committed).tolist():  # few: the inputs not committed yet
             new[at] = digests[at] not in self._taken
@@ -390,3 +405,10 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by another user
         return True
     return True
+
+
+def _prefix(digests: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each 16-byte digest as an integer, read big-endian so that the
+    integers are in the same order as the digests sorted byte-wise, and stored in the machine's
+    own byte order (numpy converts a non-native array on every search)."""
+    return digests.view(">u8")[::2].astype(np.uint64) if len(digests) else np.empty(0, np.uint64)
