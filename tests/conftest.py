@@ -20,6 +20,19 @@ def _single_thread_torch():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_experiment_tracking():
+    """Training runs (and the jobs tests start as processes) skip MLflow tracking: a fresh SQLite
+    store costs seconds per run. tests/test_tracking.py turns it back on."""
+    previous = os.environ.get("ALLCORE_TRACKING")
+    os.environ["ALLCORE_TRACKING"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("ALLCORE_TRACKING")
+    else:
+        os.environ["ALLCORE_TRACKING"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real Taleqani development images, or skip: they are never part of the repository."""

@@ -14,10 +14,23 @@ mlflow = pytest.importorskip("mlflow", reason="experiment tracking is the option
                              "'tracking' (pip install 'allcore[tracking]')")
 
 
+def test_tracking_is_off_when_asked_or_without_a_local_store(tmp_path, monkeypatch):
+    from pipelines.tracking import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("ALLCORE_TRACKING", "0")
+    assert tracking_uri(str(tmp_path), "run") is None
+    monkeypatch.setenv("ALLCORE_TRACKING", "1")
+    assert tracking_uri("s3://lab/runs", "run") is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri("s3://lab/runs", "run") == "http://127.0.0.1:5000"
+
+
 def test_training_run_is_tracked_in_a_local_mlflow_store(ray_session, tmp_path, monkeypatch):
     from pipelines.train import TrainJob, run_training
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("ALLCORE_TRACKING", "1")
     write_archive(tmp_path / "archive", label_set=get_label_set("all4"), per_class=6, size=48,
                   seed=5)
     recipe = load_recipe("demo").override(
