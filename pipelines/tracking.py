@@ -18,6 +18,7 @@ per training run).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from dataclasses import dataclass
@@ -62,9 +63,7 @@ def tracking_uri(output: str, run_dir_name: str) -> str | None:
     """The MLflow tracking URI for a run, or None when tracking is off (see the module doc)."""
     if os.environ.get("ALLCORE_TRACKING") == "0":
         return None
-    try:
-        import mlflow  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mlflow") is None:
         return None
     if uri := os.environ.get("MLFLOW_TRACKING_URI"):
         return uri
