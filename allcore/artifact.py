@@ -13,14 +13,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
-import safetensors.torch
-import torch
-
 import allcore
+from allcore.data_config import DataConfig
 from allcore.io import filesystem, join, read_bytes, write_atomic
-from allcore.transforms import DataConfig
 
-if TYPE_CHECKING:  # models (timm, torchvision) load lazily: reading a card must stay cheap
+# torch and the models (timm, torchvision) load only to save or rebuild a model: reading and
+# verifying a card must stay cheap, since the scoring driver does it and never imports torch
+if TYPE_CHECKING:
+    import torch
+
     from allcore.models import Classifier
 
 SCHEMA_VERSION = 1
@@ -58,7 +59,7 @@ class ModelCard:
     weights_sha256: str = ""
     schema_version: int = SCHEMA_VERSION
     allcore_version: str = allcore.__version__
-    torch_version: str = torch.__version__
+    torch_version: str = ""               # filled by save_artifact
     created_at: str = field(default_factory=_utc_now)
 
     @property
@@ -99,6 +100,9 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
     whose weights are missing; a half-overwritten artifact fails its sha256 check instead of
     silently loading mixed weights.
     """
+    import safetensors.torch
+    import torch
+
     from allcore.models import Classifier
 
     if not isinstance(model, Classifier):
@@ -117,13 +121,13 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = safetensors.torch.save(tensors)
     card = replace(card, **from_model, weights_sha256=hashlib.sha256(weights).hexdigest(),
+                   torch_version=torch.__version__,
                    model_version=card.model_version or f"{model.model_name}-{card.created_at}")
     fs, path = filesystem(out_dir)
     fs.makedirs(path, exist_ok=True)
     write_atomic(fs, f"{path}/{WEIGHTS_FILE}", weights)
     write_atomic(fs, f"{path}/{CARD_FILE}", (json.dumps(card.to_dict(), indent=2) + "\n").encode())
     return out_dir
-
 
 
 def read_card(uri: str) -> ModelCard:
@@ -136,8 +140,8 @@ def read_card(uri: str) -> ModelCard:
     return ModelCard.from_dict(json.loads(raw))
 
 
-def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelCard]:
-    """Rebuild the model stored at ``uri`` in eval mode, after verifying its weights' sha256."""
+def _verified_weights(uri: str) -> tuple[ModelCard, bytes]:
+    """The card and the weight file's bytes, refused unless the bytes' sha256 is the card's."""
     card = read_card(uri)
     data = read_bytes(join(uri, WEIGHTS_FILE))
     if (actual := hashlib.sha256(data).hexdigest()) != card.weights_sha256:
@@ -146,6 +150,21 @@ def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tupl
             f"{card.weights_sha256}: the file was modified or corrupted. Re-export the model or "
             f"download the artifact again."
         )
+    return card, data
+
+
+def verified_card(uri: str) -> ModelCard:
+    """The card of the artifact at ``uri`` once its weight file matches it, without building the
+    model (no torch): a corrupt artifact is caught where this runs. Whether the weights fit the
+    architecture is checked by ``load_artifact``, where the model is built."""
+    return _verified_weights(uri)[0]
+
+
+def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelCard]:
+    """Rebuild the model stored at ``uri`` in eval mode, after verifying its weights' sha256."""
+    card, data = _verified_weights(uri)
+    import safetensors.torch
+
     from allcore.models import create_model
 
     model = create_model(card.model_name, num_classes=len(card.classes), pretrained=False,

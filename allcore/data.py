@@ -1,4 +1,4 @@
-"""Discovering labelled samples and serving them to PyTorch.
+"""Discovering labelled samples (folders per class, or a manifest).
 
 Labels are mapped through the ``LabelSet`` at discovery time, so everything downstream (splits,
 training, metrics) sees only the label set's own class names.
@@ -9,15 +9,11 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
-import torch
 
-from allcore.io import (IMAGE_EXTENSIONS, decode_rgb, filesystem, iter_image_files, join,
-                        list_subdirs, read_bytes)
+from allcore.io import IMAGE_EXTENSIONS, filesystem, iter_image_files, join, list_subdirs
 from allcore.labels import LabelSet
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
@@ -91,40 +87,3 @@ def discover_samples(source: str, label_set: LabelSet, *, manifest: str | None =
         raise ValueError(f"manifest lists these paths more than once: {repeated[:5]}; "
                          "remove the repeats")
     return sorted(samples, key=lambda s: s.path)
-
-
-def _generator_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed per (run seed, epoch, sample): independent of worker layout."""
-    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
-    return (int(words[0]) << 31) ^ int(words[1])
-
-
-class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, class index) pairs, decoded on demand.
-
-    With ``seed`` set, the transform also receives a ``torch.Generator`` seeded from
-    (seed, epoch, index): augmentation is then the same whatever the number of DataLoader workers
-    or the order they fetch in. Call ``set_epoch`` before each epoch (workers copy the dataset
-    when iteration starts, so do not combine this with ``persistent_workers``).
-    """
-
-    def __init__(self, samples: list[Sample], label_set: LabelSet,
-                 transform: Callable[..., torch.Tensor], *, seed: int | None = None):
-        self.samples = list(samples)
-        self.targets = [label_set.index(s.label) for s in self.samples]
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        img = decode_rgb(read_bytes(self.samples[index].path))
-        if self.seed is None:
-            return self.transform(img), self.targets[index]
-        generator = torch.Generator().manual_seed(_generator_seed(self.seed, self.epoch, index))
-        return self.transform(img, generator), self.targets[index]

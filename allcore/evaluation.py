@@ -19,10 +19,10 @@ from allcore import io, metrics, report, trust
 from allcore.artifact import load_artifact
 from allcore.data import Sample, discover_samples
 from allcore.labels import get_label_set
-from allcore.models import probabilities
+from allcore.models import features_and_logits, probabilities
 from allcore.qc import image_qc
 from allcore.splits import SplitManifest
-from allcore.transforms import DataConfig, normalise_array, unit_array
+from allcore.data_config import DataConfig, normalise_array, unit_array
 
 NOISE_SIGMAS = (0.0, 2.0, 5.0, 8.0, 10.0)  # the MobileNet_M robustness study
 
@@ -71,7 +71,7 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
     def predict(unit_batch: torch.Tensor) -> np.ndarray:
         return probabilities(model, pixels(unit_batch)).numpy()
 
-    batches = [trust.features_and_logits(model, pixels(images[i:i + batch_size]))
+    batches = [features_and_logits(model, pixels(images[i:i + batch_size]))
                for i in range(0, len(images), batch_size)]
     features = torch.cat([f for f, _ in batches]).numpy()
     logits = torch.cat([z for _, z in batches]).numpy()

@@ -35,7 +35,7 @@ import torch
 import torchvision
 from torch import nn
 
-from allcore.transforms import DataConfig
+from allcore.data_config import DataConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -188,6 +188,7 @@ class Classifier(nn.Module):
         (Keras' kernel L1 regulariser of s004: weights only, not the bias)."""
         return self.get_classifier().weight.abs().sum()
 
+
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.head.parameters()
 
@@ -207,6 +208,31 @@ class Classifier(nn.Module):
         if self.backbone_frozen:
             self.backbone.eval()
         return self
+
+
+def pooled_features(backbone_output: torch.Tensor) -> torch.Tensor:
+    """(N, F) features from a backbone output that is already pooled or a (N, C, H, W) map."""
+    return backbone_output.mean(dim=(2, 3)) if backbone_output.ndim == 4 else backbone_output
+
+
+class FeaturesAndLogits(torch.nn.Module):
+    """Penultimate features and logits of a ``Classifier`` (``head(backbone(x))``) from one
+    forward pass, as a module so that ONNX export and tracing (scoring's fast path) see both
+    outputs; the trust checks' OOD detector (``allcore.trust``) works on these features."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.backbone(pixels)
+        return pooled_features(out), self.model.head(out)
+
+
+@torch.inference_mode()
+def features_and_logits(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Penultimate features and logits of a preprocessed batch in one forward pass."""
+    return FeaturesAndLogits(model)(pixels)
 
 
 def probabilities(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,14 +16,53 @@ import torch
 from sklearn.utils.class_weight import compute_class_weight
 
 from allcore import engine
-from allcore.data import ImageDataset, Sample
+from allcore.data import Sample
+from allcore.data_config import DataConfig
+from allcore.io import decode_rgb, read_bytes
 from allcore.labels import LabelSet
 from allcore.models import Classifier, create_model
 from allcore.recipes import Recipe
 from allcore.splits import SplitManifest
-from allcore.transforms import DataConfig, desaturate_hsv, eval_transform, train_transform
+from allcore.transforms import desaturate_hsv, eval_transform, train_transform
 
 STATE_FILE = "training_state.pt"
+
+
+def _generator_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 63-bit seed per (run seed, epoch, sample): independent of worker layout."""
+    words = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """(image tensor, class index) pairs, decoded on demand.
+
+    With ``seed`` set, the transform also receives a ``torch.Generator`` seeded from
+    (seed, epoch, index): augmentation is then the same whatever the number of DataLoader workers
+    or the order they fetch in. Call ``set_epoch`` before each epoch (workers copy the dataset
+    when iteration starts, so do not combine this with ``persistent_workers``).
+    """
+
+    def __init__(self, samples: list[Sample], label_set: LabelSet,
+                 transform: Callable[..., torch.Tensor], *, seed: int | None = None):
+        self.samples = list(samples)
+        self.targets = [label_set.index(s.label) for s in self.samples]
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        img = decode_rgb(read_bytes(self.samples[index].path))
+        if self.seed is None:
+            return self.transform(img), self.targets[index]
+        generator = torch.Generator().manual_seed(_generator_seed(self.seed, self.epoch, index))
+        return self.transform(img, generator), self.targets[index]
 
 
 def _desaturated(transform):

@@ -1,172 +1,27 @@
-"""Preprocessing and seeded augmentations for smear images.
+"""Train and eval transforms for smear images, side by side.
 
-One path prepares pixels for evaluation and scoring (``preprocess_array``); training adds
-augmentations that draw every random number from a caller-given ``torch.Generator``, so results
-do not depend on global RNG state, worker count or process.
+Evaluation and scoring share one deterministic path (``allcore.data_config.preprocess_array``);
+training adds augmentations that draw every random number from a caller-given
+``torch.Generator``, so results do not depend on global RNG state, worker count or process.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from allcore.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
+                                 prepare_pil, preprocess_array, resample_filter,
+                                 resize_centre_crop, to_unit_chw, unit_array, validate)
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    """How pixels must be prepared for one model. Stored in the model card; scoring rebuilds
-    its preprocessing from it, so training and scoring can never disagree.
-
-    mean/std are applied after scaling pixels to [0, 1]. ``mean=(0,0,0), std=(1,1,1)`` is the
-    plain "rescale 1/255" of the Keras recipes.
-    """
-
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-    crop_pct: float = 1.0  # resize to input_size / crop_pct, then centre-crop input_size
-    # Paint out the bottom-right scale-bar label first (``mask_scale_bar``): a class shortcut in
-    # Taleqani images. Part of the data config so that training, evaluation and scoring of a
-    # model all read it from the one place its card keeps it (set by the recipe's mask_corner).
-    mask_corner: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DataConfig":
-        return cls(
-            input_size=int(d["input_size"]),
-            mean=tuple(float(x) for x in d["mean"]),
-            std=tuple(float(x) for x in d["std"]),
-            interpolation=str(d.get("interpolation", "bilinear")),
-            crop_pct=float(d.get("crop_pct", 1.0)),
-            mask_corner=bool(d.get("mask_corner", False)),
-        )
-
-
-# --- resizing and layout -----------------------------------------------------------------------
-
-_RESAMPLE = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
-}
-# Big downscales first reduce by an integer factor (box filter), then resample the last <3x with
-# the configured filter: Pillow documents the result as near-identical to a full filter, and it is
-# several times faster on multi-megapixel fields, which is what scoring throughput depends on.
-REDUCING_GAP = 3.0
-# Bottom-right scale-bar label of the Taleqani images (width, height fractions). The large
-# "200 pix" variant reaches ~30 px up a 224 px image, so 0.15 (34 px) rather than 0.12 (27 px).
-SCALE_BAR_FRACTION = (0.22, 0.15)
 # random_resized_crop keeps at least a quarter of the field: a field holds a handful of white
 # cells, and torchvision's 8% lower bound often crops to red cells only.
 RANDOM_CROP_SCALE = (0.25, 1.0)
 RANDOM_CROP_RATIO = (3 / 4, 4 / 3)
-
-
-def _resample(cfg: DataConfig) -> Image.Resampling:
-    if cfg.interpolation not in _RESAMPLE:
-        raise ValueError(
-            f"unknown interpolation {cfg.interpolation!r}; valid: {', '.join(_RESAMPLE)}. "
-            "Fix the model's data config."
-        )
-    return _RESAMPLE[cfg.interpolation]
-
-
-def _validate(cfg: DataConfig) -> None:
-    _resample(cfg)
-    if not 0 < cfg.crop_pct <= 1:
-        raise ValueError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}")
-    if cfg.input_size < 1:
-        raise ValueError(f"input_size must be positive, got {cfg.input_size}")
-
-
-def _shorter_side_to(size: tuple[int, int], target: int) -> tuple[int, int]:
-    width, height = size
-    if width <= height:
-        return target, max(1, round(height * target / width))
-    return max(1, round(width * target / height)), target
-
-
-def prepare_pil(img: Image.Image, cfg: DataConfig) -> Image.Image:
-    """Return ``img`` as RGB, asking the JPEG decoder for a cheaper reduced decode when the image
-    is at least twice the resize target (libjpeg scales by 1/2, 1/4 or 1/8 inside the DCT, never
-    below the target, so the final resize still does the real filtering).
-
-    Caveat: ``Image.draft`` mutates ``img`` and only acts on a JPEG that is not yet loaded (fresh
-    from ``Image.open``); on a loaded or non-JPEG image it does nothing. A drafted decode differs
-    slightly from a full decode of the same file, so callers that want the fast path must hand
-    over the lazily opened image. Images below twice the target (e.g. 224 px Taleqani fields)
-    are never drafted, so training and scoring see identical pixels there.
-    """
-    target = _shorter_side_to(img.size, round(cfg.input_size / cfg.crop_pct))
-    if img.format in ("JPEG", "MPO") and min(img.size) >= 2 * min(target):
-        img.draft("RGB", target)
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _resize_centre_crop(img: Image.Image, cfg: DataConfig) -> Image.Image:
-    width, height = _shorter_side_to(img.size, round(cfg.input_size / cfg.crop_pct))
-    img = img.resize((width, height), _resample(cfg), reducing_gap=REDUCING_GAP)
-    left = int(round((width - cfg.input_size) / 2))
-    top = int(round((height - cfg.input_size) / 2))
-    return img.crop((left, top, left + cfg.input_size, top + cfg.input_size))
-
-
-def mask_scale_bar(img: Image.Image, fraction: tuple[float, float] = SCALE_BAR_FRACTION) -> Image.Image:
-    """Fill the bottom-right box (``fraction`` of width, height) with the median colour of the
-    rest of the image. The Taleqani scale-bar label there is coloured by class (a shortcut a
-    model learns instead of morphology); masking it in train and eval removes that cue."""
-    if not all(0 < f <= 1 for f in fraction):
-        raise ValueError(f"fraction must be two numbers in (0, 1], got {fraction}")
-    pixels = np.array(img.convert("RGB"))
-    height, width = pixels.shape[:2]
-    box_w, box_h = max(1, round(width * fraction[0])), max(1, round(height * fraction[1]))
-    outside = np.ones((height, width), dtype=bool)
-    outside[height - box_h :, width - box_w :] = False
-    background = np.median(pixels[outside], axis=0) if outside.any() else np.median(pixels, axis=(0, 1))
-    pixels[height - box_h :, width - box_w :] = np.round(background).astype(np.uint8)
-    return Image.fromarray(pixels)
-
-
-def _unit_array(img: Image.Image) -> np.ndarray:
-    """RGB PIL image -> float32 CHW array in [0, 1]."""
-    return np.ascontiguousarray(np.asarray(img, dtype=np.float32).transpose(2, 0, 1)) / 255.0
-
-
-def normalise_array(unit: np.ndarray, cfg: DataConfig) -> np.ndarray:
-    """(x - mean) / std per channel on a CHW (or NCHW) float32 array in [0, 1]."""
-    mean = np.asarray(cfg.mean, dtype=np.float32)[:, None, None]
-    std = np.asarray(cfg.std, dtype=np.float32)[:, None, None]
-    return (unit - mean) / std
-
-
-def unit_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:
-    """Decode-side preprocessing before normalisation: RGB, scale-bar mask if ``cfg.mask_corner``, resize the
-    shorter side to ``round(input_size / crop_pct)``, centre-crop ``input_size``; float32 CHW
-    in [0, 1]. Noise for robustness tests is added at this stage, in pixel space."""
-    img = prepare_pil(img, cfg)
-    if cfg.mask_corner:
-        img = mask_scale_bar(img)
-    return _unit_array(_resize_centre_crop(img, cfg))
-
-
-def preprocess_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:
-    """The model's input for one image as float32 CHW: the scoring batch function stacks these,
-    and ``eval_transform`` wraps it, so evaluation and scoring share one code path."""
-    return normalise_array(unit_array(img, cfg), cfg)
 
 
 # --- pixel operations shared by augmentation and robustness tests ------------------------------
@@ -202,7 +57,7 @@ class EvalTransform:
     it adds Gaussian noise before normalisation and then needs a generator per call."""
 
     def __init__(self, cfg: DataConfig, *, noise_sigma: float = 0.0):
-        _validate(cfg)
+        validate(cfg)
         if noise_sigma < 0:
             raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
         self.cfg, self.noise_sigma = cfg, noise_sigma
@@ -320,7 +175,7 @@ class TrainTransform:
     normalise. With no augmentation it equals ``eval_transform(cfg)`` exactly."""
 
     def __init__(self, cfg: DataConfig, augment: dict[str, Any]):
-        _validate(cfg)
+        validate(cfg)
         self.cfg, self.augment = cfg, Augment.from_dict(augment)
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
@@ -331,9 +186,9 @@ class TrainTransform:
         if aug.random_resized_crop:
             img = self._random_resized_crop(img, generator)
         else:
-            img = _resize_centre_crop(img, self.cfg)
+            img = resize_centre_crop(img, self.cfg)
         TF = _torchvision_functional()
-        x = self._affine(torch.from_numpy(_unit_array(img)), generator)
+        x = self._affine(torch.from_numpy(to_unit_chw(img)), generator)
         if aug.rotate90:
             x = torch.rot90(x, _randint(generator, 4), dims=(-2, -1))
         if aug.hflip and _uniform(generator) < aug.hflip:
@@ -365,7 +220,7 @@ class TrainTransform:
             left, top = (width - side) // 2, (height - side) // 2
             box = (left, top, left + side, top + side)
         size = (self.cfg.input_size, self.cfg.input_size)
-        return img.resize(size, _resample(self.cfg), box=box, reducing_gap=REDUCING_GAP)
+        return img.resize(size, resample_filter(self.cfg), box=box, reducing_gap=REDUCING_GAP)
 
     def _affine(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         aug = self.augment

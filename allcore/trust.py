@@ -1,11 +1,13 @@
 """How far to trust one prediction: calibrated probabilities, an out-of-distribution score, and
 image QC against the training data's ranges, combined into a review decision per row.
 
-Training fits everything here once, after the best model is exported (``attach_trust``), and
-stores it in the model card's ``trust`` section; the arrays an OOD detector needs (too large for
-JSON) go to ``trust.safetensors`` beside the weights, checked by sha256 like them. Scoring then
-needs, per batch, only the forward pass it already runs (``features_and_logits``), the QC values
-of its prepare stage (``allcore.qc.image_qc``) and ``review_row``.
+Training fits everything here once, after the best model is exported
+(``allcore.trust_fitting.attach_trust``), and stores it in the model card's ``trust`` section; the
+arrays an OOD detector needs (too large for JSON) go to ``trust.safetensors`` beside the weights,
+checked by sha256 like them. Scoring then needs, per batch, only the forward pass it already runs
+(``allcore.models.features_and_logits``), the QC values of its prepare stage
+(``allcore.qc.image_qc``) and ``review_row``. This module needs NumPy and SciPy only: the scoring
+driver imports it (for the output table's review columns) and never imports torch.
 
 The OOD detector works on the model's own penultimate features (the backbone output, pooled):
 images the model never learnt to represent land far from the training images there, whatever
@@ -16,22 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 import safetensors.numpy
-import torch
 from scipy import optimize, special
-from sklearn.covariance import LedoitWolf
 
 from allcore import io
-from allcore.artifact import load_artifact, save_artifact
-from allcore.metrics import expected_calibration_error
-from allcore.qc import QC_COLUMNS, image_qc
-from allcore.transforms import preprocess_array
 
 TRUST_VERSION = 1
 TRUST_FILE = "trust.safetensors"
@@ -63,35 +58,8 @@ CALLS = ("blast", "not blast", "abstain")
 NO_TRUST_CHECKS = "no trust checks in model card"  # review_reason of rows scored without them
 NO_TRUST_WARNING = ("the model card has no trust section (the model was trained before allcore "
                     "fitted one): rows carry no calibration, out-of-distribution or image QC "
-                    "checks. Retrain, or fit one with allcore.trust.attach_trust(artifact, "
-                    "split_manifest)")
-
-
-# ----------------------------------------------------------------------------- features
-
-def pooled_features(backbone_output: torch.Tensor) -> torch.Tensor:
-    """(N, F) features from a backbone output that is already pooled or a (N, C, H, W) map."""
-    return backbone_output.mean(dim=(2, 3)) if backbone_output.ndim == 4 else backbone_output
-
-
-class FeaturesAndLogits(torch.nn.Module):
-    """Penultimate features and logits of ``model`` (an ``allcore.models.Classifier``:
-    ``head(backbone(x))``) from one forward pass, as a module so that ONNX export and tracing
-    (scoring's fast path) see both outputs."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.model.backbone(pixels)
-        return pooled_features(out), self.model.head(out)
-
-
-@torch.inference_mode()
-def features_and_logits(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Penultimate features and logits of a preprocessed batch in one forward pass."""
-    return FeaturesAndLogits(model)(pixels)
+                    "checks. Retrain, or fit one with allcore.trust_fitting.attach_trust("
+                    "artifact, split_manifest)")
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -100,7 +68,7 @@ def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarr
     return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
 
 
-def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+def negative_log_likelihood(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     log_probs = special.log_softmax(logits / temperature, axis=1)
     return float(-log_probs[np.arange(len(labels)), labels].mean())
 
@@ -109,7 +77,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """Temperature scaling (Guo et al. 2017): the T > 0 minimising the NLL of softmax(logits / T).
     One parameter, so it cannot change which class wins, only how sure the model claims to be."""
     logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
-    result = optimize.minimize_scalar(lambda log_t: _nll(logits, labels, math.exp(log_t)),
+    result = optimize.minimize_scalar(lambda log_t: negative_log_likelihood(logits, labels, math.exp(log_t)),
                                       bounds=(math.log(0.05), math.log(20.0)), method="bounded")
     return float(math.exp(result.x))
 
@@ -136,10 +104,10 @@ class KNNDetector:
         return cls(bank=_unit_rows(features), k=min(k, len(features)))
 
     def score(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
-        query = torch.from_numpy(_unit_rows(features))
-        bank = torch.from_numpy(self.bank.astype(np.float32))
-        distances = torch.cdist(query, bank)
-        return torch.topk(distances, self.k, dim=1, largest=False).values[:, -1].numpy()
+        # unit rows: |q - b|^2 = 2 - 2 q.b, one BLAS product; the k-th smallest by partition
+        squared = 2.0 - 2.0 * (_unit_rows(features) @ self.bank.astype(np.float32).T)
+        kth = np.partition(squared, self.k - 1, axis=1)[:, self.k - 1]
+        return np.sqrt(np.maximum(kth, 0.0))
 
     def tensors(self) -> dict[str, np.ndarray]:
         return {"bank": self.bank.astype(np.float16)}  # half the size, distances change < 1e-3
@@ -167,6 +135,10 @@ class MahalanobisDetector:
         classes = np.unique(labels)
         means = np.stack([features[labels == c].mean(axis=0) for c in classes])
         centred = features - means[np.searchsorted(classes, labels)]
+        # fitting happens once, in training; scoring's driver imports this module and must not
+        # pay for scikit-learn
+        from sklearn.covariance import LedoitWolf
+
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         return cls(means=means.astype(np.float32), precision=precision.astype(np.float32))
 
@@ -320,40 +292,6 @@ def trust_from_card_section(section: Mapping) -> Trust:
                  qc_reference={k: dict(v) for k, v in section["qc_reference"].items()})
 
 
-def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
-              train_qc: Sequence[Mapping[str, float]], method: str = OOD_METHOD,
-              flag_rate: float = IN_DISTRIBUTION_FLAG_RATE) -> tuple[dict, dict[str, np.ndarray]]:
-    """Fit temperature, OOD detector and QC ranges. ``train``/``val`` hold ``features``,
-    ``logits`` and ``labels`` arrays. Returns the card's ``trust`` section (without the file
-    hash) and the detector's tensors for ``TRUST_FILE``."""
-    if not 0 < flag_rate < 1:
-        raise ValueError(f"flag_rate must be in (0, 1), got {flag_rate}")
-    temperature = fit_temperature(val["logits"], val["labels"])
-    detector = fit_ood_detector(method, train["features"], train["labels"], train["logits"])
-    val_scores = detector.score(val["features"], val["logits"])
-    threshold = float(np.quantile(val_scores, 1 - flag_rate))
-
-    def ece(temp: float) -> float:
-        return expected_calibration_error(val["labels"], calibrated_probabilities(val["logits"], temp))
-
-    section = {
-        "version": TRUST_VERSION,
-        "temperature": temperature,
-        "calibration": {"split": "val", "n": int(len(val["labels"])), "ece_before": ece(1.0),
-                        "ece_after": ece(temperature),
-                        "nll_before": _nll(np.asarray(val["logits"], float), val["labels"], 1.0),
-                        "nll_after": _nll(np.asarray(val["logits"], float), val["labels"], temperature)},
-        "ood": {"method": method, "params": detector.params(), "threshold": threshold,
-                "target_flag_rate": flag_rate, "split": "val",
-                "val_flag_rate": float(np.mean(val_scores > threshold)),
-                "n_train": int(len(train["labels"])), "file": TRUST_FILE},
-        "qc_reference": qc_reference(train_qc),
-        "qc_quantiles": list(QC_QUANTILES), "qc_margin": QC_MARGIN,
-        "qc_columns": dict(QC_COLUMNS),
-    }
-    return section, detector.tensors()
-
-
 def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:
     """Write the detector's arrays beside the weights; returns their sha256 for the card."""
     data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
@@ -371,60 +309,3 @@ def load_trust(artifact_uri: str, section: Mapping) -> Trust:
                          f"re-run training or download the artifact again")
     detector = OOD_DETECTORS[ood["method"]].from_stored(safetensors.numpy.load(data), ood["params"])
     return replace(trust_from_card_section(section), detector=detector)
-
-
-# ----------------------------------------------------------------------------- from training
-
-@dataclass(frozen=True)
-class Scored:
-    """What one pass over labelled images gives: everything trust fitting and measuring needs."""
-
-    features: np.ndarray
-    logits: np.ndarray
-    labels: np.ndarray
-    qc: list[dict[str, float]]
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"features": self.features, "logits": self.logits, "labels": self.labels}
-
-
-def score_images(model: torch.nn.Module, images: Sequence, labels: Sequence[int], *,
-                 batch_size: int = 64, with_qc: bool = True) -> Scored:
-    """Features, logits and QC of decoded RGB ``images`` (PIL), preprocessed exactly as
-    scoring does (the model's data config, corner mask included)."""
-    config = model.data_config
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        pixels = list(pool.map(lambda img: preprocess_array(img, config), images))
-        qc = list(pool.map(image_qc, images)) if with_qc else []
-    features, logits = [], []
-    model.eval()
-    for start in range(0, len(pixels), batch_size):
-        f, z = features_and_logits(model, torch.from_numpy(np.stack(pixels[start:start + batch_size])))
-        features.append(f.float().numpy())
-        logits.append(z.float().numpy())
-    return Scored(np.concatenate(features), np.concatenate(logits), np.asarray(labels), qc)
-
-
-def score_samples(model: torch.nn.Module, samples: Sequence, classes: Sequence[str], *,
-                  with_qc: bool = True) -> Scored:
-    """``score_images`` of labelled ``allcore.data.Sample`` rows (decoded here)."""
-    images = [io.decode_rgb(io.read_bytes(s.path)) for s in samples]
-    return score_images(model, images, [list(classes).index(s.label) for s in samples],
-                        with_qc=with_qc)
-
-
-def attach_trust(artifact_uri: str, manifest, *, method: str = OOD_METHOD,
-                 flag_rate: float = IN_DISTRIBUTION_FLAG_RATE) -> dict:
-    """Fit the trust section on the artifact's own split (``manifest``: its ``SplitManifest``;
-    train for the OOD reference and QC ranges, val for temperature and threshold) and store it
-    in the artifact. Returns the section."""
-    model, card = load_artifact(artifact_uri)
-    train = score_samples(model, manifest.subset("train"), card.classes)
-    val = score_samples(model, manifest.subset("val"), card.classes, with_qc=False)
-    section, tensors = fit_trust(train=train.arrays(), val=val.arrays(), train_qc=train.qc,
-                                 method=method, flag_rate=flag_rate)
-    section["ood"]["sha256"] = write_trust_file(artifact_uri, tensors)
-    # the fields save_artifact derives from the model are left for it to fill again
-    save_artifact(artifact_uri, model, replace(card, trust=section, model_name="", model_kwargs={},
-                                               data_config={}))
-    return section

@@ -144,8 +144,11 @@ def files_under(root: str) -> int:
 
 
 def measure(root: str, table_format: str, committed: int, new: int) -> dict:
-    """In this (fresh) process: what a rerun pays before it starts Ray. The RSS of the imports
-    alone (the scoring package imports torch) is reported apart from the peak."""
+    """In this (fresh) process: what a rerun pays before it starts Ray. The process first imports
+    what the scoring driver imports (``pipelines.score``: Ray Data, the scoring package; no torch),
+    whose RSS is reported apart from the peak."""
+    import pipelines.score  # noqa: F401  (the driver's imports)
+
     import_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     started = time.perf_counter()
     ledger = FORMATS[table_format][1](root)

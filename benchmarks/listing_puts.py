@@ -1,20 +1,29 @@
-"""What handing the to-do list to Ray costs: ``ray.put`` of one Arrow block of listed inputs, as
-``pipelines/score.py`` puts one per block before scoring starts.
+"""What handing the to-do list to Ray costs: one ``ray.put`` of an Arrow block of listed inputs per
+block, as ``pipelines/score.py`` puts them before scoring starts.
 
-    python benchmarks/listing_puts.py [--blocks 5000] [--rows 64]
+    python benchmarks/listing_puts.py [--blocks 2000] [--batch-size 64] [--actors 2]
 
 Synthetic listing rows with the to-do columns (uri, size, mtime, listing error, error kind); a
-local Ray with one CPU. Prints the time per block, and what that means for 1% of 10M new inputs
-and for a first run of 10M.
+local Ray with one CPU. Measures the time of one put of a batch-sized block and of a
+``LARGE_BLOCK_INPUTS`` block, then prints, for 1% of 10M new inputs and a first run of 10M, the
+puts and their time with one block per model batch (before) and with the block sizes
+``pipelines.score.todo_block_inputs`` chooses (now).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import ray
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allcore.scoring.config import ScoringConfig  # noqa: E402
+from pipelines.score import LARGE_BLOCK_INPUTS, todo_block_inputs  # noqa: E402
 
 
 def block(index: int, rows: int) -> pa.Table:
@@ -26,20 +35,42 @@ def block(index: int, rows: int) -> pa.Table:
                      "listing_error": [""] * rows, "error_kind": [""] * rows})
 
 
+def seconds_per_put(rows: int, blocks: int) -> float:
+    tables = [block(i, rows) for i in range(blocks)]
+    started = time.perf_counter()
+    for table in tables:
+        ray.put(table)
+    return (time.perf_counter() - started) / blocks
+
+
+def block_sizes(config: ScoringConfig, inputs: int) -> list[int]:
+    """The block sizes of a to-do list of ``inputs``, as ``pipelines.score._list_todo`` cuts it."""
+    sizes: list[int] = []
+    while (left := inputs - sum(sizes)) > 0:
+        sizes.append(min(left, todo_block_inputs(config, len(sizes))))
+    return sizes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--blocks", type=int, default=5000)
-    parser.add_argument("--rows", type=int, default=64, help="inputs per block (--batch-size)")
+    parser.add_argument("--blocks", type=int, default=2000, help="puts timed per block size")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--actors", type=int, default=2, help="the actor pool's maximum")
     args = parser.parse_args()
+    config = ScoringConfig(input="unused", output="unused", model="unused",
+                           batch_size=args.batch_size, actors=(1, args.actors))
     ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    tables = [block(i, args.rows) for i in range(args.blocks)]
-    started = time.perf_counter()
-    refs = [ray.put(table) for table in tables]
-    per_block = (time.perf_counter() - started) / len(refs)
+    small = seconds_per_put(args.batch_size, args.blocks)
+    large = seconds_per_put(LARGE_BLOCK_INPUTS, max(1, args.blocks // 20))
+    print(f"one put: {1000 * small:.2f} ms a {args.batch_size}-input block, "
+          f"{1000 * large:.2f} ms a {LARGE_BLOCK_INPUTS}-input block")
     for label, inputs in (("1% of 10M new", 100_000), ("first run of 10M", 10_000_000)):
-        print(f"{label}: {inputs // args.rows:,} blocks x {1000 * per_block:.2f} ms = "
-              f"{inputs / args.rows * per_block:.1f} s of ray.put before scoring starts")
+        before = -(-inputs // args.batch_size)
+        sizes = block_sizes(config, inputs)
+        now = sum(small if size <= args.batch_size else large for size in sizes)
+        print(f"{label}: one block a batch: {before:,} puts, {before * small:.1f} s; "
+              f"todo_block_inputs: {len(sizes):,} puts, {now:.1f} s before scoring starts")
 
 
 if __name__ == "__main__":

@@ -201,7 +201,8 @@ def child_baseline(spec: dict) -> dict:
     import torch
 
     from allcore.artifact import load_artifact
-    from allcore.data import ImageDataset, discover_samples
+    from allcore.data import discover_samples
+    from allcore.training import ImageDataset
     from allcore.labels import get_label_set
     from allcore.models import probabilities
     from allcore.transforms import eval_transform

@@ -27,7 +27,7 @@ from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import io, metrics, trust  # noqa: E402
+from allcore import io, metrics, trust, trust_fitting  # noqa: E402
 from allcore.artifact import load_artifact  # noqa: E402
 from allcore.splits import SplitManifest  # noqa: E402
 
@@ -86,7 +86,7 @@ def load_folder(paths: list[Path]) -> list[Image.Image]:
     return [io.decode_rgb(io.read_bytes(str(p))) for p in paths]
 
 
-def review_flags(result: trust.Scored, scores: np.ndarray, section: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def review_flags(result: trust_fitting.Scored, scores: np.ndarray, section: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(OOD flag, QC flag, reason) per row, as scoring will decide them."""
     fitted = trust.trust_from_card_section(section)
     qc_flag = np.array([bool(trust.qc_reasons(q, fitted.qc_reference)) for q in result.qc])
@@ -117,15 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[trust_eval] {message}", flush=True)
 
     log("scoring train / val / test splits")
-    splits = {name: trust.score_samples(model, manifest.subset(name), classes,
+    splits = {name: trust_fitting.score_samples(model, manifest.subset(name), classes,
                                         with_qc=name != "val")
               for name in ("train", "val", "test")}
     test_images = load_folder([Path(s.path) for s in manifest.subset("test")])
 
-    def score_set(images: list[Image.Image]) -> trust.Scored:
-        return trust.score_images(model, images, [-1] * len(images))
+    def score_set(images: list[Image.Image]) -> trust_fitting.Scored:
+        return trust_fitting.score_images(model, images, [-1] * len(images))
 
-    foreign: dict[str, trust.Scored] = {}
+    foreign: dict[str, trust_fitting.Scored] = {}
     log("scoring other laboratories")
     foreign["ALL-IDB1 fields"] = score_set(load_folder(sorted((root / "all-idb/ALL_IDB1/im").glob("*.jpg"))))
     foreign["ALL-IDB2 crops"] = score_set(load_folder(sorted((root / "all-idb/ALL_IDB2/img").glob("*.tif"))))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                      "n": {k: len(v.labels) for k, v in splits.items()}, "methods": {}}
     test = splits["test"]
     for method in trust.OOD_DETECTORS:
-        section, tensors = trust.fit_trust(train=splits["train"].arrays(), val=splits["val"].arrays(),
+        section, tensors = trust_fitting.fit_trust(train=splits["train"].arrays(), val=splits["val"].arrays(),
                                            train_qc=splits["train"].qc, method=method)
         detector = trust.OOD_DETECTORS[method].from_stored(tensors, section["ood"]["params"])
         test_scores = detector.score(test.features, test.logits)

@@ -20,19 +20,16 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
 from allcore.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
 from allcore.io import absolute_location, decode_rgb, read_bytes  # noqa: E402
-
-BOX_COLOUR, BLAST_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (230, 30, 30), (255, 255, 255), (0, 0, 0)
-LINE_FRACTION = 1 / 250  # box line width as a fraction of the image's shorter side (at least 1 px)
-
+from allcore.overlay import CellCall, render  # noqa: E402
 
 def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter: float,
-                   *, cell_model: bool) -> list[tuple[str, float, bool]]:
+                   *, cell_model: bool) -> list[CellCall]:
     """(label, probability shown, blast call) per cell, preprocessed exactly as scoring does
     (``allcore.scoring.prepare.cell_input``). A cell model shows its blast probability, a field
     model the confidence of its label."""
@@ -56,32 +53,6 @@ def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter
     return calls
 
 
-def render(img: Image.Image, cells: list[Cell], calls: list[tuple[str, float, bool]] | None = None,
-           side: int | None = None) -> Image.Image:
-    """A copy of ``img`` (resized so its longer side is ``side``) with numbered boxes (red: blast
-    call) and, when given, 'label value'."""
-    scale = 1.0 if side is None else side / max(img.size)
-    canvas = img.convert("RGB")
-    if scale != 1.0:
-        canvas = canvas.resize((round(img.width * scale), round(img.height * scale)),
-                               Image.Resampling.LANCZOS)
-    draw = ImageDraw.Draw(canvas)
-    width = max(1, round(min(canvas.size) * LINE_FRACTION))
-    font = ImageFont.load_default(size=max(10, 6 * width))
-    for number, cell in enumerate(cells, start=1):
-        x0, y0, x1, y1 = (round(v * scale) for v in cell.box)
-        blast = calls is not None and calls[number - 1][2]
-        draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=BLAST_COLOUR if blast else BOX_COLOUR,
-                       width=width)
-        text = str(number) if calls is None else f"{number} {calls[number - 1][0]} {calls[number - 1][1]:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tx = min(x0, canvas.width - (right - left))
-        ty = y0 - (bottom - top) - 2 if y0 >= bottom - top + 2 else y1 + 1
-        draw.rectangle((tx, ty, tx + right - left, ty + bottom - top), fill=TEXT_BACKGROUND)
-        draw.text((tx - left, ty - top), text, fill=TEXT_COLOUR, font=font)
-    return canvas
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=absolute_location, required=True, help="smear field (local path or s3:// uri)")
@@ -102,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     model = args.cell_model or args.model
     calls = (classify_cells(model, img, cells, diameter, cell_model=args.cell_model is not None)
              if model and cells else None)
-    canvas = render(img, cells, calls, args.side)
+    canvas = render(img, [cell.box for cell in cells], calls, args.side)
     (canvas.quantize(args.colours) if args.colours else canvas).save(args.out, optimize=True)
     for number, cell in enumerate(cells, start=1):
         ratio = "n/a" if cell.nucleus_cell_ratio is None else f"{cell.nucleus_cell_ratio:.2f}"

@@ -3,9 +3,12 @@
     list (driver) -> prepare (CPU tasks) -> predict (actor pool) -> table -> commit -> summarise
 
 The driver lists the inputs in chunks of ``commit_every`` names, drops those the ledger says are
-done, and puts each chunk into the object store, so it never holds millions of names itself.
-One streaming dataset then prepares and scores them all (the actor pool loads the model once per
-actor), and the driver turns every ``commit_every`` result rows into output rows and commits them
+done, and puts the rest into the object store as blocks (``todo_blocks``: a few input-sized ones
+so every actor starts at once, then large ones, so a listing of millions costs a few thousand
+puts), so it never holds millions of names itself. It imports no torch: the model is verified by
+its weight file's sha256 and built only in the actors (``PredictStage``). One streaming dataset
+then prepares and scores them all (the actor pool loads the model once per actor), and the driver
+turns every ``commit_every`` result rows into output rows and commits them
 (``allcore.scoring.store``): a crash loses at most the uncommitted rows, which the next run
 scores again. The driver logs one progress line per commit (images done / total, rate, time
 left); Ray's own INFO logs and progress bars are off unless ``config.verbose``.
@@ -27,14 +30,14 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines import init_ray
-from allcore.artifact import load_artifact
+from allcore.artifact import verified_card
 from allcore.celldata import CellCropGeometry
 from allcore.cells import CellFinderConfig
 from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
-from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
-from allcore.scoring.predict import Predictor
+from allcore.io import FileInfo
+from allcore.scoring.inputs import iter_inputs, new_inputs
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
@@ -43,6 +46,8 @@ from allcore.trust import NO_TRUST_WARNING
 
 log = logging.getLogger("allcore.score")
 FIELDS_PER_CELL_BLOCK = 4  # --per-cell inputs per block: a 2592 px field takes ~1 s to prepare
+SMALL_BLOCKS_PER_ACTOR = 4  # field runs: the first blocks hold one model batch each ...
+LARGE_BLOCK_INPUTS = 4096  # ... the rest this many inputs (benchmarks/listing_puts.py)
 DIAMETER_SAMPLE = 32  # inputs whose median white-cell size is the run's cell diameter
 PROGRESS_SECONDS = 10.0  # at most one progress line this often between commits
 
@@ -145,10 +150,10 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
 
 
 def _verified_cards(config: ScoringConfig):
-    """The model card and, with ``--cell-model``, the cell model's card, each after its weights
-    were checked against it (``load_artifact``): a corrupt artifact stops the run here, on the
-    driver, not in every actor."""
-    card = load_artifact(config.model)[1]
+    """The model card and, with ``--cell-model``, the cell model's card, each after its weight
+    file was checked against it (``verified_card``, no model built): a corrupt artifact stops the
+    run here, on the driver, not in every actor."""
+    card = verified_card(config.model)
     if config.cell_model is None:
         if config.per_cell:
             log.warning("--per-cell without --cell-model: cell rows are the field model applied "
@@ -156,7 +161,7 @@ def _verified_cards(config: ScoringConfig):
                         "(docs/CELLS.md); pass a cell model, e.g. one trained with the "
                         "cell_blast recipe")
         return card, None
-    cell_card = load_artifact(config.cell_model)[1]
+    cell_card = verified_card(config.cell_model)
     CellCropGeometry.from_card(cell_card)  # refuses a field model passed as --cell-model
     log.info("cell model %s %s (%s)", cell_card.model_name, cell_card.model_version,
              cell_card.weights_sha256[:12])
@@ -186,11 +191,18 @@ def _cell_finder(config: ScoringConfig, card, sample: list[str],
 def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tuple[list, list[str]]:
     """Object refs of Arrow tables of the inputs to score, and a random sample of their uris
     (``DIAMETER_SAMPLE``, for the run's cell diameter); counts listed and skipped."""
-    refs = []
+    refs: list = []
     sample, seen, rng = [], 0, random.Random(0)
-    # --per-cell: a few fields per block, so large fields spread over every actor and progress
-    # moves image by image; field runs: one block per model batch
-    block_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if config.per_cell else config.batch_size
+    pending: list[FileInfo] = []
+
+    def put(block: list[FileInfo]) -> None:
+        init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
+        refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
+                                      "source_size": [i.size for i in block],
+                                      "source_mtime": [i.mtime_or_etag for i in block],
+                                      "listing_error": [i.listing_error for i in block],
+                                      "error_kind": [i.error_kind for i in block]})))
+
     for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
         summary.listed += listed
         summary.skipped += listed - len(todo)
@@ -200,14 +212,27 @@ def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tupl
                 sample.append(info.uri)
             elif (slot := rng.randrange(seen)) < DIAMETER_SAMPLE:
                 sample[slot] = info.uri
-        for block in chunked(todo, block_size):
-            init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
-            refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
-                                          "source_size": [i.size for i in block],
-                                          "source_mtime": [i.mtime_or_etag for i in block],
-                                          "listing_error": [i.listing_error for i in block],
-                                          "error_kind": [i.error_kind for i in block]})))
+        pending.extend(todo)
+        while len(pending) >= (size := todo_block_inputs(config, len(refs))):
+            put(pending[:size])
+            del pending[:size]
+    if pending:
+        put(pending)
     return refs, sample
+
+
+def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
+    """Inputs in the next block of the to-do list. ``--per-cell``: a few fields each, so large
+    fields spread over every actor and progress moves image by image. Field runs: one model batch
+    each for the first ``SMALL_BLOCKS_PER_ACTOR`` blocks per actor, so every actor starts at once
+    and a small run spreads evenly, then ``LARGE_BLOCK_INPUTS``: each block is one ``ray.put``
+    (about 1 ms), which at one batch a block made a first run of 10M inputs wait minutes before
+    scoring started."""
+    if config.per_cell:
+        return min(config.batch_size, FIELDS_PER_CELL_BLOCK)
+    if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
+        return config.batch_size
+    return max(config.batch_size, LARGE_BLOCK_INPUTS)
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
@@ -226,7 +251,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
         .map_batches(prepare_batch, batch_size=prepare_size,
                      fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
                                               cell_finder=finder, cell_card=cell_card))
-        .map_batches(Predictor, batch_size=predict_size, num_gpus=num_gpus,
+        .map_batches(PredictStage, batch_size=predict_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
@@ -237,6 +262,20 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                                                                      else cell_card.weights_sha256)})
         .iter_batches(batch_size=None, batch_format="pyarrow")
     )
+
+
+class PredictStage:
+    """The predict stage's actor: ``allcore.scoring.predict.Predictor``, imported here, in the
+    actor, so torch (about 500 MB resident) loads in the actors only and the driver, which holds
+    the ledger, stays small."""
+
+    def __init__(self, **predictor_kwargs):
+        from allcore.scoring.predict import Predictor
+
+        self.predictor = Predictor(**predictor_kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.predictor(batch)
 
 
 def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],

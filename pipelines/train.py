@@ -25,7 +25,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-from allcore import celldata, engine, io, trust
+from allcore import celldata, engine, io, trust_fitting
 from allcore.artifact import ModelCard, save_artifact
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
@@ -93,7 +93,7 @@ def run_training(job: TrainJob) -> list[str]:
 
 def _attach_trust(artifact_uri: str, manifest: SplitManifest, name: str) -> None:
     """Calibration, OOD detector and QC ranges into the card (allcore.trust, on the driver)."""
-    section = trust.attach_trust(artifact_uri, manifest)
+    section = trust_fitting.attach_trust(artifact_uri, manifest)
     calibration, ood = section["calibration"], section["ood"]
     print(f"[allcore] {name}: temperature {section['temperature']:.2f} (val ECE "
           f"{calibration['ece_before']:.3f} -> {calibration['ece_after']:.3f}); OOD {ood['method']} "

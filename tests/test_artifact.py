@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from allcore.artifact import (CARD_FILE, WEIGHTS_FILE, ArtifactIntegrityError, ModelCard,
-                              load_artifact, read_card, save_artifact)
+                              load_artifact, read_card, save_artifact, verified_card)
 from allcore.labels import get_label_set
 from allcore.models import create_model
 
@@ -57,6 +57,7 @@ def test_round_trip_gives_identical_outputs(saved):
     assert card.data_config_obj() == model.data_config == loaded.data_config
     assert len(card.sha256) == 64 and card.sha256 == card.weights_sha256
     assert card.model_version.startswith("mobilenet_m-") and card.created_at.endswith("+00:00")
+    assert card.torch_version == torch.__version__ and verified_card(str(out)) == card
     assert sorted(p.name for p in out.iterdir()) == [WEIGHTS_FILE, CARD_FILE]  # no temp files left
 
 
@@ -66,8 +67,9 @@ def test_tampered_weights_are_refused(saved):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0x01
     weights.write_bytes(bytes(data))
-    with pytest.raises(ArtifactIntegrityError, match="modified or corrupted"):
-        load_artifact(str(out))
+    for load in (load_artifact, verified_card):  # the scoring driver checks without torch
+        with pytest.raises(ArtifactIntegrityError, match="modified or corrupted"):
+            load(str(out))
 
 
 def _edit_card(out: Path, **changes) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
-from allcore import trust
+from allcore import trust_fitting
 from allcore.evaluation import evaluate_artifact
 from allcore.labels import get_label_set
 from allcore.splits import split_samples
@@ -26,7 +26,7 @@ def test_evaluation_reports_corner_shortcut_and_trust_when_the_card_has_it(tiny_
     assert 0 <= shortcut["accuracy_corner_masked"] <= 1
     assert shortcut["accuracy_corner_visible"] == bare["accuracy"]  # the card's own setting
 
-    trust.attach_trust(artifact, manifest)
+    trust_fitting.attach_trust(artifact, manifest)
     summary = evaluate_artifact(artifact, manifest.subset("test"), tmp_path / "trusted",
                                 noise_sigmas=(), n_boot=10)
     assert len(summary["trust"]["ood_scores"]) == summary["n"]

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore.data import ImageDataset, Sample, discover_samples
+from allcore.data import Sample, discover_samples
+from allcore.training import ImageDataset
 from allcore.io import ImageDecodeError, decode_rgb, filesystem, iter_image_files, read_bytes
 from allcore.labels import get_label_set
 from allcore.splits import SplitManifest, SplitRow

@@ -53,3 +53,17 @@ def test_take_new_skips_committed_and_repeated_inputs():
     ledger = Ledger(__import__("numpy").array([b"a" * 16, b"c" * 16], "S16"))
     assert ledger.take_new([b"a" * 16, b"b" * 16, b"b" * 16, b"d" * 16]) == [False, True, False, True]
     assert b"b" * 16 in ledger and b"e" * 16 not in ledger and len(ledger) == 4
+
+
+def test_ledger_of_parts_matches_every_byte_of_a_digest():
+    """Digests are raw bytes: NULs inside or at the end, and digests that share their first
+    8 bytes, must still be told apart exactly."""
+    np = __import__("numpy")
+    rng = np.random.default_rng(0)
+    committed = [bytes(rng.integers(0, 256, 16, dtype=np.uint8)) for _ in range(500)]
+    committed += [b"\0" * 16, b"x" * 8 + b"\0" * 8, b"x" * 8 + b"\0" * 7 + b"\1", b"\0" * 15 + b"y"]
+    parts = [np.array(committed[:200], "S16"), np.array(committed[200:], "S16")]
+    ledger = Ledger.of_parts(parts)
+    assert len(ledger) == len(committed) and set(ledger) == set(committed)
+    near = [b"x" * 8 + b"\0" * 6 + b"\1\0", b"\0" * 14 + b"y\0", b"\1" + b"\0" * 15]
+    assert ledger.take_new(committed + near) == [False] * len(committed) + [True] * len(near)

@@ -234,7 +234,7 @@ def test_cell_model_classifies_the_cell_rows_from_its_own_crops(tmp_path, tiny_a
 
     from allcore.artifact import load_artifact
     from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
-    from allcore.transforms import preprocess_array
+    from allcore.data_config import preprocess_array
 
     paths, _ = write_fields(tmp_path / "S1")
     card, cell_model_card = read_card(tiny_artifact), read_card(tiny_cell_artifact)

@@ -12,16 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore.transforms import (
+from allcore.data_config import (
     SCALE_BAR_FRACTION,
-    VALID_AUGMENT_KEYS,
     DataConfig,
-    add_gaussian_noise,
-    desaturate_hsv,
-    eval_transform,
     mask_scale_bar,
     prepare_pil,
     preprocess_array,
+)
+from allcore.transforms import (
+    VALID_AUGMENT_KEYS,
+    add_gaussian_noise,
+    desaturate_hsv,
+    eval_transform,
     train_transform,
 )
 

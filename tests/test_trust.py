@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from allcore import trust
+from allcore import trust, trust_fitting
 from allcore.artifact import CARD_FILE, load_artifact, read_card
 from allcore.labels import get_label_set
+from allcore.models import features_and_logits
 from allcore.qc import QC_COLUMNS
 from allcore.splits import split_samples
 from allcore.synthetic import write_archive
@@ -40,7 +41,7 @@ def test_every_ood_detector_flags_far_features_and_survives_storage(method):
     head = np.eye(16, 3) * 2.0  # each class logit reads its own cluster direction
     (train, train_y), (val, val_y) = _clusters(rng, 600), _clusters(rng, 300)
     far, _ = _clusters(rng, 100, offset=-8.0)  # a shifted blob: far from every training class
-    section, tensors = trust.fit_trust(
+    section, tensors = trust_fitting.fit_trust(
         train={"features": train, "logits": train @ head, "labels": train_y},
         val={"features": val, "logits": val @ head, "labels": val_y},
         train_qc=[{name: 1.0 for name in QC_COLUMNS}], method=method)
@@ -84,7 +85,7 @@ def test_qc_reference_widens_the_training_range():
 def test_features_and_logits_match_the_model_forward(tiny_artifact):
     model, _ = load_artifact(tiny_artifact)
     pixels = torch.rand(2, 3, 64, 64)
-    features, logits = trust.features_and_logits(model, pixels)
+    features, logits = features_and_logits(model, pixels)
     assert features.shape == (2, model.get_classifier().in_features)
     with torch.no_grad():
         torch.testing.assert_close(logits, model(pixels))
@@ -102,13 +103,13 @@ def test_attach_trust_round_trips_through_the_artifact(tiny_artifact, tmp_path):
     samples = write_archive(tmp_path / "archive", label_set=get_label_set("all4"), per_class=8,
                             size=64, near_duplicates=False)
     manifest = split_samples(samples, fractions=(0.5, 0.5, 0.0), names=("train", "val", "test"))
-    section = trust.attach_trust(artifact, manifest)
+    section = trust_fitting.attach_trust(artifact, manifest)
     model, card = load_artifact(artifact)  # the weights still match their hash
     assert card.trust == json.loads(json.dumps(section))
     assert set(card.trust["qc_reference"]) <= set(trust.QC_CHECKS)
     loaded = trust.load_trust(artifact, card.trust)
     assert loaded.temperature == pytest.approx(section["temperature"]) and loaded.temperature > 0
-    features, logits = trust.features_and_logits(model, torch.rand(3, 3, 64, 64))
+    features, logits = features_and_logits(model, torch.rand(3, 3, 64, 64))
     assert loaded.ood_scores(features.numpy(), logits.numpy()).shape == (3,)
     # a detector file that does not belong to the card is refused
     (tmp_path / "model" / trust.TRUST_FILE).write_bytes(b"not the detector")

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageFilter
 
-from allcore import trust
+from allcore import trust, trust_fitting
 from allcore.labels import get_label_set
 from allcore.qc import QC_COLUMNS
 from allcore.scoring.drift import DRIFT_JSON, DRIFT_PNG, write_drift_summary
@@ -165,7 +165,7 @@ def test_corrupted_and_foreign_images_get_needs_review_end_to_end(tmp_path, ray_
     samples = write_archive(tmp_path / "archive", label_set=get_label_set("all4"), per_class=12,
                             size=64, near_duplicates=False)
     manifest = split_samples(samples, fractions=(0.5, 0.25, 0.25), names=("train", "val", "test"))
-    trust.attach_trust(artifact, manifest)
+    trust_fitting.attach_trust(artifact, manifest)
     inputs = tmp_path / "in"
     (inputs / "clean").mkdir(parents=True)
     test = [s.path for s in manifest.subset("test")]

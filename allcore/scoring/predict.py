@@ -22,14 +22,15 @@ from scipy import special
 from allcore.artifact import load_artifact
 from allcore.labels import get_label_set
 from allcore.scoring.table import CELL, OK, prob_column
-from allcore.trust import FeaturesAndLogits, calibrated_probabilities, features_and_logits, load_trust
+from allcore.models import FeaturesAndLogits, features_and_logits
+from allcore.trust import calibrated_probabilities, load_trust
 
 log = logging.getLogger("allcore.scoring.predict")
 
 
 # A model-outputs function: float32 N x 3 x S x S pixels -> (features, logits), float32 numpy
 # N x F and N x C from one forward pass. The features are the penultimate layer the card's OOD
-# detector was fitted on (allcore.trust.features_and_logits), so every path must return them.
+# detector was fitted on (allcore.models.features_and_logits), so every path must return them.
 ModelOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 

@@ -39,7 +39,7 @@ from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeErro
                         read_bytes)
 from allcore.qc import QC_COLUMNS, image_qc
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
-from allcore.transforms import DataConfig, mask_scale_bar, preprocess_array
+from allcore.data_config import DataConfig, mask_scale_bar, preprocess_array
 
 NO_CELLS_NOTE = "no cells found"
 FieldMeasurement = Callable[[Image.Image], float]

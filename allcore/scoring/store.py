@@ -42,27 +42,34 @@ from allcore.scoring.table import CELL, ERROR, FIELD, OK
 
 WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
 DIGEST = pa.binary(16)  # input_digest, as stored in the ledger files
+LEDGER_FILES_PER_READ = 256  # fetched concurrently (s3fs), parsed, then their bytes dropped
 
 
 class Ledger:
-    """The ``input_digest`` of every input committed for one model, as arrays sorted by the
-    digest's first 8 bytes (16 bytes an input: 10M inputs are 160 MB, where a Python set of them
-    took 4.5 GB), plus the inputs this run has taken on. Membership is asked a whole listing
-    chunk at a time, and decided on all 16 bytes: two digests sharing their first 8 bytes (about
-    one in 10^5 histories of 10M) can only make an input look new, never skip one."""
+    """The ``input_digest`` of every input committed for one model, as one sorted array of
+    16-byte strings (10M inputs are 160 MB, where a Python set of them took 4.5 GB, and the
+    array is the only copy held), plus the inputs this run has taken on. Membership is asked a
+    whole listing chunk at a time with a binary search."""
 
     def __init__(self, digests: np.ndarray | None = None):
-        digests = np.empty(0, "S16") if digests is None else np.ascontiguousarray(digests, "S16")
-        order = np.argsort(_prefix(digests), kind="stable")
-        self._full = digests[order]
-        self._prefix = _prefix(self._full)
+        self._sorted = np.sort(np.empty(0, "S16") if digests is None else np.asarray(digests, "S16"))
         self._taken: set[bytes] = set()
 
+    @classmethod
+    def of_parts(cls, parts: list[np.ndarray]) -> "Ledger":
+        """The ledger of ``parts`` concatenated, sorted in place: at 10M inputs a sorted copy
+        beside the concatenation would double the driver's peak memory."""
+        ledger = cls()
+        if parts:
+            ledger._sorted = np.concatenate(parts)
+            ledger._sorted.sort()
+        return ledger
+
     def __len__(self) -> int:
-        return len(self._full) + len(self._taken)
+        return len(self._sorted) + len(self._taken)
 
     def __iter__(self):
-        yield from (bytes(d).ljust(16, b"\0") for d in self._full)
+        yield from (bytes(d).ljust(16, b"\0") for d in self._sorted)  # numpy drops trailing NULs
         yield from self._taken
 
     def __contains__(self, digest: bytes) -> bool:
@@ -73,9 +80,9 @@ class Ledger:
         earlier in ``digests``), and takes it (unless ``dry_run``). A path listed twice counts once."""
         query = np.array(digests, dtype="S16")
         committed = np.zeros(len(query), bool)
-        if len(self._full):
-            at = np.minimum(np.searchsorted(self._prefix, _prefix(query)), len(self._full) - 1)
-            committed = self._full[at] == query
+        if len(self._sorted):
+            at = np.minimum(np.searchsorted(self._sorted, query), len(self._sorted) - 1)
+            committed = self._sorted[at] == query
         new = (~committed).tolist()
         for at in np.flatnonzero(~committed).tolist():  # few: the inputs not committed yet
             new[at] = digests[at] not in self._taken
@@ -284,14 +291,17 @@ class OutputStore:
         the ledger files the commit records name (16 bytes an input); records written before
         ledger files existed list their inputs themselves, and are read as well."""
         records = [r for r in self.commit_records() if r["model_sha256"] == model_sha256]
-        parts = [pq.ParquetFile(pa.BufferReader(data)).read(columns=["digest"])["digest"]
-                 for data in self._cat([self._p(r["ledger"]) for r in records if "ledger" in r])]
+        paths = [self._p(r["ledger"]) for r in records if "ledger" in r]
+        parts = []
+        for start in range(0, len(paths), LEDGER_FILES_PER_READ):  # bytes of a few files at a time
+            for data in self._cat(paths[start:start + LEDGER_FILES_PER_READ]):
+                column = pq.ParquetFile(pa.BufferReader(data)).read(columns=["digest"])["digest"]
+                parts += [np.frombuffer(c.buffers()[1], "S16")[c.offset:c.offset + len(c)]
+                          for c in column.chunks]
         legacy = [input_digest(*key) for r in records for key in r.get("inputs", ())]
-        chunks = [np.frombuffer(c.buffers()[1], "S16")[c.offset:c.offset + len(c)]
-                  for part in parts for c in part.chunks]
         if legacy:
-            chunks.append(np.array(legacy, "S16"))
-        return Ledger(np.concatenate(chunks) if chunks else None)
+            parts.append(np.array(legacy, "S16"))
+        return Ledger.of_parts(parts)
 
     def write_config(self, run_id: str, config: ScoringConfig) -> None:
         try:
@@ -353,11 +363,6 @@ class OutputStore:
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
         return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
-
-
-def _prefix(digests: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each 16-byte digest as an integer: a sort key numpy sorts fast."""
-    return digests.view("<u8")[::2] if len(digests) else np.empty(0, "<u8")
 
 
 def _lock_holder(data: bytes) -> dict:

@@ -1,0 +1,31 @@
+"""The scoring driver: what it imports and how it cuts the to-do list into blocks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from allcore.scoring.config import ScoringConfig
+from pipelines.score import FIELDS_PER_CELL_BLOCK, LARGE_BLOCK_INPUTS, SMALL_BLOCKS_PER_ACTOR, todo_block_inputs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_scoring_driver_never_imports_torch_or_scikit_learn():
+    """torch alone is ~500 MB resident: the driver, which holds the ledger, must not load it
+    (docs/SCORING.md, the 1 GB driver target); the model is built in the actors only."""
+    code = ("import sys; import pipelines.score, allcore.scoring.summary, allcore.scoring.drift; "
+            "print(sorted(m for m in ('torch', 'sklearn', 'timm', 'torchvision') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_todo_blocks_start_batch_sized_on_every_actor_then_grow():
+    config = ScoringConfig(model="m", input="i", output="o", batch_size=32, actors=(1, 3))
+    sizes = [todo_block_inputs(config, n) for n in range(SMALL_BLOCKS_PER_ACTOR * 3 + 2)]
+    assert sizes[:SMALL_BLOCKS_PER_ACTOR * 3] == [32] * (SMALL_BLOCKS_PER_ACTOR * 3)
+    assert sizes[-2:] == [LARGE_BLOCK_INPUTS] * 2
+    per_cell = ScoringConfig(model="m", input="i", output="o", batch_size=32, per_cell=True)
+    assert {todo_block_inputs(per_cell, n) for n in (0, 100, 10_000)} == {FIELDS_PER_CELL_BLOCK}
