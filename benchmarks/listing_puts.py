@@ -7,7 +7,7 @@ Synthetic listing rows with the to-do columns (uri, size, mtime, listing error, 
 local Ray with one CPU. Measures the time of one put of a batch-sized block and of a
 ``LARGE_BLOCK_INPUTS`` block, then prints, for 1% of 10M new inputs and a first run of 10M, the
 puts and their time with one block per model batch (before) and with the block sizes
-``pipelines.score.todo_block_inputs`` chooses (now).
+``pipelines.score.todo_blocks`` cuts (now).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allcore.scoring.config import ScoringConfig  # noqa: E402
-from pipelines.score import LARGE_BLOCK_INPUTS, todo_block_inputs  # noqa: E402
+from pipelines.score import LARGE_BLOCK_INPUTS, todo_blocks  # noqa: E402
 
 
 def block(index: int, rows: int) -> pa.Table:
@@ -44,11 +44,11 @@ def seconds_per_put(rows: int, blocks: int) -> float:
 
 
 def block_sizes(config: ScoringConfig, inputs: int) -> list[int]:
-    """The block sizes of a to-do list of ``inputs``, as ``pipelines.score._list_todo`` cuts it."""
-    sizes: list[int] = []
-    while (left := inputs - sum(sizes)) > 0:
-        sizes.append(min(left, todo_block_inputs(config, len(sizes))))
-    return sizes
+    """The block sizes ``pipelines.score.todo_blocks`` cuts a to-do list of ``inputs`` into,
+    arriving in listing chunks of ``commit_every``."""
+    chunks = (range(start, min(start + config.commit_every, inputs))
+              for start in range(0, inputs, config.commit_every))
+    return [len(block) for block in todo_blocks(config, chunks)]
 
 
 def main() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
         sizes = block_sizes(config, inputs)
         now = sum(small if size <= args.batch_size else large for size in sizes)
         print(f"{label}: one block a batch: {before:,} puts, {before * small:.1f} s; "
-              f"todo_block_inputs: {len(sizes):,} puts, {now:.1f} s before scoring starts")
+              f"todo_blocks: {len(sizes):,} puts, {now:.1f} s before scoring starts")
 
 
 if __name__ == "__main__":

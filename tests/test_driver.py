@@ -7,7 +7,8 @@ import sys
 from pathlib import Path
 
 from allcore.scoring.config import ScoringConfig
-from pipelines.score import FIELDS_PER_CELL_BLOCK, LARGE_BLOCK_INPUTS, SMALL_BLOCKS_PER_ACTOR, todo_block_inputs
+from pipelines.score import (FIELDS_PER_CELL_BLOCK, LARGE_BLOCK_INPUTS, SMALL_BLOCKS_PER_ACTOR,
+                             todo_block_inputs, todo_blocks)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +30,14 @@ def test_todo_blocks_start_batch_sized_on_every_actor_then_grow():
     assert sizes[-2:] == [LARGE_BLOCK_INPUTS] * 2
     per_cell = ScoringConfig(model="m", input="i", output="o", batch_size=32, per_cell=True)
     assert {todo_block_inputs(per_cell, n) for n in (0, 100, 10_000)} == {FIELDS_PER_CELL_BLOCK}
+
+
+def test_todo_blocks_hold_every_input_once_with_a_batch_sized_tail():
+    config = ScoringConfig(model="m", input="i", output="o", batch_size=32, actors=(1, 2),
+                           commit_every=1000)
+    inputs = SMALL_BLOCKS_PER_ACTOR * 2 * 32 + 2 * LARGE_BLOCK_INPUTS + 100
+    chunks = [list(range(start, min(start + 1000, inputs))) for start in range(0, inputs, 1000)]
+    blocks = list(todo_blocks(config, chunks))
+    assert [i for block in blocks for i in block] == list(range(inputs))
+    assert [len(b) for b in blocks] == ([32] * SMALL_BLOCKS_PER_ACTOR * 2
+                                        + [LARGE_BLOCK_INPUTS] * 2 + [32, 32, 32, 4])
