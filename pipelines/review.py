@@ -145,8 +145,9 @@ class ReviewApp:
 
 
 def build_app(args: dict) -> serve.Application:
-    """``serve run``/``serve deploy`` entry: args output, model, cell_model, token. Without a
-    ``token`` arg the token is ``ALLCORE_REVIEW_TOKEN`` from the environment (as for
+    """``serve run``/``serve deploy`` entry: args output, model, cell_model, token; refused
+    without a token. Without a ``token`` arg the token is ``ALLCORE_REVIEW_TOKEN`` from the
+    environment (as for
     jobs/review.py), so a deployment (infra/k8s/rayservice-review.yaml) takes it from a Secret
     instead of writing it into its Serve config."""
     unknown = set(args) - {"output", "model", "cell_model", "token"}
@@ -154,4 +155,8 @@ def build_app(args: dict) -> serve.Application:
         raise ValueError(f"review app args are output=ROOT model=ARTIFACT [cell_model=ARTIFACT] "
                          f"[token=SECRET]; got {sorted(args)}")
     token = args.get("token") or os.environ.get("ALLCORE_REVIEW_TOKEN")
+    if not token:  # a deployed config may bind beyond loopback (infra/serve_review.yaml does)
+        raise ValueError("the review app needs a token when deployed from a config: set "
+                         "ALLCORE_REVIEW_TOKEN (e.g. from a Kubernetes Secret) or pass token=SECRET; "
+                         "for a loopback-only app on this machine run `python jobs/review.py serve`")
     return ReviewApp.bind(args["output"], args["model"], args.get("cell_model"), token)

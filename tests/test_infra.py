@@ -162,6 +162,9 @@ def test_review_app_builder_takes_the_token_from_the_environment(monkeypatch):
     assert bound[-1] == "from-the-secret"
     assert build_app({"output": "o", "model": "m", "token": "arg"})._bound_deployment.init_args[-1] \
         == "arg"
+    monkeypatch.delenv("ALLCORE_REVIEW_TOKEN")
+    with pytest.raises(ValueError, match="needs a token"):
+        build_app({"output": "o", "model": "m"})
 
 
 def test_cluster_launcher_dashboard_binds_loopback():
