@@ -54,7 +54,8 @@ def measure(name: str, paths: list[str], args: argparse.Namespace) -> str:
         listing.write_text("\n".join(paths) + "\n")
         config = ScoringConfig(model=args.model, input=tmp, output=str(Path(tmp) / "out"),
                                input_list=str(listing), per_cell=True, cell_model=args.cell_model,
-                               actors=(args.actors, args.actors), fast=args.fast)
+                               actors=(args.actors, args.actors),
+                               inference="fast" if args.fast else "exact")
         load = os.getloadavg()[0]
         started = time.perf_counter()
         summary = run_scoring(config)
@@ -97,7 +98,8 @@ def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[s
     rows += [f"| {name} | prepare: {part} | {1000 * cumulative.get(function, 0.0) / n:.1f} |"
              for part, function in PREPARE_PARTS.items()]
     for path_name, fast in (("eager", False), ("fast", True)):
-        predictor = Predictor(args.model, cell_artifact_uri=args.cell_model, fast=fast)
+        predictor = Predictor(args.model, cell_artifact_uri=args.cell_model, fast=fast,
+                              cell_fast=fast)
         predictor(prepared)  # warm-up (export, first-call allocation)
         started = time.perf_counter()
         predictor(prepared)

@@ -34,7 +34,7 @@ from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
-from allcore.scoring.predict import Predictor
+from allcore.scoring.predict import Predictor, inference_path
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
@@ -94,7 +94,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
         _quiet_ray(config.verbose)
         finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
         # prepare -> predict
-        scored = _scored_batches(config, card, cell_card, finder, blocks)
+        scored = _scored_batches(config, card, cell_card, finder, blocks, summary)
         # table -> commit
         complete = CompleteInputs()
         model_summary = card_summary(card, cell_card)
@@ -211,11 +211,18 @@ def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tupl
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
-                    blocks: list):
+                    blocks: list, summary: RunSummary):
     """prepare (a CPU function) then predict (``Predictor`` actors), streamed back to the driver
-    block by block as they finish."""
+    block by block as they finish. Each model's inference path is decided here, once, and
+    recorded in the run summary."""
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
+    cards = {"model": card, "cell_model": cell_card}
+    paths = {role: inference_path(c.model_name, mode=config.inference, cuda=num_gpus > 0)
+             for role, c in cards.items() if c is not None}
+    for role, path in paths.items():
+        log.info("%s %s scores with %s: %s", role, cards[role].model_name, path.name, path.reason)
+        summary.inference[role] = {"path": path.name, "reason": path.reason}
     prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
     # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
     # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
@@ -231,8 +238,9 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
                                             "expected_sha256": card.weights_sha256,
-                                            "fast": config.fast,
+                                            "fast": paths["model"].fast,
                                             "cell_artifact_uri": config.cell_model,
+                                            "cell_fast": "cell_model" in paths and paths["cell_model"].fast,
                                             "cell_expected_sha256": (None if cell_card is None
                                                                      else cell_card.weights_sha256)})
         .iter_batches(batch_size=None, batch_format="pyarrow")

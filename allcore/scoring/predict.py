@@ -11,9 +11,11 @@ one they are the plain softmax and ``ood_score`` is NaN (the driver warns once).
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ from scipy import special
 
 from allcore.artifact import load_artifact
 from allcore.labels import get_label_set
+from allcore.scoring.config import INFERENCE_MODES
 from allcore.scoring.table import CELL, OK, prob_column
 from allcore.trust import FeaturesAndLogits, calibrated_probabilities, features_and_logits, load_trust
 
@@ -31,6 +34,56 @@ log = logging.getLogger("allcore.scoring.predict")
 # N x F and N x C from one forward pass. The features are the penultimate layer the card's OOD
 # detector was fitted on (allcore.trust.features_and_logits), so every path must return them.
 ModelOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+# Registry models whose fast CPU path (ONNX Runtime, fp32) was measured against the eager fp32
+# path on real Taleqani images by benchmarks/fast_path_agreement.py (docs/PERFORMANCE.md, "Which
+# path scores by default"): identical argmax on >= 99.5 % of the images and faster. This list is
+# the benchmark's verdict and the one place the default path reads it. Agreement of an fp32
+# export is a property of the architecture's operators and the runtime (the same graph computes
+# the same sums in another order), not of one set of trained weights, so one measurement per
+# registry model covers every artifact of it, including those trained before the measurement;
+# tests/test_fast_path.py re-checks each listed model on generated images at every test run.
+FAST_PATH_VERIFIED = frozenset({"mobilenet_v2"})
+
+
+@dataclass(frozen=True)
+class InferencePath:
+    """How one model scores in a run, and why: recorded in the run summary."""
+
+    fast: bool  # fast_outputs instead of eager_outputs
+    name: str
+    reason: str
+
+
+def inference_path(model_name: str, *, mode: str = "auto", cuda: bool = False) -> InferencePath:
+    """The path a model scores with. ``auto`` (the default): the fastest path verified for this
+    registry model (``FAST_PATH_VERIFIED``), else eager fp32; ``exact``: eager fp32, the path the
+    model was evaluated with; ``fast``: the fast path even where it is not verified. On CUDA the
+    fast path is bf16 autocast, which is not verified (no GPU measurement yet), so ``auto`` stays
+    eager there."""
+    if mode not in INFERENCE_MODES:
+        raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
+    eager = "eager fp32" + (" (CUDA)" if cuda else "")
+    if mode == "exact":
+        return InferencePath(False, eager, "--exact")
+    if cuda:
+        if mode == "fast":
+            return InferencePath(True, "bf16 autocast (CUDA)", "--fast")
+        return InferencePath(False, eager, "the GPU fast path (bf16 autocast) is not verified "
+                             "yet; --fast uses it")
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    fast_name = "onnxruntime fp32" if onnx else "torchscript fp32 (onnxruntime not installed)"
+    if mode == "fast":
+        return InferencePath(True, fast_name, "--fast")
+    if model_name not in FAST_PATH_VERIFIED:
+        return InferencePath(False, eager, f"{model_name} is not verified for the fast path "
+                             "(docs/PERFORMANCE.md)")
+    if not onnx:
+        return InferencePath(False, eager, "onnxruntime is not installed (pip install "
+                             "'allcore[fast]')")
+    return InferencePath(True, fast_name, f"verified for {model_name} (docs/PERFORMANCE.md); "
+                         "--exact for eager fp32")
 
 
 def _numpy(features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +111,9 @@ def _onnx_session(model: torch.nn.Module, input_size: int):
         return None
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(FeaturesAndLogits(model), (example,), buffer, input_names=["pixels"],
+    # the wrapper in eval mode: export puts a module back into the mode it had, and a new
+    # module is in training mode, which would leave ``model`` with batch-statistics BatchNorm
+    torch.onnx.export(FeaturesAndLogits(model).eval(), (example,), buffer, input_names=["pixels"],
                       output_names=["features", "logits"],
                       dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"},
                                     "logits": {0: "batch"}},
@@ -156,8 +211,9 @@ class ScoringModel:
 
 class Predictor:
     """Scores prepared batches. ``__init__`` loads the artifacts once per actor; class names and
-    their order come from the model cards, never from this code. ``fast`` selects
-    ``fast_outputs`` instead of the eager reference path.
+    their order come from the model cards, never from this code. ``fast`` and ``cell_fast``
+    select ``fast_outputs`` instead of the eager reference path for each model; the driver
+    decides them once (``inference_path``) and records them in the run summary.
 
     With ``cell_artifact_uri`` (``--cell-model``) cell rows are scored by that model on their
     ``cell_pixels`` instead: their ``pred_label`` and ``confidence`` are the cell model's
@@ -168,11 +224,12 @@ class Predictor:
     """
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
-                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None):
+                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None,
+                 cell_fast: bool = False):
         self.field_model = ScoringModel(artifact_uri, expected_sha256, fast)
         self.cell_model = None
         if cell_artifact_uri is not None:
-            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, fast)
+            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, cell_fast)
             cell_classes = self.cell_model.classes
             self.cell_blast = [cell_classes.index(c) for c in get_label_set(
                 self.cell_model.card.label_set).blast_classes_of(cell_classes)]

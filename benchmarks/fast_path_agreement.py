@@ -1,0 +1,121 @@
+"""Fast path (ONNX Runtime fp32) against eager fp32 for every registry model, on real images.
+
+    python benchmarks/fast_path_agreement.py --data ../shared/data/all-taleqani/Original \\
+        [--images 192] [--models mobilenet_v2,vgg16_cnn] [--json agreement.json]
+
+Per model: its ImageNet backbone (the offline weights; random where none is installed, said in
+the table) with a fresh 4-class head, at the model's own input size, exported the way scoring
+exports it (``allcore.scoring.predict.fast_outputs``), run on the same preprocessed images as the
+eager model (``eager_outputs``). Reported: identical argmax, max |dp| of the calibrated-as-plain
+softmax, the largest feature difference relative to the feature scale (the OOD detector's input),
+max |d logit|, export seconds and model-only images/s of both paths. An untrained head gives
+logits that are close to each other, so argmax flips more easily than with a trained model: a
+strict test. Verdict "verified" = identical argmax >= 99.5 % and the fast path faster; the
+verified models are what ``FAST_PATH_VERIFIED`` lists (the default path reads it from there).
+
+Images: ``--images`` of the folder, taken class by class in turn over the sorted file names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from allcore.data import discover_samples  # noqa: E402
+from allcore.labels import get_label_set  # noqa: E402
+from allcore.models import WeightsUnavailableError, create_model, list_models  # noqa: E402
+
+AGREEMENT_BAR = 0.995  # identical argmax, issue 14
+BATCH = 32
+
+
+def chosen_images(data: str, count: int) -> list[str]:
+    label_set = get_label_set("all4")
+    by_class = [[s.path for s in discover_samples(data, label_set) if s.label == cls]
+                for cls in label_set.classes]
+    chosen = [path for group in zip(*by_class) for path in group][:count]
+    if len(chosen) < count:
+        raise SystemExit(f"--data {data} has only {len(chosen)} images class by class")
+    return chosen
+
+
+def compare(name: str, paths: list[str]) -> dict:
+    import torch
+    from scipy import special
+
+    from allcore.scoring.predict import eager_outputs, fast_outputs
+    from allcore.scoring.prepare import prepare_batch
+
+    torch.manual_seed(0)
+    try:
+        model, weights = create_model(name, num_classes=4, pretrained=True), "ImageNet"
+    except WeightsUnavailableError:
+        model, weights = create_model(name, num_classes=4), "random (no offline weights)"
+    model.eval()
+    size = model.data_config.input_size
+    pixels = np.concatenate([prepare_batch({"source_uri": np.array(paths[i:i + BATCH], dtype=object)},
+                                           data_config=model.data_config.to_dict())["pixels"]
+                             for i in range(0, len(paths), BATCH)])
+    cpu = torch.device("cpu")
+    eager = eager_outputs(model, cpu)
+    started = time.perf_counter()
+    fast = fast_outputs(model, cpu, size)
+    export_s = time.perf_counter() - started
+    seconds, outputs = {}, {}
+    for path, fn in (("eager", eager), ("fast", fast)):
+        fn(pixels[:BATCH])  # warm-up
+        started = time.perf_counter()
+        parts = [fn(pixels[i:i + BATCH]) for i in range(0, len(pixels), BATCH)]
+        seconds[path] = time.perf_counter() - started
+        outputs[path] = tuple(np.concatenate(p) for p in zip(*parts))
+    (eager_f, eager_l), (fast_f, fast_l) = outputs["eager"], outputs["fast"]
+    eager_p, fast_p = special.softmax(eager_l, axis=1), special.softmax(fast_l, axis=1)
+    identical = float((eager_p.argmax(1) == fast_p.argmax(1)).mean())
+    speedup = seconds["eager"] / seconds["fast"]
+    return {"model": name, "input_size": size, "weights": weights, "images": len(paths),
+            "identical_argmax": identical,
+            "max_abs_dp": float(np.abs(eager_p - fast_p).max()),
+            "max_feature_diff_rel": float(np.abs(eager_f - fast_f).max() / np.abs(eager_f).max()),
+            "max_abs_dlogit": float(np.abs(eager_l - fast_l).max()),
+            "export_s": export_s,
+            "eager_images_per_s": len(paths) / seconds["eager"],
+            "fast_images_per_s": len(paths) / seconds["fast"], "speedup": speedup,
+            "verified": identical >= AGREEMENT_BAR and speedup > 1}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="class-folder tree of real images")
+    parser.add_argument("--images", type=int, default=192)
+    parser.add_argument("--models", default=",".join(list_models()))
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args(argv)
+    paths = chosen_images(args.data, args.images)
+    print("| model | input px | backbone weights | identical argmax | max abs dp | max feature "
+          "diff (rel.) | max abs d logit | export s | eager img/s | fast img/s | speed-up | "
+          "verdict |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        row = compare(name, paths)
+        rows.append(row)
+        print(f"| {name} | {row['input_size']} | {row['weights']} | "
+              f"{100 * row['identical_argmax']:.1f} % | {row['max_abs_dp']:.1e} | "
+              f"{row['max_feature_diff_rel']:.1e} | {row['max_abs_dlogit']:.1e} | "
+              f"{row['export_s']:.1f} | {row['eager_images_per_s']:.1f} | "
+              f"{row['fast_images_per_s']:.1f} | {row['speedup']:.1f}x | "
+              f"{'verified' if row['verified'] else 'not verified'} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
