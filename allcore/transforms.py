@@ -125,6 +125,25 @@ def _resize_centre_crop(img: Image.Image, cfg: DataConfig) -> Image.Image:
     return img.crop((left, top, left + cfg.input_size, top + cfg.input_size))
 
 
+def _channel_counts(pixels: np.ndarray) -> np.ndarray:
+    flat = pixels.reshape(-1, 3)
+    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)])
+
+
+def median_colour(pixels: np.ndarray, exclude: tuple[slice, slice] | None = None) -> np.ndarray:
+    """Per-channel median of a uint8 (H, W, 3) array, leaving out the ``exclude`` box unless it
+    is everything: ``np.median(..., axis=0)`` exactly (the two middle values are read off
+    256-bin histograms), without its partition of every pixel, which took ~0.2 s on a
+    5-megapixel ALL-IDB field, twice per field in scoring."""
+    counts = _channel_counts(pixels)
+    if exclude is not None and pixels[exclude].size < pixels.size:
+        counts = counts - _channel_counts(pixels[exclude])
+    n = int(counts[0].sum())
+    cumulative = counts.cumsum(axis=1)
+    middle = [np.searchsorted(c, ((n - 1) // 2, n // 2), side="right") for c in cumulative]
+    return np.array([(low + high) / 2 for low, high in middle])
+
+
 def mask_scale_bar(img: Image.Image, fraction: tuple[float, float] = SCALE_BAR_FRACTION) -> Image.Image:
     """Fill the bottom-right box (``fraction`` of width, height) with the median colour of the
     rest of the image. The Taleqani scale-bar label there is coloured by class (a shortcut a
@@ -134,10 +153,8 @@ def mask_scale_bar(img: Image.Image, fraction: tuple[float, float] = SCALE_BAR_F
     pixels = np.array(img.convert("RGB"))
     height, width = pixels.shape[:2]
     box_w, box_h = max(1, round(width * fraction[0])), max(1, round(height * fraction[1]))
-    outside = np.ones((height, width), dtype=bool)
-    outside[height - box_h :, width - box_w :] = False
-    background = np.median(pixels[outside], axis=0) if outside.any() else np.median(pixels, axis=(0, 1))
-    pixels[height - box_h :, width - box_w :] = np.round(background).astype(np.uint8)
+    box = (slice(height - box_h, None), slice(width - box_w, None))
+    pixels[box] = np.round(median_colour(pixels, exclude=box)).astype(np.uint8)
     return Image.fromarray(pixels)
 
 
