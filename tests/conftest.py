@@ -33,19 +33,18 @@ def shared_data() -> Path:
 
 # ------------------------------------------------------------------ scoring (tests/test_score*.py)
 
-def tiny_model(num_classes: int, input_size: int, name: str = "mobilenet_v2"):
-    """A small random registry model (MobileNetV2 unless ``name``) whose predictions differ
-    between images: a fresh MobileNetV2 in eval mode maps every image to ~0 features, so its
-    BatchNorm statistics are first estimated on random images, and the head is scaled to be
-    decisive."""
+def _tiny_model(num_classes: int, input_size: int):
+    """A small random MobileNetV2 whose predictions differ between images: a fresh MobileNetV2
+    in eval mode maps every image to ~0 features, so its BatchNorm statistics are first
+    estimated on random images, and the head is scaled to be decisive."""
     import torch
 
     from allcore.models import create_model
 
     torch.manual_seed(0)
-    model = create_model(name, num_classes=num_classes, input_size=input_size)
+    model = create_model("mobilenet_v2", num_classes=num_classes, input_size=input_size)
     for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, torch.nn.BatchNorm2d):
             module.momentum = None  # cumulative average over the calibration batch
     with torch.no_grad():
         model.train()(torch.rand(32, 3, input_size, input_size) * 4 - 2)
@@ -54,20 +53,14 @@ def tiny_model(num_classes: int, input_size: int, name: str = "mobilenet_v2"):
 
 
 @pytest.fixture(scope="session")
-def make_tiny_model():
-    """``tiny_model`` for tests that build their own (another registry model or size)."""
-    return tiny_model
-
-
-@pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
-    """A small random field model artifact (64 px, 4 classes, see ``tiny_model``)."""
+    """A small random field model artifact (64 px, 4 classes, see ``_tiny_model``)."""
     from allcore.artifact import ModelCard, save_artifact
     from allcore.labels import get_label_set
 
     classes = list(get_label_set("all4").classes)
     out = tmp_path_factory.mktemp("artifact") / "tiny"
-    return save_artifact(str(out), tiny_model(len(classes), 64),
+    return save_artifact(str(out), _tiny_model(len(classes), 64),
                          ModelCard(classes=classes, label_set="all4", model_version="test-1"))
 
 
@@ -83,7 +76,7 @@ def tiny_cell_artifact(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("artifact") / "tiny-cell"
     card = ModelCard(classes=classes, label_set="blast", model_version="cell-test-1",
                      cell_crop=CellCropGeometry(side_cell_diameters=2.0, input_size=32).to_card())
-    return save_artifact(str(out), tiny_model(len(classes), 32), card)
+    return save_artifact(str(out), _tiny_model(len(classes), 32), card)
 
 
 @pytest.fixture(scope="session")

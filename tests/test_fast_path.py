@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from allcore.artifact import load_artifact
+from allcore.models import create_model
 from allcore.scoring.predict import (FAST_PATH_VERIFIED, Predictor, inference_path, model_outputs,
                                      probability_function)
 from allcore.scoring.table import OK, prob_column
@@ -77,12 +78,16 @@ def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):
 
 
 @pytest.mark.parametrize("name", sorted(FAST_PATH_VERIFIED))
-def test_every_verified_model_agrees_on_generated_fields(name, make_tiny_model):
-    """The default path of each model on the verified list (scored fast without --fast) agrees
-    with eager fp32: a small random copy at 64 px on generated smear fields. The list's real-image
-    measurement is benchmarks/fast_path_agreement.py; this catches an export or runtime change."""
+def test_every_verified_model_agrees_on_generated_fields(name):
+    """The default path of each model on the verified list (scored fast without --fast) computes
+    what eager fp32 does: a random copy at 64 px on generated smear fields. The list's real-image
+    measurement is benchmarks/fast_path_agreement.py; this catches an export or runtime change.
+    Default initialisation keeps BatchNorm well conditioned (statistics fitted on a few images
+    make near-constant channels amplify rounding), so features and logits must agree to 1e-4 of
+    their scale; fp32 gives ~1e-6."""
     pytest.importorskip("onnxruntime")
-    model = make_tiny_model(4, 64, name)
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, input_size=64).eval()
     rng = np.random.default_rng(1)
     pixels = np.stack([preprocess_array(make_field(rng, k % 4, 64)[0], model.data_config)
                        for k in range(16)])
@@ -90,14 +95,15 @@ def test_every_verified_model_agrees_on_generated_fields(name, make_tiny_model):
     eager_features, eager_logits = model_outputs(model, input_size=64, fast=False, device=cpu)(pixels)
     fast_features, fast_logits = model_outputs(model, input_size=64, fast=True, device=cpu)(pixels)
     assert not any(m.training for m in model.modules()), "the export must leave the model in eval mode"
-    assert len(set(eager_logits.argmax(1))) > 1, "the test model must not predict one class only"
     np.testing.assert_array_equal(fast_logits.argmax(1), eager_logits.argmax(1))
-    np.testing.assert_allclose(fast_features, eager_features, atol=1e-4 * np.abs(eager_features).max())
+    np.testing.assert_allclose(fast_features, eager_features, rtol=0,
+                               atol=1e-4 * np.abs(eager_features).max())
+    np.testing.assert_allclose(fast_logits, eager_logits, rtol=0, atol=1e-4 * np.abs(eager_logits).max())
 
 
 def test_default_path_is_the_fast_one_only_where_verified(monkeypatch):
-    verified, unverified = sorted(FAST_PATH_VERIFIED)[0], "vgg16_cnn"
-    assert unverified not in FAST_PATH_VERIFIED
+    verified, unverified = "mobilenet_v2", "vgg16_cnn"
+    monkeypatch.setattr("allcore.scoring.predict.FAST_PATH_VERIFIED", frozenset({verified}))
     if importlib.util.find_spec("onnxruntime") is not None:
         assert inference_path(verified).fast
         assert inference_path(verified).name == "onnxruntime fp32"

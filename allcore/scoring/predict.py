@@ -44,7 +44,9 @@ ModelOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 # the same sums in another order), not of one set of trained weights, so one measurement per
 # registry model covers every artifact of it, including those trained before the measurement;
 # tests/test_fast_path.py re-checks each listed model on generated images at every test run.
-FAST_PATH_VERIFIED = frozenset({"mobilenet_v2"})
+FAST_PATH_VERIFIED = frozenset({"efficientnet_b3", "efficientnet_lite0", "efficientnet_lite1",
+                                "efficientnet_lite2", "mobilenet_m", "mobilenet_v1", "mobilenet_v2",
+                                "vgg16_cnn"})
 
 
 @dataclass(frozen=True)
