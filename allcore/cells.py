@@ -382,7 +382,7 @@ def cell_crop(img: Image.Image | np.ndarray, cell: Cell,
     side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * pad_fraction)))
     left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
     canvas = np.empty((side, side, 3), dtype=np.uint8)
-    canvas[:] = median_colour(rgb).astype(np.uint8)
+    canvas[:] = median_colour(Image.fromarray(rgb)).astype(np.uint8)
     height, width = rgb.shape[:2]
     sx0, sy0, sx1, sy1 = max(left, 0), max(top, 0), min(left + side, width), min(top + side, height)
     canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]

@@ -125,22 +125,17 @@ def _resize_centre_crop(img: Image.Image, cfg: DataConfig) -> Image.Image:
     return img.crop((left, top, left + cfg.input_size, top + cfg.input_size))
 
 
-def _channel_counts(pixels: np.ndarray) -> np.ndarray:
-    flat = pixels.reshape(-1, 3)
-    return np.stack([np.bincount(flat[:, c], minlength=256) for c in range(3)])
-
-
-def median_colour(pixels: np.ndarray, exclude: tuple[slice, slice] | None = None) -> np.ndarray:
-    """Per-channel median of a uint8 (H, W, 3) array, leaving out the ``exclude`` box unless it
-    is everything: ``np.median(..., axis=0)`` exactly (the two middle values are read off
-    256-bin histograms), without its partition of every pixel, which took ~0.2 s on a
+def median_colour(img: Image.Image, exclude: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Per-channel median of an RGB image, leaving out the ``exclude`` box (x0, y0, x1, y1)
+    unless it is everything: ``np.median`` of the pixels exactly (the two middle values are read
+    off PIL's 256-bin histograms), without the partition of every pixel, which took ~0.2 s on a
     5-megapixel ALL-IDB field, twice per field in scoring."""
-    counts = _channel_counts(pixels)
-    if exclude is not None and pixels[exclude].size < pixels.size:
-        counts = counts - _channel_counts(pixels[exclude])
+    counts = np.array(img.histogram(), dtype=np.int64).reshape(3, 256)
+    if exclude is not None:
+        left = counts - np.array(img.crop(exclude).histogram(), dtype=np.int64).reshape(3, 256)
+        counts = left if left[0].sum() else counts
     n = int(counts[0].sum())
-    cumulative = counts.cumsum(axis=1)
-    middle = [np.searchsorted(c, ((n - 1) // 2, n // 2), side="right") for c in cumulative]
+    middle = [np.searchsorted(c, ((n - 1) // 2, n // 2), side="right") for c in counts.cumsum(axis=1)]
     return np.array([(low + high) / 2 for low, high in middle])
 
 
@@ -150,12 +145,12 @@ def mask_scale_bar(img: Image.Image, fraction: tuple[float, float] = SCALE_BAR_F
     model learns instead of morphology); masking it in train and eval removes that cue."""
     if not all(0 < f <= 1 for f in fraction):
         raise ValueError(f"fraction must be two numbers in (0, 1], got {fraction}")
-    pixels = np.array(img.convert("RGB"))
-    height, width = pixels.shape[:2]
-    box_w, box_h = max(1, round(width * fraction[0])), max(1, round(height * fraction[1]))
-    box = (slice(height - box_h, None), slice(width - box_w, None))
-    pixels[box] = np.round(median_colour(pixels, exclude=box)).astype(np.uint8)
-    return Image.fromarray(pixels)
+    masked = img.convert("RGB")  # a copy
+    width, height = masked.size
+    box = (width - max(1, round(width * fraction[0])), height - max(1, round(height * fraction[1])),
+           width, height)
+    masked.paste(tuple(int(v) for v in np.round(median_colour(masked, exclude=box))), box)
+    return masked
 
 
 def _unit_array(img: Image.Image) -> np.ndarray:
