@@ -386,8 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="scoring batch size")
     parser.add_argument("--train-epochs", type=int, default=1)
     parser.add_argument("--train-batch-size", type=int, default=32)
-    parser.add_argument("--train-pairs", type=int, default=3, help="interleaved rounds of the "
-                        "train section (plain loop, Ray Train, Ray Train at niceness 15)")
+    parser.add_argument("--train-pairs", type=int, default=5, help="interleaved rounds of the "
+                        "train section (plain loop, Ray Train)")
+    parser.add_argument("--train-default-niceness", action="store_true", help="each round also "
+                        "runs Ray Train with its workers at Ray's default niceness 15")
     parser.add_argument("--data", help="class-folder tree of real images (default: generated)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--skip", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -457,9 +459,9 @@ def main(argv: list[str] | None = None) -> int:
 def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[dict]:
     """Ray Train (1 worker) and the plain loop on one split manifest written here, so both
     train on exactly the same images in the same order. ``--train-pairs`` rounds, interleaved
-    with the order alternating, so that load from other processes hits both alike; each round
-    also runs Ray Train with Ray's default worker niceness (15), what it cost before
-    ``pipelines.init_ray`` set it to the driver's."""
+    with the order alternating, so that load from other processes hits both alike; with
+    ``--train-default-niceness`` each round also runs Ray Train with Ray's default worker
+    niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's."""
     from allcore.data import discover_samples
     from allcore.labels import get_label_set
     from allcore.recipes import load_recipe
@@ -474,15 +476,16 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
                   strategy=recipe.split_strategy).write(str(manifest))
     spec = {"recipe": recipe.to_dict(), "images": str(images), "split_manifest": str(manifest)}
     runs = [("plain_train", spec, "train: plain PyTorch loop"),
-            ("ray_train", spec, "train: Ray Train 1 worker"),
-            ("ray_train", {**spec, "worker_niceness": RAY_DEFAULT_WORKER_NICENESS},
-             "train: Ray Train, niceness 15")]
+            ("ray_train", spec, "train: Ray Train 1 worker")]
+    if args.train_default_niceness:
+        runs.append(("ray_train", {**spec, "worker_niceness": RAY_DEFAULT_WORKER_NICENESS},
+                     "train: Ray Train, niceness 15"))
     rows = []
     for round_ in range(args.train_pairs):
         for kind, run_spec, label in runs if round_ % 2 == 0 else runs[::-1]:
             rows.append({**run_child(kind, run_spec, work, f"{label} #{round_ + 1}"),
                          "group": label})
-    for label in (runs[1][2], runs[2][2]):
+    for label in [label for _, _, label in runs[1:]]:
         ratios = [ray_row["images_per_s"] / plain_row["images_per_s"] for ray_row, plain_row in
                   zip(_group(rows, label), _group(rows, runs[0][2]))]
         rows.append({"name": f"{label} / plain", "ratio_median": statistics.median(ratios),
