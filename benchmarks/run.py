@@ -259,6 +259,13 @@ def _train_images(spec: dict, recipe) -> int:
     return train - (train % recipe.batch_size if train > recipe.batch_size else 0) + val
 
 
+def _train_result(spec: dict, recipe, history: list[dict]) -> dict:
+    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing)."""
+    return {"images": _train_images(spec, recipe) * len(history),
+            "seconds": sum(row["epoch_seconds"] for row in history),
+            "cpu_seconds": sum(row["epoch_cpu_seconds"] for row in history)}
+
+
 def child_ray_train(spec: dict) -> dict:
     """pipelines.train with one Ray Train worker; images/s from the worker's own epoch timing."""
     from allcore.recipes import Recipe
@@ -269,8 +276,7 @@ def child_ray_train(spec: dict) -> dict:
     artifact = run_training(TrainJob(recipe=recipe, data=spec["images"], output=spec["output"],
                                      name="bench", split_manifest=spec["split_manifest"]))[0]
     history = json.loads((Path(artifact) / "history.json").read_text())
-    return {"images": _train_images(spec, recipe) * len(history),
-            "seconds": sum(row["epoch_seconds"] for row in history)}
+    return _train_result(spec, recipe, history)
 
 
 def child_plain_train(spec: dict) -> dict:
@@ -295,8 +301,7 @@ def child_plain_train(spec: dict) -> dict:
                                                 device),
                          *build_loaders(datasets, recipe, device), device, recipe,
                          num_classes=label_set.num_classes)
-    return {"images": _train_images(spec, recipe) * len(history),
-            "seconds": sum(row["epoch_seconds"] for row in history)}
+    return _train_result(spec, recipe, history)
 
 
 CHILDREN = {"baseline": child_baseline, "score": child_score, "ray_train": child_ray_train,
@@ -486,10 +491,15 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
             rows.append({**run_child(kind, run_spec, work, f"{label} #{round_ + 1}"),
                          "group": label})
     for label in [label for _, _, label in runs[1:]]:
-        ratios = [ray_row["images_per_s"] / plain_row["images_per_s"] for ray_row, plain_row in
-                  zip(_group(rows, label), _group(rows, runs[0][2]))]
+        pairs = list(zip(_group(rows, label), _group(rows, runs[0][2])))
+        ratios = [ray["images_per_s"] / plain["images_per_s"] for ray, plain in pairs]
         rows.append({"name": f"{label} / plain", "ratio_median": statistics.median(ratios),
                      "ratios": ratios})
+        # images per CPU-second: the work per image, whatever share of the cores a run got
+        cpu_ratios = [plain["cpu_seconds"] / plain["images"] / (ray["cpu_seconds"] / ray["images"])
+                      for ray, plain in pairs]
+        rows.append({"name": f"{label} / plain, per CPU-s", "ratio_median":
+                     statistics.median(cpu_ratios), "ratios": cpu_ratios})
     return rows
 
 
