@@ -34,7 +34,7 @@ from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
-from allcore.scoring.predict import Predictor, inference_path
+from allcore.scoring.predict import Predictor, artifact_inference_path
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
@@ -217,11 +217,11 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     recorded in the run summary."""
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
-    cards = {"model": card, "cell_model": cell_card}
-    paths = {role: inference_path(c.model_name, mode=config.inference, cuda=num_gpus > 0)
-             for role, c in cards.items() if c is not None}
+    cards = {"model": (config.model, card), "cell_model": (config.cell_model, cell_card)}
+    paths = {role: artifact_inference_path(uri, c, mode=config.inference, cuda=num_gpus > 0)
+             for role, (uri, c) in cards.items() if c is not None}
     for role, path in paths.items():
-        log.info("%s %s scores with %s: %s", role, cards[role].model_name, path.name, path.reason)
+        log.info("%s %s scores with %s: %s", role, cards[role][1].model_name, path.name, path.reason)
         summary.inference[role] = {"path": path.name, "reason": path.reason}
     prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
     # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here

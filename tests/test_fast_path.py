@@ -12,7 +12,7 @@ import torch
 from allcore.artifact import load_artifact
 from allcore.models import create_model
 from allcore.scoring.predict import (FAST_PATH_VERIFIED, Predictor, inference_path, model_outputs,
-                                     probability_function)
+                                     ood_survives_fast_path, probability_function)
 from allcore.scoring.table import OK, prob_column
 from allcore.synthetic import make_field
 from allcore.transforms import preprocess_array
@@ -118,6 +118,24 @@ def test_default_path_is_the_fast_one_only_where_verified(monkeypatch):
     assert not path.fast and "onnxruntime is not installed" in path.reason
     with pytest.raises(ValueError, match="inference mode"):
         inference_path(verified, mode="quick")
+
+
+def test_a_card_whose_ood_scores_the_fast_path_would_move_scores_eager():
+    """A detector fitted on features that barely vary (a huge precision matrix, as the README
+    demo's) cannot be reproduced by fp32 reordering: the default path is eager for it."""
+    from allcore.trust import MahalanobisDetector, Trust
+
+    def trust(precision_scale: float) -> Trust:
+        detector = MahalanobisDetector(means=np.full((2, 8), 0.2, np.float32),
+                                       precision=np.eye(8, dtype=np.float32) * precision_scale)
+        return Trust(temperature=1.0, ood_method="mahalanobis", ood_threshold=10.0,
+                     qc_reference={}, detector=detector)
+
+    assert ood_survives_fast_path(None) and ood_survives_fast_path(trust(100.0))
+    assert not ood_survives_fast_path(trust(1e16))
+    path = inference_path("mobilenet_v2", ood_stable=False)
+    assert not path.fast and "OOD detector" in path.reason
+    assert inference_path("mobilenet_v2", mode="fast", ood_stable=False).fast
 
 
 def test_exact_and_fast_flags_reach_the_scoring_config():

@@ -25,7 +25,8 @@ from allcore.artifact import load_artifact
 from allcore.labels import get_label_set
 from allcore.scoring.config import INFERENCE_MODES
 from allcore.scoring.table import CELL, OK, prob_column
-from allcore.trust import FeaturesAndLogits, calibrated_probabilities, features_and_logits, load_trust
+from allcore.trust import (FeaturesAndLogits, Trust, calibrated_probabilities, features_and_logits,
+                           load_trust)
 
 log = logging.getLogger("allcore.scoring.predict")
 
@@ -49,6 +50,30 @@ FAST_PATH_VERIFIED = frozenset({"efficientnet_b3", "efficientnet_lite0", "effici
                                 "vgg16_cnn"})
 
 
+# The fast path changes penultimate features by up to 2.9e-6 of their scale (docs/PERFORMANCE.md,
+# agreement table). A card whose OOD scores move by more than OOD_MAX_SHIFT of its threshold
+# under a change that size scores eager: its detector was fitted on features that barely vary
+# (the README demo's, trained on generated images, has a precision matrix of 1e15-1e17), and
+# only the bit-identical eager features reproduce its scores.
+FEATURE_REORDERING = 3e-6
+OOD_MAX_SHIFT = 0.01
+
+
+def ood_survives_fast_path(trust: Trust | None) -> bool:
+    """Whether the card's OOD scores stay put under the fast path's fp32 reordering, probed at
+    the feature-space points the detector stores (class means, its feature bank), each moved by
+    ``FEATURE_REORDERING`` of itself in random directions. Detectors on logits only pass."""
+    points = next(iter(trust.detector.tensors().values()), None) if trust is not None else None
+    if points is None:
+        return True
+    points = points[:16].astype(np.float32)
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], points.shape).astype(np.float32)
+    logits = np.zeros((len(points), 1), np.float32)  # not read by feature-space detectors
+    shift = np.abs(trust.detector.score(points * (1 + FEATURE_REORDERING * signs), logits)
+                   - trust.detector.score(points, logits)).max()
+    return bool(shift <= OOD_MAX_SHIFT * trust.ood_threshold)
+
+
 @dataclass(frozen=True)
 class InferencePath:
     """How one model scores in a run, and why: recorded in the run summary."""
@@ -58,12 +83,14 @@ class InferencePath:
     reason: str
 
 
-def inference_path(model_name: str, *, mode: str = "auto", cuda: bool = False) -> InferencePath:
+def inference_path(model_name: str, *, mode: str = "auto", cuda: bool = False,
+                   ood_stable: bool = True) -> InferencePath:
     """The path a model scores with. ``auto`` (the default): the fastest path verified for this
-    registry model (``FAST_PATH_VERIFIED``), else eager fp32; ``exact``: eager fp32, the path the
-    model was evaluated with; ``fast``: the fast path even where it is not verified. On CUDA the
-    fast path is bf16 autocast, which is not verified (no GPU measurement yet), so ``auto`` stays
-    eager there."""
+    registry model (``FAST_PATH_VERIFIED``) when its card's OOD scores survive it
+    (``ood_stable``, see ``ood_survives_fast_path``), else eager fp32; ``exact``: eager fp32,
+    the path the model was evaluated with; ``fast``: the fast path even where it is not
+    verified. On CUDA the fast path is bf16 autocast, which is not verified (no GPU measurement
+    yet), so ``auto`` stays eager there."""
     if mode not in INFERENCE_MODES:
         raise ValueError(f"inference mode must be one of {INFERENCE_MODES}, got {mode!r}")
     eager = "eager fp32" + (" (CUDA)" if cuda else "")
@@ -84,8 +111,19 @@ def inference_path(model_name: str, *, mode: str = "auto", cuda: bool = False) -
     if not onnx:
         return InferencePath(False, eager, "onnxruntime is not installed (pip install "
                              "'allcore[fast]')")
+    if not ood_stable:
+        return InferencePath(False, eager, "the card's OOD detector is too sensitive for the fast "
+                             "path's fp32 rounding (its features barely vary); --fast overrides")
     return InferencePath(True, fast_name, f"verified for {model_name} (docs/PERFORMANCE.md); "
                          "--exact for eager fp32")
+
+
+def artifact_inference_path(artifact_uri: str, card, *, mode: str = "auto",
+                            cuda: bool = False) -> InferencePath:
+    """``inference_path`` of one artifact: its registry model and its card's OOD detector."""
+    trust = load_trust(artifact_uri, card.trust) if card.trust and mode == "auto" else None
+    return inference_path(card.model_name, mode=mode, cuda=cuda,
+                          ood_stable=ood_survives_fast_path(trust))
 
 
 def _numpy(features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
