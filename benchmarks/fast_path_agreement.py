@@ -14,6 +14,11 @@ strict test. Verdict "verified" = identical argmax >= 99.5 % (with 192 images: n
 differ) and the fast path faster; the
 verified models are what ``FAST_PATH_VERIFIED`` lists (the default path reads it from there).
 
+``--artifacts URI ...`` adds trained artifacts scored as scoring runs them (``ScoringModel``:
+calibrated probabilities, OOD scores from the card's detector), eager against fast: max |dp|,
+the largest OOD-score difference over the largest score, how many rows change their
+out-of-distribution flag, and whether the card passes ``ood_survives_fast_path``.
+
 Images: ``--images`` of the folder, taken class by class in turn over the sorted file names.
 """
 
@@ -91,6 +96,27 @@ def compare(name: str, paths: list[str]) -> dict:
             "verified": identical >= AGREEMENT_BAR and speedup > 1}
 
 
+def compare_artifact(uri: str, paths: list[str]) -> str:
+    """One table row: a trained artifact scored eager and fast, calibration and OOD included."""
+    from allcore.artifact import read_card
+    from allcore.scoring.predict import ScoringModel, ood_survives_fast_path
+    from allcore.scoring.prepare import prepare_batch, prepare_kwargs
+
+    card = read_card(uri)
+    pixels = np.concatenate([prepare_batch({"source_uri": np.array(paths[i:i + BATCH], dtype=object)},
+                                           **prepare_kwargs(card))["pixels"]
+                             for i in range(0, len(paths), BATCH)])
+    eager, fast = ScoringModel(uri, fast=False), ScoringModel(uri, fast=True)
+    (eager_p, eager_ood), (fast_p, fast_ood) = eager(pixels), fast(pixels)
+    threshold = eager.trust.ood_threshold if eager.trust else np.inf
+    flips = int(((eager_ood > threshold) != (fast_ood > threshold)).sum())
+    return (f"| {card.model_version} | {card.model_name} | {card.data_config['input_size']} | "
+            f"{100 * (eager_p.argmax(1) == fast_p.argmax(1)).mean():.1f} % | "
+            f"{np.abs(eager_p - fast_p).max():.1e} | "
+            f"{np.abs(eager_ood - fast_ood).max() / np.abs(eager_ood).max():.1e} | {flips} | "
+            f"{'yes' if ood_survives_fast_path(eager.trust) else 'no'} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,8 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=192)
     parser.add_argument("--models", default=",".join(list_models()))
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--artifacts", nargs="*", default=[], help="trained artifacts to compare "
+                        "with calibration and OOD scores")
+    parser.add_argument("--artifacts-only", action="store_true", help="skip the registry models")
     args = parser.parse_args(argv)
     paths = chosen_images(args.data, args.images)
+    if args.artifacts:
+        print("| artifact | model | input px | identical argmax | max abs dp (calibrated) | max OOD "
+              "diff (rel.) | OOD flags changed | passes the OOD check |\n"
+              "|---|---|---:|---:|---:|---:|---:|---|", flush=True)
+        for uri in args.artifacts:
+            print(compare_artifact(uri, paths), flush=True)
+    if args.artifacts_only:
+        return 0
     print("| model | input px | backbone weights | identical argmax | max abs dp | max feature "
           "diff (rel.) | max abs d logit | export s | eager img/s | fast img/s | speed-up | "
           "verdict |\n|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
