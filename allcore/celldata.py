@@ -37,6 +37,7 @@ from scipy.sparse.csgraph import connected_components
 from allcore import io as aio
 from allcore.cells import CellFinderConfig, find_cells
 from allcore.splits import SplitManifest
+from allcore.data_config import median_colour
 
 Box = tuple[int, int, int, int]
 
@@ -117,7 +118,7 @@ def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
     else:
         rgb = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
         canvas = np.empty((side, side, 3), dtype=np.uint8)
-        canvas[:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+        canvas[:] = median_colour(Image.fromarray(rgb)).astype(np.uint8)
         sx0, sy0 = max(left, 0), max(top, 0)
         sx1, sy1 = min(left + side, width), min(top + side, height)
         if sx1 > sx0 and sy1 > sy0:

@@ -26,6 +26,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
+from allcore.data_config import median_colour
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
 
 ESTIMATE_SIDE = 512
@@ -136,7 +138,7 @@ class Cell:
 
 
 # sRGB -> CIELAB (D65) with a lookup table for the gamma step: skimage.color.rgb2lab takes ~17 ms
-# per 224 x 224 field, this ~1.5 ms, and they agree to 1e-4.
+# per 224 x 224 field, this ~1.5 ms, and they agree to 1e-4. Image QC uses it too.
 _SRGB_TO_LINEAR = np.array([c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
                             for c in np.arange(256) / 255], dtype=np.float32)
 _RGB_TO_XYZ_OVER_WHITE = (np.array([[0.412453, 0.357580, 0.180423],
@@ -145,7 +147,8 @@ _RGB_TO_XYZ_OVER_WHITE = (np.array([[0.412453, 0.357580, 0.180423],
                           / np.array([[0.95047], [1.0], [1.08883]], dtype=np.float32))
 
 
-def _lab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def cielab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """L*, a*, b* (float32, each H x W) of a uint8 (H, W, 3) sRGB array."""
     xyz = _SRGB_TO_LINEAR[rgb] @ _RGB_TO_XYZ_OVER_WHITE.T
     fx, fy, fz = (np.where(t > 0.008856, np.cbrt(t), 7.787 * t + 16 / 116) for t in np.moveaxis(xyz, -1, 0))
     return 116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)
@@ -177,7 +180,7 @@ def _resampled(rgb: np.ndarray, scale: float) -> np.ndarray:
 
 def _stain(rgb: np.ndarray, sigma: float) -> tuple[np.ndarray, np.ndarray]:
     """The purple score relative to the field's median (blurred by ``sigma`` px) and L*."""
-    lightness, a, b = _lab(rgb)
+    lightness, a, b = cielab(rgb)
     purple = ndi.gaussian_filter(np.minimum(a, -b), sigma)
     return purple - np.median(purple), lightness
 
@@ -260,8 +263,7 @@ def _cell_regions(rgb: np.ndarray, config: CellFinderConfig) -> tuple[list, np.n
                                    threshold_abs=config.marker_radius * cell, labels=components,
                                    exclude_border=False)
     unmarked = np.setdiff1d(np.arange(1, count + 1), components[tuple(peaks.T)])
-    inner = ndi.maximum_position(ndi.distance_transform_edt(mask), components, unmarked)
-    peaks = np.concatenate([peaks, np.array(inner, dtype=int).reshape(-1, 2)])
+    peaks = np.concatenate([peaks, _innermost_points(mask, components, unmarked)])
     markers = np.zeros(mask.shape, dtype=np.int32)
     markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
     labels = segmentation.watershed(-distance, markers, mask=mask)
@@ -272,22 +274,47 @@ def _cell_regions(rgb: np.ndarray, config: CellFinderConfig) -> tuple[list, np.n
     return [r for r in regions if r.solidity >= config.min_solidity], lightness
 
 
+def _innermost_points(mask: np.ndarray, components: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(row, col) of the innermost pixel (largest distance to the background of ``mask``, the
+    first in raster order on ties, as ``ndi.maximum_position``) of each component in ``labels``.
+    The distance transform is taken only when there is such a component, and the maximum
+    looked up in each component's box: ``ndi.maximum_position`` with a list of labels was 10 %
+    of the finder's time."""
+    if not len(labels):
+        return np.empty((0, 2), dtype=int)
+    distance = ndi.distance_transform_edt(mask)
+    boxes = ndi.find_objects(components)
+    points = []
+    for label in labels:
+        rows, cols = boxes[label - 1]
+        inside = np.where(components[rows, cols] == label, distance[rows, cols], -1.0)
+        row, col = np.unravel_index(np.argmax(inside), inside.shape)
+        points.append((rows.start + row, cols.start + col))
+    return np.array(points, dtype=int)
+
+
 def _nucleus_fraction(lightness: np.ndarray, config: CellFinderConfig) -> float | None:
     """Fraction of a cell's pixels in its darker (nucleus) part, split at the midpoint of a
-    two-means clustering of L*, or None when the two parts are not distinct or one is a sliver."""
+    two-means clustering of L*, or None when the two parts are not distinct or one is a sliver.
+    The means of each split come from one sort and its running sums (the iteration was 12 % of
+    the finder's time as boolean masks)."""
+    values = np.sort(lightness, axis=None).astype(np.float64)
+    sums, n = np.cumsum(values), len(values)
     threshold = float(np.median(lightness))
     for _ in range(20):
-        dark, light = lightness[lightness <= threshold], lightness[lightness > threshold]
-        if not len(dark) or not len(light):
+        dark_count = int(np.searchsorted(values, threshold, side="right"))  # values <= threshold
+        if dark_count in (0, n):
             return None
-        new = (dark.mean() + light.mean()) / 2
+        dark_mean = sums[dark_count - 1] / dark_count
+        light_mean = (sums[-1] - sums[dark_count - 1]) / (n - dark_count)
+        new = (dark_mean + light_mean) / 2
         if abs(new - threshold) < 0.05:
             break
         threshold = new
-    smaller = min(len(dark), len(light))
-    if light.mean() - dark.mean() < config.nucleus_contrast or smaller < 0.05 * lightness.size:
+    if (light_mean - dark_mean < config.nucleus_contrast
+            or min(dark_count, n - dark_count) < 0.05 * n):
         return None
-    return len(dark) / lightness.size
+    return dark_count / n
 
 
 def _to_image(region, scale: float, shape: tuple[int, int]) -> tuple[Box, np.ndarray]:
@@ -355,7 +382,7 @@ def cell_crop(img: Image.Image | np.ndarray, cell: Cell,
     side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * pad_fraction)))
     left, top = round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2)
     canvas = np.empty((side, side, 3), dtype=np.uint8)
-    canvas[:] = np.median(rgb.reshape(-1, 3), axis=0).astype(np.uint8)
+    canvas[:] = median_colour(Image.fromarray(rgb)).astype(np.uint8)
     height, width = rgb.shape[:2]
     sx0, sy0, sx1, sy1 = max(left, 0), max(top, 0), min(left + side, width), min(top + side, height)
     canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]

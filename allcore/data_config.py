@@ -117,20 +117,32 @@ def resize_centre_crop(img: Image.Image, cfg: DataConfig) -> Image.Image:
     return img.crop((left, top, left + cfg.input_size, top + cfg.input_size))
 
 
+def median_colour(img: Image.Image, exclude: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """Per-channel median of an RGB image, leaving out the ``exclude`` box (x0, y0, x1, y1)
+    unless it is everything: ``np.median`` of the pixels exactly (the two middle values are read
+    off PIL's 256-bin histograms), without the partition of every pixel, which took ~0.2 s on a
+    5-megapixel ALL-IDB field, twice per field in scoring."""
+    counts = np.array(img.histogram(), dtype=np.int64).reshape(3, 256)
+    if exclude is not None:
+        left = counts - np.array(img.crop(exclude).histogram(), dtype=np.int64).reshape(3, 256)
+        counts = left if left[0].sum() else counts
+    n = int(counts[0].sum())
+    middle = [np.searchsorted(c, ((n - 1) // 2, n // 2), side="right") for c in counts.cumsum(axis=1)]
+    return np.array([(low + high) / 2 for low, high in middle])
+
+
 def mask_scale_bar(img: Image.Image, fraction: tuple[float, float] = SCALE_BAR_FRACTION) -> Image.Image:
     """Fill the bottom-right box (``fraction`` of width, height) with the median colour of the
     rest of the image. The Taleqani scale-bar label there is coloured by class (a shortcut a
     model learns instead of morphology); masking it in train and eval removes that cue."""
     if not all(0 < f <= 1 for f in fraction):
         raise ValueError(f"fraction must be two numbers in (0, 1], got {fraction}")
-    pixels = np.array(img.convert("RGB"))
-    height, width = pixels.shape[:2]
-    box_w, box_h = max(1, round(width * fraction[0])), max(1, round(height * fraction[1]))
-    outside = np.ones((height, width), dtype=bool)
-    outside[height - box_h :, width - box_w :] = False
-    background = np.median(pixels[outside], axis=0) if outside.any() else np.median(pixels, axis=(0, 1))
-    pixels[height - box_h :, width - box_w :] = np.round(background).astype(np.uint8)
-    return Image.fromarray(pixels)
+    masked = img.convert("RGB")  # a copy
+    width, height = masked.size
+    box = (width - max(1, round(width * fraction[0])), height - max(1, round(height * fraction[1])),
+           width, height)
+    masked.paste(tuple(int(v) for v in np.round(median_colour(masked, exclude=box))), box)
+    return masked
 
 
 def to_unit_chw(img: Image.Image) -> np.ndarray:

@@ -239,13 +239,16 @@ def fit(
         for part in (getattr(train_loader, "dataset", None), getattr(train_loader, "sampler", None)):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         row = {"epoch": epoch, "resumed_at_epoch": start_epoch,
                "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, criterion, optimizer, train_loader, device,
                                    mixed_precision, scaler, batch_scheduler))
         row.update(evaluate(model, val_loader, device, mixed_precision, num_classes))
         row["epoch_seconds"] = time.perf_counter() - started
+        # CPU seconds of this process (all its threads): the work an epoch took, which the load
+        # of other processes on a shared node moves far less than the wall time
+        row["epoch_cpu_seconds"] = time.process_time() - cpu_started
         if recipe.schedule == "plateau":
             scheduler.step(row["val_loss"])
         stop = stopper.step(row["val_loss"])

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, measure
 
-from allcore.cells import Cell, CellFinderConfig, find_cells, rgb_array
+from allcore.cells import Cell, CellFinderConfig, cielab, find_cells, rgb_array
 
 WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
 CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
@@ -96,16 +96,15 @@ def image_qc(img: Image.Image | np.ndarray, cell_config: CellFinderConfig = Cell
     ``cells``: see ``cell_statistics``."""
     rgb = rgb_array(img)
     small = _resized(rgb, WORKING_SIDE)
-    lab = color.rgb2lab(small)
-    lightness = lab[..., 0]
+    lightness, a, b = cielab(small)
     values = {
         "qc_blur": float(measure.blur_effect(color.rgb2gray(small))),
         "qc_dark_fraction": float(np.mean(small.max(axis=2) <= DARK_LEVEL)),
         "qc_bright_fraction": float(np.mean(small.min(axis=2) >= BRIGHT_LEVEL)),
         "qc_lightness_mean": float(lightness.mean()),
         "qc_lightness_std": float(lightness.std()),
-        "qc_a_mean": float(lab[..., 1].mean()),
-        "qc_b_mean": float(lab[..., 2].mean()),
+        "qc_a_mean": float(a.mean()),
+        "qc_b_mean": float(b.mean()),
         "qc_blockiness": jpeg_blockiness(rgb),
         **cell_statistics(rgb, cell_config, cells),
     }

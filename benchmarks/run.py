@@ -27,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 SECTIONS = ("model", "baseline", "score", "rss10x", "train")
 RSS_SAMPLE_SECONDS = 0.2
+RAY_DEFAULT_WORKER_NICENESS = 15  # Ray's `worker_niceness` default, which pipelines.init_ray overrides
 
 
 # ------------------------------------------------------------------ inputs
@@ -222,10 +224,14 @@ def child_baseline(spec: dict) -> dict:
     return {"images": len(samples), "seconds": time.perf_counter() - started}
 
 
-def _init_ray() -> None:
-    import ray
+def _init_ray(spec: dict) -> None:
+    """Ray as the jobs start it (``pipelines.init_ray``); ``spec["worker_niceness"]`` overrides
+    the niceness of Ray's workers (Ray's own default is 15) to measure what it costs."""
+    from pipelines import init_ray
 
-    ray.init(include_dashboard=False, log_to_driver=False,
+    if spec.get("worker_niceness") is not None:
+        os.environ["RAY_worker_niceness"] = str(spec["worker_niceness"])
+    init_ray(verbose=False, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
@@ -235,11 +241,11 @@ def child_score(spec: dict) -> dict:
     from allcore.scoring.config import ScoringConfig
     from pipelines.score import run_scoring
 
-    _init_ray()
+    _init_ray(spec)
     summary = run_scoring(ScoringConfig(
         model=spec["artifact"], input=spec["images"], output=spec["output"],
         batch_size=spec["batch_size"], actors=(spec["actors"], spec["actors"]),
-        fast=spec["fast"]))
+        inference="fast" if spec["fast"] else "exact"))
     if summary.errors or summary.ok != spec["expected"]:
         raise RuntimeError(f"scoring run did not score every image: {summary.line()}")
     return {"images": summary.ok, "seconds": summary.seconds}
@@ -254,18 +260,24 @@ def _train_images(spec: dict, recipe) -> int:
     return train - (train % recipe.batch_size if train > recipe.batch_size else 0) + val
 
 
+def _train_result(spec: dict, recipe, history: list[dict]) -> dict:
+    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing)."""
+    return {"images": _train_images(spec, recipe) * len(history),
+            "seconds": sum(row["epoch_seconds"] for row in history),
+            "cpu_seconds": sum(row["epoch_cpu_seconds"] for row in history)}
+
+
 def child_ray_train(spec: dict) -> dict:
     """pipelines.train with one Ray Train worker; images/s from the worker's own epoch timing."""
     from allcore.recipes import Recipe
     from pipelines.train import TrainJob, run_training
 
     recipe = Recipe.from_dict(spec["recipe"])
-    _init_ray()
+    _init_ray(spec)
     artifact = run_training(TrainJob(recipe=recipe, data=spec["images"], output=spec["output"],
                                      name="bench", split_manifest=spec["split_manifest"]))[0]
     history = json.loads((Path(artifact) / "history.json").read_text())
-    return {"images": _train_images(spec, recipe) * len(history),
-            "seconds": sum(row["epoch_seconds"] for row in history)}
+    return _train_result(spec, recipe, history)
 
 
 def child_plain_train(spec: dict) -> dict:
@@ -281,8 +293,6 @@ def child_plain_train(spec: dict) -> dict:
 
     recipe = Recipe.from_dict(spec["recipe"])
     label_set = get_label_set(recipe.label_set)
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     torch.manual_seed(recipe.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(recipe, label_set).to(device)
@@ -292,8 +302,7 @@ def child_plain_train(spec: dict) -> dict:
                                                 device),
                          *build_loaders(datasets, recipe, device), device, recipe,
                          num_classes=label_set.num_classes)
-    return {"images": _train_images(spec, recipe) * len(history),
-            "seconds": sum(row["epoch_seconds"] for row in history)}
+    return _train_result(spec, recipe, history)
 
 
 CHILDREN = {"baseline": child_baseline, "score": child_score, "ray_train": child_ray_train,
@@ -363,6 +372,10 @@ def print_table(rows: list[dict], baseline: float | None, ceiling: float | None)
     print(f"\n{'measurement':<34}{'images/s':>10}{'x baseline':>12}{'% ceiling':>11}"
           f"{'peak RSS MB':>13}")
     for row in rows:
+        if "ratios" in row:  # a paired comparison, not a throughput
+            print(f"{row['name']:<34}{row['ratio_median']:>10.2f}x median of "
+                  + ", ".join(f"{r:.2f}" for r in row["ratios"]))
+            continue
         speed = row["images_per_s"]
         ratio = f"{speed / baseline:.2f}" if baseline else "-"
         share = f"{100 * speed / ceiling:.0f}%" if ceiling else "-"
@@ -379,6 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64, help="scoring batch size")
     parser.add_argument("--train-epochs", type=int, default=1)
     parser.add_argument("--train-batch-size", type=int, default=32)
+    parser.add_argument("--train-pairs", type=int, default=5, help="interleaved rounds of the "
+                        "train section (plain loop, Ray Train)")
+    parser.add_argument("--train-default-niceness", action="store_true", help="each round also "
+                        "runs Ray Train with its workers at Ray's default niceness 15")
     parser.add_argument("--data", help="class-folder tree of real images (default: generated)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--skip", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -447,7 +464,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[dict]:
     """Ray Train (1 worker) and the plain loop on one split manifest written here, so both
-    train on exactly the same images in the same order."""
+    train on exactly the same images in the same order. ``--train-pairs`` rounds, interleaved
+    with the order alternating, so that load from other processes hits both alike; with
+    ``--train-default-niceness`` each round also runs Ray Train with Ray's default worker
+    niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's."""
     from allcore.data import discover_samples
     from allcore.labels import get_label_set
     from allcore.recipes import load_recipe
@@ -461,11 +481,31 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     split_samples(samples, fractions=recipe.split, seed=recipe.seed,
                   strategy=recipe.split_strategy).write(str(manifest))
     spec = {"recipe": recipe.to_dict(), "images": str(images), "split_manifest": str(manifest)}
-    # Ray gives its worker 1 CPU, so OMP_NUM_THREADS=1: the 1-thread plain loop isolates Ray's cost
-    return [run_child("plain_train", spec, work, "train: plain PyTorch loop"),
-            run_child("plain_train", {**spec, "threads": 1}, work, "train: plain loop, 1 thread"),
-            run_child("ray_train", spec, work, "train: Ray Train 1 worker")]
+    runs = [("plain_train", spec, "train: plain PyTorch loop"),
+            ("ray_train", spec, "train: Ray Train 1 worker")]
+    if args.train_default_niceness:
+        runs.append(("ray_train", {**spec, "worker_niceness": RAY_DEFAULT_WORKER_NICENESS},
+                     "train: Ray Train, niceness 15"))
+    rows = []
+    for round_ in range(args.train_pairs):
+        for kind, run_spec, label in runs if round_ % 2 == 0 else runs[::-1]:
+            rows.append({**run_child(kind, run_spec, work, f"{label} #{round_ + 1}"),
+                         "group": label})
+    for label in [label for _, _, label in runs[1:]]:
+        pairs = list(zip(_group(rows, label), _group(rows, runs[0][2])))
+        ratios = [ray["images_per_s"] / plain["images_per_s"] for ray, plain in pairs]
+        rows.append({"name": f"{label} / plain", "ratio_median": statistics.median(ratios),
+                     "ratios": ratios})
+        # images per CPU-second: the work per image, whatever share of the cores a run got
+        cpu_ratios = [plain["cpu_seconds"] / plain["images"] / (ray["cpu_seconds"] / ray["images"])
+                      for ray, plain in pairs]
+        rows.append({"name": f"{label} / plain, per CPU-s", "ratio_median":
+                     statistics.median(cpu_ratios), "ratios": cpu_ratios})
+    return rows
 
+
+def _group(rows: list[dict], label: str) -> list[dict]:
+    return [row for row in rows if row.get("group") == label]
 
 if __name__ == "__main__":
     sys.exit(main())

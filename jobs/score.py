@@ -68,9 +68,14 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                         "the specimen id (default: the parent folder name)")
     parser.add_argument("--commit-every", type=int, default=defaults.commit_every,
                         help="result rows per commit, cell rows included (default %(default)s)")
-    parser.add_argument("--fast", action="store_true", help="fast inference path: ONNX Runtime "
-                        "on CPU (pip install 'allcore[fast]'), bf16 autocast on GPU; see "
-                        "docs/PERFORMANCE.md for speed and agreement with the default path")
+    path = parser.add_mutually_exclusive_group()
+    path.add_argument("--exact", action="store_true", help="score with the eager fp32 model, the "
+                      "path it was evaluated with (default: the fastest path verified for the "
+                      "model, ONNX Runtime on CPU where docs/PERFORMANCE.md lists it as verified; "
+                      "the run summary says which path each model used and why)")
+    path.add_argument("--fast", action="store_true", help="the fast path even where it is not "
+                      "verified for the model: ONNX Runtime on CPU (pip install 'allcore[fast]'), "
+                      "bf16 autocast on GPU")
     parser.add_argument("--gpu", action="store_true", help="one GPU per inference actor; "
                         "without it GPUs are used when the cluster has some at start")
     parser.add_argument("--per-cell", action="store_true", help="also one row per detected white "
@@ -96,7 +101,8 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                              max_review_rate=args.max_review_rate,
                              specimen_pattern=args.specimen_pattern,
                              commit_every=args.commit_every, max_pixels=args.max_pixels,
-                             fast=args.fast, gpu=args.gpu, per_cell=args.per_cell,
+                             inference="exact" if args.exact else "fast" if args.fast else "auto",
+                             gpu=args.gpu, per_cell=args.per_cell,
                              cell_model=args.cell_model, cell_diameter_px=args.cell_diameter,
                              verbose=args.verbose)
     except ValueError as exc:

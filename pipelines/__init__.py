@@ -1,12 +1,23 @@
 """Ray Train / Ray Data wiring around the ``allcore`` domain library."""
 
 import logging
+import os
 
 import ray
 
+# Ray starts its worker processes 15 steps nicer than the driver (its `worker_niceness` default),
+# so that its own daemons stay responsive. The workers are where training and scoring run: on a
+# node that also runs anything else at normal priority they then get a few percent of a core
+# (docs/PERFORMANCE.md, "Ray Train overhead": 0.74-0.85x a plain loop before, measured against
+# 15). A Ray that this process starts runs them at the driver's own priority; a cluster started
+# with `ray start` keeps its setting (start it with RAY_worker_niceness=0 for the same).
+WORKER_NICENESS = "0"
 
-def init_ray(*, verbose: bool = True) -> None:
-    """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS``, or start Ray in-process.
-    ``verbose=False`` keeps Ray's INFO start-up lines out of the driver log."""
+
+def init_ray(*, verbose: bool = True, **init_kwargs) -> None:
+    """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS``, or start Ray in-process with its
+    workers at the driver's priority (``WORKER_NICENESS``). ``verbose=False`` keeps Ray's INFO
+    start-up lines out of the driver log; ``init_kwargs`` go to ``ray.init``."""
     if not ray.is_initialized():
-        ray.init(logging_level=logging.INFO if verbose else logging.WARNING)
+        os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)  # read by a raylet started here
+        ray.init(logging_level=logging.INFO if verbose else logging.WARNING, **init_kwargs)

@@ -37,6 +37,7 @@ from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
 from allcore.io import FileInfo
+from allcore.scoring.inference_path import artifact_inference_path
 from allcore.scoring.inputs import iter_inputs, new_inputs
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
@@ -99,7 +100,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
         _quiet_ray(config.verbose)
         finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
         # prepare -> predict
-        scored = _scored_batches(config, card, cell_card, finder, blocks)
+        scored = _scored_batches(config, card, cell_card, finder, blocks, summary)
         # table -> commit
         complete = CompleteInputs()
         model_summary = card_summary(card, cell_card)
@@ -249,11 +250,18 @@ def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
-                    blocks: list):
+                    blocks: list, summary: RunSummary):
     """prepare (a CPU function) then predict (``Predictor`` actors), streamed back to the driver
-    block by block as they finish."""
+    block by block as they finish. Each model's inference path is decided here, once, and
+    recorded in the run summary."""
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
+    cards = {"model": (config.model, card), "cell_model": (config.cell_model, cell_card)}
+    paths = {role: artifact_inference_path(uri, c, mode=config.inference, cuda=num_gpus > 0)
+             for role, (uri, c) in cards.items() if c is not None}
+    for role, path in paths.items():
+        log.info("%s %s scores with %s: %s", role, cards[role][1].model_name, path.name, path.reason)
+        summary.inference[role] = {"path": path.name, "reason": path.reason}
     prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
     # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
     # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
@@ -269,8 +277,9 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
                                             "expected_sha256": card.weights_sha256,
-                                            "fast": config.fast,
+                                            "fast": paths["model"].fast,
                                             "cell_artifact_uri": config.cell_model,
+                                            "cell_fast": "cell_model" in paths and paths["cell_model"].fast,
                                             "cell_expected_sha256": (None if cell_card is None
                                                                      else cell_card.weights_sha256)})
         .iter_batches(batch_size=None, batch_format="pyarrow")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from allcore.artifact import load_artifact
+from allcore.models import create_model
+from allcore.scoring.inference_path import FAST_PATH_VERIFIED, inference_path, ood_survives_fast_path
 from allcore.scoring.predict import Predictor, model_outputs, probability_function
 from allcore.scoring.table import OK, prob_column
+from allcore.synthetic import make_field
+from allcore.data_config import preprocess_array
 
 # fp32 throughout (ONNX Runtime or a frozen trace): only operator fusion and summation order
 # differ from eager, so probabilities agree far below anything that could flip a decision.
@@ -70,12 +77,81 @@ def test_fast_predictor_keeps_error_rows_and_batch_size(tiny_artifact, pixels):
     np.testing.assert_allclose(fast[column], eager[column], atol=PROBABILITY_TOLERANCE)
 
 
-def test_fast_flag_reaches_the_scoring_config():
+@pytest.mark.parametrize("name", sorted(FAST_PATH_VERIFIED))
+def test_every_verified_model_agrees_on_generated_fields(name):
+    """The default path of each model on the verified list (scored fast without --fast) computes
+    what eager fp32 does: a random copy at 64 px on generated smear fields. The list's real-image
+    measurement is benchmarks/fast_path_agreement.py; this catches an export or runtime change.
+    Default initialisation keeps BatchNorm well conditioned (statistics fitted on a few images
+    make near-constant channels amplify rounding), so features and logits must agree to 1e-4 of
+    their scale; fp32 gives ~1e-6."""
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, input_size=64).eval()
+    rng = np.random.default_rng(1)
+    pixels = np.stack([preprocess_array(make_field(rng, k % 4, 64)[0], model.data_config)
+                       for k in range(16)])
+    cpu = torch.device("cpu")
+    eager_features, eager_logits = model_outputs(model, input_size=64, fast=False, device=cpu)(pixels)
+    fast_features, fast_logits = model_outputs(model, input_size=64, fast=True, device=cpu)(pixels)
+    assert not any(m.training for m in model.modules()), "the export must leave the model in eval mode"
+    np.testing.assert_array_equal(fast_logits.argmax(1), eager_logits.argmax(1))
+    np.testing.assert_allclose(fast_features, eager_features, rtol=0,
+                               atol=1e-4 * np.abs(eager_features).max())
+    np.testing.assert_allclose(fast_logits, eager_logits, rtol=0, atol=1e-4 * np.abs(eager_logits).max())
+
+
+def test_default_path_is_the_fast_one_only_where_verified(monkeypatch):
+    verified, unverified = "mobilenet_v2", "vgg16_cnn"
+    monkeypatch.setattr("allcore.scoring.inference_path.FAST_PATH_VERIFIED", frozenset({verified}))
+    if importlib.util.find_spec("onnxruntime") is not None:
+        assert inference_path(verified).fast
+        assert inference_path(verified).name == "onnxruntime fp32"
+    assert not inference_path(unverified).fast
+    assert "not verified" in inference_path(unverified).reason
+    assert inference_path(unverified, mode="fast").fast  # --fast: the user's call
+    assert not inference_path(verified, mode="exact").fast
+    assert not inference_path(verified, cuda=True).fast  # bf16 autocast: not measured yet
+    assert inference_path(verified, mode="fast", cuda=True).name == "bf16 autocast (CUDA)"
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)  # the `fast` extra absent
+    path = inference_path(verified)
+    assert not path.fast and "onnxruntime is not installed" in path.reason
+    with pytest.raises(ValueError, match="inference mode"):
+        inference_path(verified, mode="quick")
+
+
+def test_a_card_whose_ood_scores_the_fast_path_would_move_scores_eager():
+    """A detector fitted on features that barely vary (a huge precision matrix, as the README
+    demo's) cannot be reproduced by fp32 reordering: the default path is eager for it."""
+    from allcore.trust import MahalanobisDetector, Trust
+
+    def trust(precision_scale: float) -> Trust:
+        detector = MahalanobisDetector(means=np.full((2, 8), 0.2, np.float32),
+                                       precision=np.eye(8, dtype=np.float32) * precision_scale)
+        return Trust(temperature=1.0, ood_method="mahalanobis", ood_threshold=10.0,
+                     qc_reference={}, detector=detector)
+
+    assert ood_survives_fast_path(None) and ood_survives_fast_path(trust(100.0))
+    assert not ood_survives_fast_path(trust(1e16))
+    path = inference_path("mobilenet_v2", ood_stable=False)
+    assert not path.fast and "OOD detector" in path.reason
+    assert inference_path("mobilenet_v2", mode="fast", ood_stable=False).fast
+
+
+def test_exact_and_fast_flags_reach_the_scoring_config():
     from allcore.scoring.config import ScoringConfig
     from jobs.score import parse_args
 
     paths = ["--model", "m", "--input", "i", "--output", "o"]
-    assert parse_args(paths).fast is False  # eager stays the reference default
+    assert parse_args(paths).inference == "auto"  # the fastest verified path
+    assert parse_args([*paths, "--exact"]).inference == "exact"
     config = parse_args([*paths, "--fast"])
-    assert config.fast is True
+    assert config.inference == "fast"
     assert ScoringConfig.from_json(config.to_json()) == config
+    with pytest.raises(SystemExit):
+        parse_args([*paths, "--fast", "--exact"])
+    # config.json of runs before the default changed: eager unless --fast
+    earlier = json.loads(config.to_json())
+    del earlier["inference"]
+    assert ScoringConfig.from_json(json.dumps({**earlier, "fast": False})).inference == "exact"
+    assert ScoringConfig.from_json(json.dumps({**earlier, "fast": True})).inference == "fast"

@@ -20,6 +20,7 @@ from allcore.artifact import load_artifact
 from allcore.io import decode_rgb
 from allcore.labels import get_label_set
 from allcore.scoring.config import ScoringConfig
+from allcore.scoring.inference_path import inference_path
 from allcore.scoring.table import SCHEMA_METADATA_KEY
 from allcore.synthetic import write_archive
 from allcore.transforms import eval_transform
@@ -60,6 +61,10 @@ def test_scores_an_archive_and_reruns_add_nothing(tmp_path, ray_session, tiny_ar
     first = run_scoring(config)
     assert (first.listed, first.ok, first.errors, first.skipped) == (16, 16, 0, 0)
     assert not first.failed
+    # the default path of the tiny MobileNetV2, and why, in the run summary
+    recorded = json.loads(Path(out, "_runs", first.run_id, "summary.json").read_text())
+    expected = inference_path("mobilenet_v2")
+    assert recorded["inference"]["model"] == {"path": expected.name, "reason": expected.reason}
     records = sorted((json.loads(p.read_text()) for p in Path(out, "_commits").glob("*.json")),
                      key=lambda r: r["chunk"])
     assert [r["files"][0]["rows"] for r in records] == [7, 7, 2]  # commit_every rows a chunk

@@ -9,6 +9,10 @@ from dataclasses import dataclass
 
 from allcore.io import MAX_PIXELS
 
+# How a run picks each model's inference path (allcore.scoring.inference_path): the
+# fastest path verified for the model (default), eager fp32 (--exact), the fast path (--fast).
+INFERENCE_MODES = ("auto", "exact", "fast")
+
 
 @dataclass(frozen=True)
 class ScoringConfig:
@@ -26,7 +30,7 @@ class ScoringConfig:
     specimen_pattern: str | None = None  # regex on source_uri; group 1 (or whole match) = specimen
     commit_every: int = 4096  # result rows per commit (cells count with --per-cell): bounds the work a crash loses
     max_pixels: int = MAX_PIXELS  # decompression-bomb guard passed to decode_rgb
-    fast: bool = False  # fast inference path (ONNX Runtime / AMP), see docs/PERFORMANCE.md
+    inference: str = "auto"  # auto (fastest verified path), exact (--exact: eager fp32) or fast (--fast)
     gpu: bool = False  # one GPU per actor even if none is up yet (autoscaling GPU workers)
     per_cell: bool = False  # also one row per detected white cell (docs/SCORING.md)
     cell_model: str | None = None  # --cell-model: artifact that classifies the cell rows
@@ -36,6 +40,8 @@ class ScoringConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.commit_every < 1 or self.max_pixels < 1:
             raise ValueError("batch_size, commit_every and max_pixels must be at least 1")
+        if self.inference not in INFERENCE_MODES:
+            raise ValueError(f"inference must be one of {INFERENCE_MODES}, got {self.inference!r}")
         low, high = self.actors
         if not 1 <= low <= high:
             raise ValueError(f"actors must be MIN,MAX with 1 <= MIN <= MAX, got {self.actors}")
@@ -65,6 +71,8 @@ class ScoringConfig:
         values = json.loads(text)
         if "manifest" in values:  # the name of input_list in config.json of earlier runs
             values["input_list"] = values.pop("manifest")
+        if "fast" in values:  # earlier runs: eager unless --fast
+            values["inference"] = "fast" if values.pop("fast") else "exact"
         unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown scoring config keys {sorted(unknown)}; "

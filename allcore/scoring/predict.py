@@ -59,7 +59,9 @@ def _onnx_session(model: torch.nn.Module, input_size: int):
         return None
     buffer = io.BytesIO()
     example = torch.zeros(1, 3, input_size, input_size)
-    torch.onnx.export(FeaturesAndLogits(model), (example,), buffer, input_names=["pixels"],
+    # the wrapper in eval mode: export puts a module back into the mode it had, and a new
+    # module is in training mode, which would leave ``model`` with batch-statistics BatchNorm
+    torch.onnx.export(FeaturesAndLogits(model).eval(), (example,), buffer, input_names=["pixels"],
                       output_names=["features", "logits"],
                       dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"},
                                     "logits": {0: "batch"}},
@@ -157,8 +159,9 @@ class ScoringModel:
 
 class Predictor:
     """Scores prepared batches. ``__init__`` loads the artifacts once per actor; class names and
-    their order come from the model cards, never from this code. ``fast`` selects
-    ``fast_outputs`` instead of the eager reference path.
+    their order come from the model cards, never from this code. ``fast`` and ``cell_fast``
+    select ``fast_outputs`` instead of the eager reference path for each model; the driver
+    decides them once (``inference_path``) and records them in the run summary.
 
     With ``cell_artifact_uri`` (``--cell-model``) cell rows are scored by that model on their
     ``cell_pixels`` instead: their ``pred_label`` and ``confidence`` are the cell model's
@@ -169,11 +172,12 @@ class Predictor:
     """
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
-                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None):
+                 cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None,
+                 cell_fast: bool = False):
         self.field_model = ScoringModel(artifact_uri, expected_sha256, fast)
         self.cell_model = None
         if cell_artifact_uri is not None:
-            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, fast)
+            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, cell_fast)
             cell_classes = self.cell_model.classes
             self.cell_blast = [cell_classes.index(c) for c in get_label_set(
                 self.cell_model.card.label_set).blast_classes_of(cell_classes)]

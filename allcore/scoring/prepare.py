@@ -117,13 +117,14 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
         if img is None:
             rows.append({**field_row, "status": ERROR, "error": error, "error_kind": error_kind})
             continue
+        # --per-cell: the scale bar painted out once, for the field model and the finder alike
+        searched = mask_scale_bar(img) if cell_finder is not None and cfg.mask_corner else img
         field_row.update({"box": (0, 0, *img.size),
-                          "pixels": preprocess_array(img, cfg),
+                          "pixels": preprocess_array(searched, cfg if searched is img else crop_cfg),
                           **{name: float(measure(img)) for name, measure in measurements.items()}})
         if cell_finder is None:
             rows.append({**field_row, **image_qc(img)})
             continue
-        searched = mask_scale_bar(img) if cfg.mask_corner else img
         # one diameter for finding and cutting: the run's, else this field's estimate
         diameter = cell_finder.cell_diameter_px or estimate_cell_diameter(searched, cell_finder)
         cells = [] if diameter is None else find_cells(

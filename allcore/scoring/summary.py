@@ -45,6 +45,7 @@ class RunSummary:
     max_review_rate: float = 1.0
     cell_diameter_px: float | None = None  # --per-cell: the run's white-cell diameter
     cell_diameter_source: str = ""  # given, or how it was estimated
+    inference: dict = dataclasses.field(default_factory=dict)  # model role -> {path, reason}
 
     @property
     def scored(self) -> int:
