@@ -35,9 +35,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from allcore import io as aio
-from allcore.cells import CellFinderConfig, find_cells
+from allcore.cells import CellFinderConfig, find_cells, padded_square
 from allcore.splits import SplitManifest
-from allcore.data_config import median_colour
 
 Box = tuple[int, int, int, int]
 
@@ -104,26 +103,11 @@ def box_centre(box: Box) -> tuple[float, float]:
 def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
                   cell_diameter_px: float, geometry: CellCropGeometry) -> Image.Image:
     """The square crop a cell model sees for the cell at ``centre`` (x, y in ``img`` pixels),
-    resampled to ``geometry.input_size``. Beyond the image edge the field's median colour (its
-    background) fills in, not black, which would look like stain. Training and scoring both cut
+    resampled to ``geometry.input_size`` (beyond the image edge: ``cells.padded_square``'s
+    fill). Training and scoring both cut
     here, so the crops cannot drift apart; for a found cell pass ``box_centre(cell.box)``."""
     side = geometry.side_px(cell_diameter_px)
-    left, top = round(centre[0] - side / 2), round(centre[1] - side / 2)
-    width, height = img.size if isinstance(img, Image.Image) else img.shape[1::-1]
-    if isinstance(img, Image.Image) and img.mode == "RGB" and left >= 0 and top >= 0 \
-            and left + side <= width and top + side <= height:
-        # inside the field (most cells): the same pixels without copying a 5-megapixel field
-        # and taking its median for every cell, which cost 65 ms a cell on ALL-IDB fields
-        crop = img.crop((left, top, left + side, top + side))
-    else:
-        rgb = np.asarray(img.convert("RGB")) if isinstance(img, Image.Image) else np.asarray(img)
-        canvas = np.empty((side, side, 3), dtype=np.uint8)
-        canvas[:] = median_colour(Image.fromarray(rgb)).astype(np.uint8)
-        sx0, sy0 = max(left, 0), max(top, 0)
-        sx1, sy1 = min(left + side, width), min(top + side, height)
-        if sx1 > sx0 and sy1 > sy0:
-            canvas[sy0 - top:sy1 - top, sx0 - left:sx1 - left] = rgb[sy0:sy1, sx0:sx1]
-        crop = Image.fromarray(canvas)
+    crop = padded_square(img, round(centre[0] - side / 2), round(centre[1] - side / 2), side)
     return crop.resize((geometry.input_size,) * 2, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 

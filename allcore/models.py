@@ -188,7 +188,6 @@ class Classifier(nn.Module):
         (Keras' kernel L1 regulariser of s004: weights only, not the bias)."""
         return self.get_classifier().weight.abs().sum()
 
-
     def head_parameters(self) -> Iterator[nn.Parameter]:
         return self.head.parameters()
 

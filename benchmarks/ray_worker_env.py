@@ -23,6 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines import RAY_DEFAULT_WORKER_NICENESS  # noqa: E402
+
 
 def worker_loop(config: dict) -> None:
     import torch
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="sampling window")
     args = parser.parse_args(argv)
     if args.default_niceness:
-        os.environ["RAY_worker_niceness"] = "15"
+        os.environ["RAY_worker_niceness"] = str(RAY_DEFAULT_WORKER_NICENESS)
     import ray
     import ray.train.torch
     from ray.train import RunConfig, ScalingConfig

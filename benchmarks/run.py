@@ -37,9 +37,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipelines import RAY_DEFAULT_WORKER_NICENESS  # noqa: E402
+
 SECTIONS = ("model", "baseline", "score", "rss10x", "train")
 RSS_SAMPLE_SECONDS = 0.2
-RAY_DEFAULT_WORKER_NICENESS = 15  # Ray's `worker_niceness` default, which pipelines.init_ray overrides
 
 
 # ------------------------------------------------------------------ inputs

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 import time
 from pathlib import Path
@@ -38,10 +37,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serve_app(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("ALLCORE_REVIEW_TOKEN")
+    from pipelines.review import TOKEN_ENV, review_token
+
+    token = review_token(args.token)
     if not is_loopback(args.host) and not token:
         print(f"--host {args.host} is reachable from other machines: give --token SECRET (or set "
-              "ALLCORE_REVIEW_TOKEN), or keep the default 127.0.0.1", file=sys.stderr)
+              f"{TOKEN_ENV}), or keep the default 127.0.0.1", file=sys.stderr)
         return 2
     from ray import serve
 

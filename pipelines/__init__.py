@@ -12,6 +12,7 @@ import ray
 # 15). A Ray that this process starts runs them at the driver's own priority; a cluster started
 # with `ray start` keeps its setting (start it with RAY_worker_niceness=0 for the same).
 WORKER_NICENESS = "0"
+RAY_DEFAULT_WORKER_NICENESS = 15  # what a Ray started without it uses
 
 
 def init_ray(*, verbose: bool = True, **init_kwargs) -> None:

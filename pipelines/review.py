@@ -29,6 +29,7 @@ from allcore.review.analysis import MAX_UPLOAD_BYTES, FieldAnalyser, UploadError
 from allcore.review.corrections import Correction, CorrectionError, CorrectionStore
 from allcore.review.geojson import feature_collections
 from allcore.review.queue import ReviewQueue, box_of, queue_item
+from allcore.scoring.table import FIELD
 
 TOKEN_COOKIE = "allcore_review_token"
 CONTEXT_SIDE = 256  # side of the picture of a queued cell with its neighbourhood
@@ -120,7 +121,7 @@ class ReviewApp:
                   min(field.width, x1 + margin), min(field.height, y1 + margin))
         view = field.crop(window)
         shifted = (x0 - window[0], y0 - window[1], x1 - window[0], y1 - window[1])
-        boxes = [] if row["row_kind"] == "field" else [shifted]
+        boxes = [] if row["row_kind"] == FIELD else [shifted]
         return Response(png_bytes(render(view, boxes, side=CONTEXT_SIDE)), media_type="image/png")
 
     @app.post("/api/corrections")
@@ -144,6 +145,15 @@ class ReviewApp:
         return feature_collections(rows, self.corrections.newest())[source_uri]
 
 
+TOKEN_ENV = "ALLCORE_REVIEW_TOKEN"  # where jobs/review.py and a deployed config find the token
+
+
+def review_token(given: str | None) -> str | None:
+    """The app's token: the one given, else ``TOKEN_ENV`` from the environment (a deployment
+    takes it from a secret store that way, never from its config file)."""
+    return given or os.environ.get(TOKEN_ENV)
+
+
 def build_app(args: dict) -> serve.Application:
     """``serve run``/``serve deploy`` entry: args output, model, cell_model, token; refused
     without a token. Without a ``token`` arg the token is ``ALLCORE_REVIEW_TOKEN`` from the
@@ -154,7 +164,7 @@ def build_app(args: dict) -> serve.Application:
     if unknown or not {"output", "model"} <= set(args):
         raise ValueError(f"review app args are output=ROOT model=ARTIFACT [cell_model=ARTIFACT] "
                          f"[token=SECRET]; got {sorted(args)}")
-    token = args.get("token") or os.environ.get("ALLCORE_REVIEW_TOKEN")
+    token = review_token(args.get("token"))
     if not token:  # a deployed config may bind beyond loopback (infra/serve_review.yaml does)
         raise ValueError("the review app needs a token when deployed from a config: set "
                          "ALLCORE_REVIEW_TOKEN (e.g. from a Kubernetes Secret) or pass token=SECRET; "

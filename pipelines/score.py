@@ -230,7 +230,7 @@ def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[
             yield pending[:size]
             del pending[:size]
             blocks += 1
-    batch = todo_block_inputs(config, 0)
+    batch = _batch_inputs(config)
     for start in range(0, len(pending), batch):
         yield pending[start:start + batch]
 
@@ -242,11 +242,15 @@ def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
     and a small run spreads evenly, then ``LARGE_BLOCK_INPUTS`` (``todo_blocks`` cuts the tail
     batch-sized again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block
     made a first run of 10M inputs wait minutes before scoring started."""
-    if config.per_cell:
-        return min(config.batch_size, FIELDS_PER_CELL_BLOCK)
-    if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
-        return config.batch_size
+    if config.per_cell or blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
+        return _batch_inputs(config)
     return max(config.batch_size, LARGE_BLOCK_INPUTS)
+
+
+def _batch_inputs(config: ScoringConfig) -> int:
+    """Inputs the prepare stage takes at a time: one model batch, or with ``--per-cell`` a few
+    fields (``FIELDS_PER_CELL_BLOCK``)."""
+    return min(config.batch_size, FIELDS_PER_CELL_BLOCK) if config.per_cell else config.batch_size
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
@@ -262,7 +266,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     for role, path in paths.items():
         log.info("%s %s scores with %s: %s", role, cards[role][1].model_name, path.name, path.reason)
         summary.inference[role] = {"path": path.name, "reason": path.reason}
-    prepare_size = min(config.batch_size, FIELDS_PER_CELL_BLOCK) if finder else config.batch_size
+    prepare_size = _batch_inputs(config)
     # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
     # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
     # (the larger of the two batch sizes wins), which put 52 large fields in one task on one actor

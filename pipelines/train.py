@@ -69,6 +69,7 @@ def run_training(job: TrainJob) -> list[str]:
         job = dataclasses.replace(job, data=cells.manifest, manifest=cells.manifest)
     manifests = _split_manifests(job, label_set)
     artifacts = []
+    tracking_uri = tracking.tracking_uri(job.output, job.name)  # one line when off, not one a fold
     for fold, manifest in enumerate(manifests):
         name = job.name if len(manifests) == 1 else f"{job.name}-fold{fold}"
         fold_dir = run_dir if len(manifests) == 1 else io.join(run_dir, f"fold{fold}")
@@ -78,7 +79,6 @@ def run_training(job: TrainJob) -> list[str]:
         if not io.exists(manifest_uri):
             manifest.write(manifest_uri)
         print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
-        tracking_uri = tracking.tracking_uri(job.output, job.name)
         tracked = tracking.start_run(tracking_uri, name, recipe, manifest.sha256) \
             if tracking_uri else None
         result = _fit(job, name, manifest_uri, tracked)

@@ -98,7 +98,9 @@ def ray_session():
     Workers get this checkout on their path, so they run the code under test, not an install."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    from pipelines import init_ray
+
+    init_ray(verbose=False, num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}})
     yield
     ray.shutdown()

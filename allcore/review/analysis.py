@@ -23,12 +23,11 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from allcore.artifact import load_artifact
 from allcore.cells import CellFinderConfig
 from allcore.io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
 from allcore.labels import get_label_set
 from allcore.overlay import heat_overlay, png_bytes, render
-from allcore.scoring.predict import Predictor
+from allcore.scoring.predict import Predictor, ScoringModel
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.table import CELL, FIELD, build_output_table, card_summary
 from allcore.data_config import DataConfig
@@ -90,11 +89,12 @@ def feature_map_layer(model: torch.nn.Module, input_size: int) -> torch.nn.Modul
 
 
 class Saliency:
-    """Grad-CAM maps of one model artifact, for its predicted class of each input."""
+    """Grad-CAM maps of one scoring model (the very model that made the calls, loaded and
+    verified once by ``ScoringModel``), for its predicted class of each input."""
 
-    def __init__(self, artifact_uri: str):
-        self.model, card = load_artifact(artifact_uri)
-        self.data_config = card.data_config_obj()
+    def __init__(self, scoring_model: ScoringModel):
+        self.model = scoring_model.model
+        self.data_config = scoring_model.card.data_config_obj()
         self.cam = GradCAM(model=self.model.eval(),
                            target_layers=[feature_map_layer(self.model, self.data_config.input_size)])
 
@@ -144,8 +144,9 @@ class FieldAnalyser:
         self.blast_classes = get_label_set(card.label_set).blast_classes_of(card.classes)
         self.cell_blast_classes = (() if cell_card is None else
                                    get_label_set(cell_card.label_set).blast_classes_of(cell_card.classes))
-        self.field_saliency = Saliency(model_uri)
-        self.cell_saliency = self.field_saliency if cell_model_uri is None else Saliency(cell_model_uri)
+        self.field_saliency = Saliency(self.predictor.field_model)
+        self.cell_saliency = (self.field_saliency if self.predictor.cell_model is None
+                              else Saliency(self.predictor.cell_model))
         self.cell_classes = list((cell_card or card).classes)
         self._lock = threading.Lock()
 

@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
+from allcore.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
 from allcore.io import decode_rgb, filesystem, join, read_bytes, write_atomic, write_bytes
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD
@@ -50,7 +50,7 @@ CORRECTION_SCHEMA = pa.schema([
     pa.field("reviewed_at", pa.timestamp("us", tz="UTC")),
     pa.field("model_sha256", pa.string()),  # weights of the model that made the call
 ])
-MANIFEST_FILES = {CELL: "cells.csv", FIELD: "fields.csv"}  # what export_manifest writes
+MANIFEST_FILES = {CELL: MANIFEST_FILE, FIELD: "fields.csv"}  # what export_manifest writes
 
 
 class CorrectionError(ValueError):

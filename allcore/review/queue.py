@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from allcore.io import filesystem
 from allcore.scoring.store import OutputStore
-from allcore.scoring.table import CELL, SCHEMA_METADATA_KEY
+from allcore.scoring.table import CELL, FIELD, SCHEMA_METADATA_KEY
 from allcore.trust import BLAST_THRESHOLD
 
 ROW_COLUMNS = ("cell_id", "row_kind", "source_uri", "specimen_id", "scored_at", "model_sha256",
@@ -114,7 +114,7 @@ class ReviewQueue:
         """Per specimen with pending rows: how many fields and cells wait, most first."""
         pending = self.pending(reviewed)
         counts = pending.groupby("specimen_id")["row_kind"].value_counts().unstack(fill_value=0)
-        out = [{"specimen_id": name, "fields": int(row.get("field", 0)), "cells": int(row.get(CELL, 0))}
+        out = [{"specimen_id": name, "fields": int(row.get(FIELD, 0)), "cells": int(row.get(CELL, 0))}
                for name, row in counts.iterrows()]
         return sorted(out, key=lambda s: (-(s["fields"] + s["cells"]), s["specimen_id"]))
 

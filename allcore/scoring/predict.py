@@ -140,6 +140,7 @@ class ScoringModel:
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False):
         model, self.card = load_artifact(artifact_uri)
+        self.model = model  # the review app's saliency uses this same, verified model
         if expected_sha256 is not None and self.card.weights_sha256 != expected_sha256:
             raise ValueError(f"artifact {artifact_uri} now has weights {self.card.weights_sha256}, "
                              f"but this run started with {expected_sha256}; it was replaced "
