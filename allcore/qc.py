@@ -9,22 +9,22 @@ because "sharp enough" or "the right stain" depends on the archive the model lea
 Focus, exposure and colour are measured on a copy resized so its shorter side is
 ``WORKING_SIDE`` pixels, so they do not depend on how many pixels a scanner writes. Cell size is
 reported in pixels of the original image and as a fraction of its shorter side: the model sees
-every image resized to its input size, so the fraction is what it sees.
+every image resized to its input size, so the fraction is what it sees. Cell count and size come
+from a survey of the field's white-cell stain (``allcore.cells.survey_stain``), not from finding
+each cell: QC runs on every scored field, and the finder cost three times all of the rest of a
+field's preparation (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
 import numpy as np
 from PIL import Image
 from skimage import color, measure
 
-from allcore.cells import Cell, CellFinderConfig, cielab, find_cells, rgb_array
+from allcore.cells import cielab, rgb_array, survey_stain
 
 WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
-CELL_SEARCH_MAX_SIDE = 512  # larger images are searched for cells at this shorter side (cost)
 DARK_LEVEL = 10  # a pixel whose channels are all <= this (0-255) is clipped black
 BRIGHT_LEVEL = 250  # a pixel whose channels are all >= this is clipped white
 JPEG_BLOCK = 8  # JPEG's block size in pixels
@@ -41,9 +41,11 @@ QC_COLUMNS: dict[str, str] = {
     "qc_b_mean": "mean CIELAB b* (blue - .. + yellow): stain hue",
     "qc_blockiness": "mean grey step across 8 px JPEG block borders over the mean step elsewhere "
                      "(original pixels): about 1, well above 1 for heavy JPEG compression",
-    "qc_cell_count": "white cells found by the classical cell finder (allcore.cells)",
-    "qc_cell_diameter_px": "median equivalent diameter of those cells in original-image pixels "
-                           "(NaN without cells)",
+    "qc_cell_count": "stained blobs that are not platelets or debris (allcore.cells.survey_stain): "
+                     "white cells, touching ones counted once",
+    "qc_cell_diameter_px": "apparent diameter of a typical white cell in original-image pixels: "
+                           "median convex-hull diameter of the single, roundish stained blobs "
+                           "(allcore.cells.survey_stain; NaN without white-cell stain)",
     "qc_cell_diameter_fraction": "qc_cell_diameter_px / shorter image side: the cell size the "
                                  "model sees after resizing (NaN without cells)",
 }
@@ -72,28 +74,17 @@ def jpeg_blockiness(rgb: np.ndarray) -> float:
     return float((border.mean() + 0.5) / (inside.mean() + 0.5))
 
 
-def cell_statistics(rgb: np.ndarray, config: CellFinderConfig = CellFinderConfig(),
-                    cells: Sequence[Cell] | None = None) -> dict[str, float]:
-    """Count and median size of the white cells, searched at most ``CELL_SEARCH_MAX_SIDE`` px
-    (a 2592 px field would take seconds at full size); sizes are scaled back to original pixels.
-    ``cells`` already found on the original image (scoring's ``--per-cell``) are used instead of
-    searching again."""
-    side = min(rgb.shape[:2])
-    scale = 1.0 if cells is not None else min(1.0, CELL_SEARCH_MAX_SIDE / side)
-    if cells is None:
-        cells = find_cells(_resized(rgb, CELL_SEARCH_MAX_SIDE) if scale < 1 else rgb, config)
-    if not cells:
-        return {"qc_cell_count": 0.0, "qc_cell_diameter_px": math.nan,
-                "qc_cell_diameter_fraction": math.nan}
-    diameter = float(np.median([math.sqrt(4 * c.area / math.pi) for c in cells])) / scale
-    return {"qc_cell_count": float(len(cells)), "qc_cell_diameter_px": diameter,
-            "qc_cell_diameter_fraction": diameter / side}
+def cell_statistics(rgb: np.ndarray) -> dict[str, float]:
+    """Count and typical size of the white cells from the stain survey (which works at most
+    ``allcore.cells.ESTIMATE_SIDE`` px, so a 2592 px field costs little more than a small one)."""
+    survey = survey_stain(rgb)
+    diameter = math.nan if survey.diameter is None else survey.diameter
+    return {"qc_cell_count": float(survey.blobs), "qc_cell_diameter_px": diameter,
+            "qc_cell_diameter_fraction": diameter / min(rgb.shape[:2])}
 
 
-def image_qc(img: Image.Image | np.ndarray, cell_config: CellFinderConfig = CellFinderConfig(),
-             cells: Sequence[Cell] | None = None) -> dict[str, float]:
-    """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array);
-    ``cells``: see ``cell_statistics``."""
+def image_qc(img: Image.Image | np.ndarray) -> dict[str, float]:
+    """The ``QC_COLUMNS`` statistics of one decoded RGB image (PIL or uint8 HxWx3 array)."""
     rgb = rgb_array(img)
     small = _resized(rgb, WORKING_SIDE)
     lightness, a, b = cielab(small)
@@ -106,7 +97,7 @@ def image_qc(img: Image.Image | np.ndarray, cell_config: CellFinderConfig = Cell
         "qc_a_mean": float(a.mean()),
         "qc_b_mean": float(b.mean()),
         "qc_blockiness": jpeg_blockiness(rgb),
-        **cell_statistics(rgb, cell_config, cells),
+        **cell_statistics(rgb),
     }
     assert list(values) == list(QC_COLUMNS), "QC_COLUMNS and image_qc disagree"
     return values

@@ -6,8 +6,9 @@ Training fits everything here once, after the best model is exported
 arrays an OOD detector needs (too large for JSON) go to ``trust.safetensors`` beside the weights,
 checked by sha256 like them. Scoring then needs, per batch, only the forward pass it already runs
 (``allcore.models.features_and_logits``), the QC values of its prepare stage
-(``allcore.qc.image_qc``) and ``review_row``. This module needs NumPy and SciPy only: the scoring
-driver imports it (for the output table's review columns) and never imports torch.
+(``allcore.qc.image_qc``) and ``review_row``. This module needs NumPy and SciPy (and the QC
+column definitions) only: the scoring driver imports it (for the output table's review columns)
+and never imports torch.
 
 The OOD detector works on the model's own penultimate features (the backbone output, pooled):
 images the model never learnt to represent land far from the training images there, whatever
@@ -27,6 +28,7 @@ import safetensors.numpy
 from scipy import optimize, special
 
 from allcore import io
+from allcore.qc import QC_COLUMNS
 
 TRUST_VERSION = 1
 TRUST_FILE = "trust.safetensors"
@@ -286,10 +288,31 @@ def probability_call(blast_probability: float) -> str:
     return "blast" if blast_probability >= BLAST_THRESHOLD else "not blast"
 
 
+def stale_qc_checks(section: Mapping) -> list[str]:
+    """The QC statistics whose range in the card was fitted on another definition than the one
+    ``allcore.qc`` computes now (the card keeps each statistic's description, ``qc_columns``):
+    judging new values by old ranges would flag or pass fields for the wrong reason, so those
+    ranges are not applied until the trust section is refitted."""
+    fitted = section.get("qc_columns", {})
+    return [name for name in section["qc_reference"] if fitted.get(name) != QC_COLUMNS.get(name)]
+
+
+def stale_qc_warning(section: Mapping) -> str | None:
+    """What to tell a user whose card has stale QC ranges (None when it has none)."""
+    stale = stale_qc_checks(section)
+    return None if not stale else (
+        f"the model card's image QC ranges for {', '.join(stale)} were fitted on an earlier "
+        f"definition of those statistics and are not applied: their review reasons cannot occur "
+        f"in this run. Refit the trust section with allcore.trust_fitting.attach_trust(artifact, "
+        f"split_manifest), or retrain")
+
+
 def trust_from_card_section(section: Mapping) -> Trust:
+    """The card's trust section, less the QC ranges ``stale_qc_checks`` names."""
+    stale = stale_qc_checks(section)
     return Trust(temperature=float(section["temperature"]), ood_method=section["ood"]["method"],
                  ood_threshold=float(section["ood"]["threshold"]),
-                 qc_reference={k: dict(v) for k, v in section["qc_reference"].items()})
+                 qc_reference={k: dict(v) for k, v in section["qc_reference"].items() if k not in stale})
 
 
 def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:

@@ -43,7 +43,7 @@ from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
 from allcore.scoring.table import FIELD, build_output_table, card_summary
-from allcore.trust import NO_TRUST_WARNING
+from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
 FIELDS_PER_CELL_BLOCK = 4  # --per-cell inputs per block: a 2592 px field takes ~1 s to prepare
@@ -85,6 +85,9 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
                          max_review_rate=config.max_review_rate)
     if not card.trust:
         log.warning("%s", NO_TRUST_WARNING)
+    for checked in (card, cell_card):
+        if checked is not None and checked.trust and stale_qc_warning(checked.trust):
+            log.warning("%s: %s", checked.model_name, stale_qc_warning(checked.trust))
     store.write_config(run_id, config)
     log.info("run %s: model %s %s (%s); %d inputs already committed for it", run_id,
              card.model_name, card.model_version, card.weights_sha256[:12], len(done))

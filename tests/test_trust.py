@@ -58,7 +58,7 @@ def test_every_ood_detector_flags_far_features_and_survives_storage(method):
 def _section() -> dict:
     reference = {name: {"low": 0.0, "high": 1.0, "median": 0.5} for name in trust.QC_CHECKS}
     return {"temperature": 1.5, "ood": {"method": "knn", "threshold": 2.0},
-            "qc_reference": reference}
+            "qc_reference": reference, "qc_columns": dict(QC_COLUMNS)}
 
 
 def test_review_row_abstains_with_every_reason_and_calls_clean_rows():
@@ -74,6 +74,18 @@ def test_review_row_abstains_with_every_reason_and_calls_clean_rows():
     assert not trust.review_row({**qc, "qc_cell_diameter_fraction": float("nan")}, 1.0, 0.9,
                                 _section()).needs_review
     assert set(trust.qc_reasons({"qc_blur": 2.0}, _section()["qc_reference"])) <= set(trust.REVIEW_REASONS)
+
+
+def test_ranges_fitted_on_an_earlier_qc_definition_are_not_applied():
+    section = _section()
+    assert trust.stale_qc_checks(section) == [] and trust.stale_qc_warning(section) is None
+    section["qc_columns"]["qc_cell_diameter_fraction"] = "median equivalent diameter of the found cells"
+    too_large = {**{name: 0.5 for name in QC_COLUMNS}, "qc_cell_diameter_fraction": 9.0}
+    assert trust.stale_qc_checks(section) == ["qc_cell_diameter_fraction"]
+    assert "qc_cell_diameter_fraction" in trust.stale_qc_warning(section)
+    assert "attach_trust" in trust.stale_qc_warning(section)
+    assert not trust.review_row(too_large, 1.0, 0.9, section).needs_review
+    assert trust.review_row(too_large, 1.0, 0.9, _section()).review_reason == "cell size differs"
 
 
 def test_qc_reference_widens_the_training_range():

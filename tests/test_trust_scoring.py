@@ -25,7 +25,8 @@ from allcore.synthetic import write_archive
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 BLASTS = ("Early", "Pre", "Pro")
 SECTION = {"temperature": 1.5, "ood": {"method": "mahalanobis", "threshold": 2.0},
-           "qc_reference": {name: {"low": 0.0, "high": 1.0, "median": 0.5} for name in trust.QC_CHECKS}}
+           "qc_reference": {name: {"low": 0.0, "high": 1.0, "median": 0.5} for name in trust.QC_CHECKS},
+           "qc_columns": dict(QC_COLUMNS)}
 SCORED_AT = dt.datetime(2025, 3, 4, tzinfo=dt.timezone.utc)
 
 

@@ -24,6 +24,7 @@ import duckdb
 
 from allcore import io
 from allcore.qc import QC_COLUMNS
+from allcore.trust import trust_from_card_section
 
 DRIFT_JSON, DRIFT_PNG = "drift.json", "drift.png"
 QUANTILES = (0.05, 0.5, 0.95)
@@ -61,7 +62,7 @@ def drift_summary(files: Sequence[str], trust: Mapping | None, *, max_review_rat
     reasons = dict(con.execute(
         "SELECT reason, count(*) FROM (SELECT unnest(string_split(review_reason, '; ')) AS reason "
         "FROM fields WHERE needs_review) GROUP BY reason ORDER BY count(*) DESC").fetchall())
-    reference = (trust or {}).get("qc_reference", {})
+    reference = trust_from_card_section(trust).qc_reference if trust else {}  # less stale ranges
     statistics = {name: _statistic(con, name, reference.get(name)) for name in QC_COLUMNS}
     ood = None
     if trust:

@@ -129,7 +129,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
         diameter = cell_finder.cell_diameter_px or estimate_cell_diameter(searched, cell_finder)
         cells = [] if diameter is None else find_cells(
             searched, replace(cell_finder, cell_diameter_px=diameter))
-        field_row.update(image_qc(img, cells=cells))
+        field_row.update(image_qc(img))
         pixel_key = "pixels" if cell_model is None else "cell_pixels"
         rows.append({**field_row, "cell_count": len(cells),
                      "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
