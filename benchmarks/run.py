@@ -283,8 +283,13 @@ def child_ray_train(spec: dict) -> dict:
 
 def child_plain_train(spec: dict) -> dict:
     """The same epochs in plain PyTorch: the loop train_loop_per_worker runs (engine.fit), minus
-    Ray; seconds are fit's own epoch timing, as for the Ray Train row."""
+    Ray; seconds are fit's own epoch timing, as for the Ray Train row. With ``spec["beside_ray"]``
+    this process first starts Ray as the jobs do and leaves it idle (its daemons and this
+    process's Ray threads run beside the loop)."""
     import torch
+
+    if spec.get("beside_ray"):
+        _init_ray(spec)
 
     from allcore import engine
     from allcore.labels import get_label_set
@@ -397,6 +402,9 @@ def main(argv: list[str] | None = None) -> int:
                         "train section (plain loop, Ray Train)")
     parser.add_argument("--train-default-niceness", action="store_true", help="each round also "
                         "runs Ray Train with its workers at Ray's default niceness 15")
+    parser.add_argument("--train-beside-ray", action="store_true", help="each round also runs the "
+                        "plain loop in a process that started Ray and leaves it idle: what Ray's "
+                        "presence costs, apart from Ray Train's own work")
     parser.add_argument("--data", help="class-folder tree of real images (default: generated)")
     parser.add_argument("--json", help="write every measurement here")
     parser.add_argument("--skip", default="", help=f"comma-separated sections: {','.join(SECTIONS)}")
@@ -468,7 +476,8 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     train on exactly the same images in the same order. ``--train-pairs`` rounds, interleaved
     with the order alternating, so that load from other processes hits both alike; with
     ``--train-default-niceness`` each round also runs Ray Train with Ray's default worker
-    niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's."""
+    niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's; with
+    ``--train-beside-ray`` also the plain loop in a process that started Ray."""
     from allcore.data import discover_samples
     from allcore.labels import get_label_set
     from allcore.recipes import load_recipe
@@ -487,6 +496,8 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     if args.train_default_niceness:
         runs.append(("ray_train", {**spec, "worker_niceness": RAY_DEFAULT_WORKER_NICENESS},
                      "train: Ray Train, niceness 15"))
+    if args.train_beside_ray:
+        runs.append(("plain_train", {**spec, "beside_ray": True}, "train: plain loop beside idle Ray"))
     rows = []
     for round_ in range(args.train_pairs):
         for kind, run_spec, label in runs if round_ % 2 == 0 else runs[::-1]:

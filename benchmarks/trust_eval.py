@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 from scipy import ndimage
+from sklearn.metrics import roc_auc_score
 from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -165,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, scored in foreign.items():
             scores = detector.score(scored.features, scored.logits)
             ood, qc_flag, reasons = review_flags(scored, scores, section)
-            auroc = metrics.binary_roc_auc(np.r_[np.zeros(len(test_scores)), np.ones(len(scores))],
-                                           np.r_[test_scores, scores])
+            auroc = roc_auc_score(np.r_[np.zeros(len(test_scores)), np.ones(len(scores))],
+                                 np.r_[test_scores, scores])
             counts: dict[str, int] = {}
             for reason in reasons:
                 for part in filter(None, reason.split("; ")):

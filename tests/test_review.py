@@ -265,4 +265,6 @@ def test_a_correction_made_in_the_queue_lands_in_the_corrections_table(app_url, 
     rows = [r for r in CorrectionStore(str(output_root)).read().to_pylist() if r["cell_id"] == cell_id]
     assert len(rows) == 1
     assert (rows[0]["label"], rows[0]["reviewer"], rows[0]["decision"]) == (label, "Reviewer One", "correct")
-    wait.until(lambda d: cell_id not in [e.get_attribute("data-cell-id") for e in d.find_elements(By.CSS_SELECTOR, ".item")])
+    # read the ids in one script: the queue re-renders, so element handles found first go stale
+    wait.until(lambda d: cell_id not in d.execute_script(
+        "return [...document.querySelectorAll('.item')].map(e => e.dataset.cellId)"))
