@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
 from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells, foreground_mask,
-                           median_cell_diameter)
+                           median_cell_diameter, survey_stain)
 from allcore.synthetic import _CYTOPLASM, _NUCLEUS, _RED_CELL, make_field  # the same drawing style
 
 
@@ -103,6 +103,15 @@ def test_diameter_estimate_tracks_the_scale_and_the_drawn_cells():
         large = estimate_cell_diameter(field.resize((672, 672), Image.Resampling.BILINEAR))
         assert 0.8 < small / drawn < 1.25, (small, drawn)
         assert 2.7 < large / small < 3.3, (large, small)
+
+
+def test_the_stain_survey_counts_blobs_and_sizes_the_single_cells():
+    apart = survey_stain(drawn_field([(60, 60, 14), (160, 70, 14), (110, 160, 14)]))
+    assert apart.blobs == 3 and apart.diameter == pytest.approx(28, rel=0.15)
+    # two touching cells are one blob to count; the single cell still sets the size
+    touching = survey_stain(drawn_field([(60, 60, 14), (86, 60, 14), (150, 160, 14)]))
+    assert touching.blobs == 2 and touching.diameter == pytest.approx(28, rel=0.15)
+    assert survey_stain(drawn_field([])) == (0, None)
 
 
 def test_one_diameter_for_a_run_is_the_median_over_its_fields():
