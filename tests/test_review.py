@@ -21,7 +21,7 @@ from allcore.data import discover_samples
 from allcore.labels import get_label_set
 from allcore.review.corrections import Correction, CorrectionError, CorrectionStore, export_manifest
 from allcore.review.geojson import feature_collections, write_feature_collections
-from allcore.review.queue import ReviewQueue, most_suspicious_first
+from allcore.review.queue import ReviewQueue, latest, most_suspicious_first
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.store import OutputStore
@@ -89,6 +89,19 @@ def test_queue_lists_flagged_rows_most_suspicious_first_per_specimen(output_root
     s1 = queue.pending(set(), "S1")
     assert set(s1["specimen_id"]) == {"S1"}
     assert set(queue.pending({s1["cell_id"].iloc[0]}, "S1")["cell_id"]) == set(s1["cell_id"].iloc[1:])
+
+
+def test_the_queue_keeps_each_input_s_newest_scoring_as_the_sql_view_does():
+    def row(uri, run, at, kind, cell, status="ok"):
+        return {"source_uri": uri, "run_id": run, "scored_at": at, "row_kind": kind,
+                "cell_id": cell, "status": status}
+    rows = pd.DataFrame([
+        row("a.jpg", "r1", 1, "field", "a"), row("a.jpg", "r1", 1, "cell", "a#1"),
+        row("a.jpg", "r2", 2, "field", "a"),  # rescored without --per-cell: a#1 is superseded
+        row("b.jpg", "r1", 1, "field", "b"), row("b.jpg", "r1", 1, "cell", "b#1"),
+        row("b.jpg", "r2", 2, "field", "b", status="error"),  # unreadable now: nothing left to review
+        row("c.jpg", "r1", 1, "field", "c"), row("c.jpg", "r1", 1, "cell", "c#1")])
+    assert sorted(latest(rows)["cell_id"]) == ["a", "c", "c#1"]
 
 
 def test_ties_in_ood_go_to_the_most_undecided_row():

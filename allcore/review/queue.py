@@ -2,8 +2,9 @@
 first, grouped by specimen.
 
 Rows are read only through the output's commit records (``OutputStore.committed_files``), so a
-chunk being written or left by a crash never shows up. A cell scored by several runs is judged by
-its newest row (as the ``latest_predictions`` view does); a cell some reviewer has already
+chunk being written or left by a crash never shows up. An input scored by several runs is judged
+by its newest scoring only, the rule of the ``latest_predictions`` view in sql/bi_queries.sql
+(the run of its newest field row, with that run's cells); a cell some reviewer has already
 decided on leaves the queue.
 """
 
@@ -21,7 +22,7 @@ from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD, SCHEMA_METADATA_KEY
 from allcore.trust import BLAST_THRESHOLD
 
-ROW_COLUMNS = ("cell_id", "row_kind", "source_uri", "specimen_id", "scored_at", "model_sha256",
+ROW_COLUMNS = ("cell_id", "row_kind", "source_uri", "specimen_id", "scored_at", "run_id", "model_sha256",
                "cell_model_sha256", "box_x0", "box_y0", "box_x1", "box_y1", "pred_label",
                "confidence", "blast_probability", "call", "needs_review", "review_reason",
                "ood_score", "status")
@@ -48,15 +49,22 @@ def read_rows(uri: str) -> pd.DataFrame:
         frame = parquet.read(columns=present).to_pandas()
     for column in set(ROW_COLUMNS) - set(present):
         frame[column] = None
+    frame["row_kind"] = frame["row_kind"].fillna(FIELD)  # files older than row_kind: fields only
     facts = {kind: _model_facts(metadata, kind) for kind in frame["row_kind"].unique()}
     frame["classes"] = [facts[kind][0] for kind in frame["row_kind"]]
     frame["ood_threshold"] = [facts[kind][1] for kind in frame["row_kind"]]
-    return frame[frame["status"] == "ok"]
+    return frame
 
 
 def latest(rows: pd.DataFrame) -> pd.DataFrame:
-    """The newest row of every cell_id."""
-    return rows.sort_values("scored_at", kind="stable").drop_duplicates("cell_id", keep="last")
+    """The ok rows of each input's newest scoring: the run of its newest field row (by
+    ``scored_at``, then ``run_id``) with that run's cell rows, as the ``latest_predictions`` view
+    keeps them. A cell of an older run is gone once a newer run scored its field, even when that
+    run found no cells or could not read the file (its error row is the newest, and not ok)."""
+    newest = (rows[rows["row_kind"] == FIELD].sort_values(["scored_at", "run_id"], kind="stable")
+              .drop_duplicates("source_uri", keep="last")[["source_uri", "run_id"]])
+    kept = rows.merge(newest, on=["source_uri", "run_id"])
+    return kept[kept["status"] == "ok"]
 
 
 def most_suspicious_first(rows: pd.DataFrame) -> pd.DataFrame:
@@ -73,7 +81,7 @@ def most_suspicious_first(rows: pd.DataFrame) -> pd.DataFrame:
 
 class ReviewQueue:
     """The flagged rows of one output root. Committed files are read once each and kept (only
-    ``ROW_COLUMNS`` of their ok rows), so a long-running app reads
+    ``ROW_COLUMNS``), so a long-running app reads
     just the chunks committed since the last request."""
 
     def __init__(self, output_root: str):
@@ -82,7 +90,7 @@ class ReviewQueue:
         self._lock = threading.Lock()
 
     def rows(self) -> pd.DataFrame:
-        """The newest row of every cell_id of the committed table (one file read per new commit)."""
+        """The ok rows of every input's newest scoring (``latest``; one file read per new commit)."""
         with self._lock:
             for uri in self.store.committed_files():
                 if uri not in self._files:
