@@ -231,3 +231,14 @@ def test_agrees_with_the_datasets_segmentation(shared_data):
     ious = [r.iou for r in results if not r.excluded]
     assert len(ious) >= 30
     assert np.median(ious) > 0.75
+
+
+def test_holes_are_filled_as_scipy_fills_them():
+    from scipy import ndimage as ndi
+
+    from allcore.cells import _holes_filled
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        shape = tuple(rng.integers(5, 120, size=2))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.45, 0.6)
+        assert np.array_equal(_holes_filled(mask), ndi.binary_fill_holes(mask))
