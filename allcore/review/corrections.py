@@ -132,7 +132,8 @@ class CorrectionStore:
 def cell_crop_of(row: dict, geometry: CellCropGeometry) -> Image.Image:
     """The crop of a corrected cell as a cell model is trained on it: ``geometry`` around the
     box centre, with the box's longer side as the cell diameter (the finder's box bounds the
-    cell, so that side is the diameter scoring measured)."""
+    cell). Scoring cut its crops at the run's one diameter instead, so this crop's scale differs
+    from the one the model saw by the box's ratio to that diameter (README, review app)."""
     x0, y0, x1, y1 = (int(row[f"box_{k}"]) for k in ("x0", "y0", "x1", "y1"))
     field = decode_rgb(read_bytes(row["source_uri"]))
     return cut_cell_crop(field, box_centre((x0, y0, x1, y1)), cell_diameter_px=max(x1 - x0, y1 - y0),
