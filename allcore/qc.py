@@ -18,6 +18,7 @@ field's preparation (docs/PERFORMANCE.md).
 from __future__ import annotations
 
 import math
+
 import numpy as np
 from PIL import Image
 from skimage import color, measure
@@ -75,8 +76,8 @@ def jpeg_blockiness(rgb: np.ndarray) -> float:
 
 
 def cell_statistics(rgb: np.ndarray) -> dict[str, float]:
-    """Count and typical size of the white cells from the stain survey (which works at most
-    ``allcore.cells.ESTIMATE_SIDE`` px, so a 2592 px field costs little more than a small one)."""
+    """Count and typical size of the white cells from the stain survey, which works on a copy
+    of at most ``allcore.cells.ESTIMATE_SIDE`` px (a 2592 px field still pays for that resize)."""
     survey = survey_stain(rgb)
     diameter = math.nan if survey.diameter is None else survey.diameter
     return {"qc_cell_count": float(survey.blobs), "qc_cell_diameter_px": diameter,

@@ -9,6 +9,8 @@ worker, as ``jobs/train.py`` starts it), waits ``--warmup`` seconds into each ch
 and samples the CPU time of every process and the machine's idle time over ``--seconds``.
 On a 2-core machine the loop's own process should hold nearly both cores; whatever the other
 processes take (Ray's daemons and actors beside the worker) comes out of the training's share.
+It also prints each training process's threads by name (Ray names its own), its niceness, CPU
+affinity and how many of its threads computed, where Ray's worker could differ from the loop.
 """
 
 from __future__ import annotations
@@ -57,8 +59,11 @@ def sample(label: str, focus: str, seconds: float) -> None:
     time.sleep(seconds)
     after, idle = cpu_seconds(), psutil.cpu_times().idle - idle_before
     by_name: dict[str, float] = {}
+    busy = 0  # threads computing for over a tenth of the window: torch's intra-op threads
     for tid, (name, t) in thread_seconds(pid).items():
-        by_name[name] = by_name.get(name, 0.0) + t - threads_before.get(tid, (name, 0.0))[1]
+        spent = t - threads_before.get(tid, (name, 0.0))[1]
+        by_name[name] = by_name.get(name, 0.0) + spent
+        busy += spent > 0.1 * seconds
     used = sorted(((t - before[pid][1], name) for pid, (name, t) in after.items() if pid in before),
                   reverse=True)
     training = sum(t for t, name in used if focus in name)
@@ -70,6 +75,9 @@ def sample(label: str, focus: str, seconds: float) -> None:
             print(f"  {t:6.2f}  {name}")
     print("  threads of the training process, by name: " + ", ".join(
         f"{name} {t:.2f}" for name, t in sorted(by_name.items(), key=lambda kv: -kv[1]) if t >= 0.005))
+    process = psutil.Process(pid)
+    print(f"  training process: {busy} busy threads, niceness {process.nice()} (this script "
+          f"{psutil.Process().nice()}), CPU affinity {process.cpu_affinity()}")
 
 
 def main() -> int:

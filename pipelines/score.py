@@ -33,16 +33,15 @@ from pipelines import init_ray
 from allcore.artifact import verified_card
 from allcore.celldata import CellCropGeometry
 from allcore.cells import CellFinderConfig
-from allcore.labels import LABEL_SETS, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
 from allcore.io import FileInfo
 from allcore.scoring.inference_path import artifact_inference_path
-from allcore.scoring.inputs import iter_inputs, new_inputs
+from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
-from allcore.scoring.table import FIELD, build_output_table, card_summary
+from allcore.scoring.table import FIELD, blast_classes, build_output_table, card_summary
 from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
@@ -85,9 +84,8 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
                          max_review_rate=config.max_review_rate)
     if not card.trust:
         log.warning("%s", NO_TRUST_WARNING)
-    for checked in (card, cell_card):
-        if checked is not None and checked.trust and stale_qc_warning(checked.trust):
-            log.warning("%s: %s", checked.model_name, stale_qc_warning(checked.trust))
+    elif stale := stale_qc_warning(card.trust):  # only the field card's QC ranges judge rows
+        log.warning("%s", stale)
     store.write_config(run_id, config)
     log.info("run %s: model %s %s (%s); %d inputs already committed for it", run_id,
              card.model_name, card.model_version, card.weights_sha256[:12], len(done))
@@ -108,10 +106,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
         complete = CompleteInputs()
         model_summary = card_summary(card, cell_card)
         # --per-cell needs the blast classes (specimen summary); field runs fill them if known
-        blasts = (get_label_set(card.label_set).blast_classes_of(card.classes)
-                  if config.per_cell or card.label_set in LABEL_SETS else ())
-        cell_blasts = (() if cell_card is None else
-                       get_label_set(cell_card.label_set).blast_classes_of(cell_card.classes))
+        blasts, cell_blasts = blast_classes(card, cell_card, required=config.per_cell)
 
         def commit(rows: pa.Table) -> None:
             scored_at = dt.datetime.now(dt.timezone.utc)
@@ -233,9 +228,7 @@ def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[
             yield pending[:size]
             del pending[:size]
             blocks += 1
-    batch = _batch_inputs(config)
-    for start in range(0, len(pending), batch):
-        yield pending[start:start + batch]
+    yield from chunked(pending, _batch_inputs(config))
 
 
 def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:

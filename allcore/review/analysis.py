@@ -25,11 +25,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from allcore.cells import CellFinderConfig
 from allcore.io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
-from allcore.labels import get_label_set
 from allcore.overlay import heat_overlay, png_bytes, render
 from allcore.scoring.predict import Predictor, ScoringModel
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-from allcore.scoring.table import CELL, FIELD, build_output_table, card_summary
+from allcore.scoring.table import CELL, FIELD, blast_classes, build_output_table, card_summary
 from allcore.data_config import DataConfig
 
 MAX_UPLOAD_BYTES = 64 * 2**20  # a 40-megapixel TIFF (MAX_PIXELS) compresses well below this
@@ -141,9 +140,7 @@ class FieldAnalyser:
         cell_card = None if self.predictor.cell_model is None else self.predictor.cell_model.card
         self.prepare = prepare_kwargs(card, cell_finder=cell_finder, cell_card=cell_card)
         self.summary = card_summary(card, cell_card)
-        self.blast_classes = get_label_set(card.label_set).blast_classes_of(card.classes)
-        self.cell_blast_classes = (() if cell_card is None else
-                                   get_label_set(cell_card.label_set).blast_classes_of(cell_card.classes))
+        self.blast_classes, self.cell_blast_classes = blast_classes(card, cell_card)
         self.field_saliency = Saliency(self.predictor.field_model)
         self.cell_saliency = (self.field_saliency if self.predictor.cell_model is None
                               else Saliency(self.predictor.cell_model))

@@ -16,7 +16,6 @@ reviewer who changes their mind makes a new decision; the newest per cell is wha
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import posixpath
 import re
@@ -29,6 +28,7 @@ from PIL import Image
 
 from allcore.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
 from allcore.io import decode_rgb, filesystem, join, read_bytes, write_atomic, write_bytes
+from allcore.overlay import png_bytes
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD
 
@@ -156,9 +156,7 @@ def export_manifest(corrections: pd.DataFrame, out_dir: str, *,
             group = row["cell_id"].split(":")[0]
             if kind == CELL:
                 relative = f"crops/{group}_{'_'.join(str(int(row[f'box_{k}'])) for k in ('x0', 'y0', 'x1', 'y1'))}.png"
-                buffer = io.BytesIO()
-                cell_crop_of(row, geometry).save(buffer, "PNG")
-                write_bytes(join(out_dir, relative), buffer.getvalue())
+                write_bytes(join(out_dir, relative), png_bytes(cell_crop_of(row, geometry)))
                 entries.append((relative, row["label"], group))
             else:
                 entries.append((row["source_uri"], row["label"], group))

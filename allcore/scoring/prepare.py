@@ -18,8 +18,8 @@ a float) and declaring the column in ``allcore.scoring.table.COLUMNS``. Cell and
 NaN (null in the table).
 
 Every field row also gets the image QC statistics (``allcore.qc.QC_COLUMNS``), which the review
-decision compares with the model card's training ranges. With ``--per-cell`` the QC's cell
-statistics come from the cells found for the cell rows, so the cell finder runs once per field.
+decision compares with the model card's training ranges, computed on the field as it was read
+(``--per-cell`` runs too: the ranges were fitted that way).
 """
 
 from __future__ import annotations
@@ -117,10 +117,10 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
         if img is None:
             rows.append({**field_row, "status": ERROR, "error": error, "error_kind": error_kind})
             continue
-        # --per-cell: the scale bar painted out once, for the field model and the finder alike
+        # the field model's pixels as training made them (reduced decode, then the mask); the
+        # finder and the crops work on the field with the scale bar painted out
         searched = mask_scale_bar(img) if cell_finder is not None and cfg.mask_corner else img
-        field_row.update({"box": (0, 0, *img.size),
-                          "pixels": preprocess_array(searched, cfg if searched is img else crop_cfg),
+        field_row.update({"box": (0, 0, *img.size), "pixels": preprocess_array(img, cfg),
                           **{name: float(measure(img)) for name, measure in measurements.items()}})
         if cell_finder is None:
             rows.append({**field_row, **image_qc(img)})

@@ -26,6 +26,7 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
+from allcore.labels import LABEL_SETS, get_label_set
 from allcore.qc import QC_COLUMNS
 from allcore.trust import (NO_TRUST_CHECKS, Review, probability_call, review_cell, review_row,
                            trust_from_card_section)
@@ -344,6 +345,17 @@ def columns_markdown() -> str:
     lines += [f"| `{c.name.replace('{cls}', '<class>')}` | {c.type} | "
               f"{c.description.replace('{cls!r}', '<class>')} |" for c in COLUMNS]
     return "\n".join(lines)
+
+
+def blast_classes(card, cell_card=None, *, required: bool = True) -> tuple[tuple, tuple]:
+    """(the field model's, the cell model's) blast classes, from their label sets. A field model
+    whose label set allcore does not know has none unless ``required`` (per-cell work needs them:
+    then get_label_set says what is missing)."""
+    blasts = (get_label_set(card.label_set).blast_classes_of(card.classes)
+              if required or card.label_set in LABEL_SETS else ())
+    cell_blasts = (() if cell_card is None else
+                   get_label_set(cell_card.label_set).blast_classes_of(cell_card.classes))
+    return blasts, cell_blasts
 
 
 def card_summary(card, cell_card=None) -> dict:
