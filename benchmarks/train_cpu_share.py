@@ -52,9 +52,13 @@ def thread_seconds(pid: int) -> dict[int, tuple[str, float]]:
     return seen
 
 
-def sample(label: str, focus: str, seconds: float) -> None:
-    pid = next(p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
-               if focus in " ".join(p.info["cmdline"] or []))
+def training_pid(focus: str) -> int | None:
+    """The pid of the process whose command line holds ``focus``, if one runs."""
+    return next((p.info["pid"] for p in psutil.process_iter(["pid", "cmdline"])
+                 if focus in " ".join(p.info["cmdline"] or [])), None)
+
+
+def sample(label: str, pid: int, focus: str, seconds: float) -> None:
     before, idle_before, threads_before = cpu_seconds(), psutil.cpu_times().idle, thread_seconds(pid)
     time.sleep(seconds)
     after, idle = cpu_seconds(), psutil.cpu_times().idle - idle_before
@@ -98,11 +102,12 @@ def main() -> int:
     waiting = dict(TRAINING_PROCESS)
     while bench.poll() is None and waiting:
         for label, focus in list(waiting.items()):
-            if any(focus in " ".join(p.info["cmdline"] or [])
-                   for p in psutil.process_iter(["cmdline"])):
+            if training_pid(focus) is not None:
                 time.sleep(args.warmup)
-                sample(label, focus, args.seconds)
-                del waiting[label]
+                pid = training_pid(focus)  # after the warm-up: the process that trains now
+                if pid is not None:
+                    sample(label, pid, focus, args.seconds)
+                    del waiting[label]
         time.sleep(0.5)
     output = bench.communicate()[0]
     print("\n".join(line for line in output.splitlines() if line.startswith("train:")))
