@@ -8,12 +8,13 @@ cytoplasm are purple (red *and* blue in CIELAB: a* > 0 and b* < 0), while red ce
 So one threshold on ``purple = min(a*, -b*)`` separates them, then morphology and a watershed on
 the distance transform split touching cells.
 
-Archives differ in magnification (a white cell is ~28 px across in a 224 px Taleqani field,
+Archives differ in magnification (a white cell is ~22-28 px across in a 224 px Taleqani field,
 ~130 px in a 2592 px ALL-IDB field, ~180 px in a 640 px BCCD field), so every length the finder
-uses is in white-cell diameters: each field is resampled so that a white cell is
-``working_diameter_px`` across, searched there, and the boxes are mapped back to the field's own
-pixels. The diameter is given per run (``cell_diameter_px``) or estimated per field from its
-stained blobs (``estimate_cell_diameter``). No learning.
+uses is in white-cell diameters: a field whose white cells are wider than ``working_diameter_px``
+is shrunk so they are that wide, a field with smaller cells is searched as it is (enlarging adds
+pixels, not detail), and the boxes are mapped back to the field's own pixels. The diameter is
+given per run (``cell_diameter_px``) or estimated per field from its stained blobs
+(``estimate_cell_diameter``). No learning.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ ESTIMATE_MIN_AXIS_RATIO = 0.65
 class CellFinderConfig:
     """Every setting of the finder. Lengths are in white-cell diameters and areas in squared
     diameters, so one config fits every magnification; the pixel values in the comments are at the
-    working resolution (a white cell 28 px across, about a 224 px Taleqani field as it is). The
+    working resolution at its widest (a white cell 28 px across, about a 224 px Taleqani field). The
     thresholds were tuned on every second Taleqani image (see docs/CELLS.md), the scale settings
     converted from those tuned at that resolution."""
 
@@ -58,9 +59,10 @@ class CellFinderConfig:
     # Apparent diameter of a typical white cell in the input image, in its pixels (the same for a
     # whole archive taken on one microscope). None: estimated per field (estimate_cell_diameter).
     working_diameter_px: float = 28.0
-    # Fields are resampled so a white cell is this many pixels across before searching: the
-    # Taleqani fields the thresholds were tuned on are about this scale as they are, and 28 px
-    # keeps a 2592 px ALL-IDB field near 560 px, so time per field is bounded.
+    # Fields whose white cells are wider are shrunk so a cell is this many pixels across before
+    # searching: 28 px keeps a 2592 px ALL-IDB field near 560 px, so time per field is bounded.
+    # Fields with smaller cells (Taleqani's 21-29 px) are searched as they are: enlarging them to
+    # 28 px cost 1.6x the CPU and agreed less with the dataset's masks (docs/CELLS.md).
     purple_threshold: float = 8.0
     # min(a*, -b*) above the field's median (its background and red cells) at which a pixel is
     # white-cell stain: pale cytoplasm sits ~10-14 above it, faint Pro-B blasts ~10-18, dense nuclei
@@ -214,8 +216,9 @@ def survey_stain(img: Image.Image | np.ndarray, config: CellFinderConfig = CellF
     rgb = rgb_array(img)
     scale = min(1.0, ESTIMATE_SIDE / max(rgb.shape[:2]))
     mask = _stain_mask(_stain(_resampled(rgb, scale), 1.0)[0], config)
-    mask = ndi.binary_opening(_holes_filled(mask))
-    blobs = [r for r in measure.regionprops(ndi.label(mask)[0]) if r.area >= ESTIMATE_MIN_AREA]
+    labels = ndi.label(ndi.binary_opening(_holes_filled(mask)))[0]
+    roundish = _axis_ratios(labels) >= ESTIMATE_MIN_AXIS_RATIO
+    blobs = [r for r in measure.regionprops(labels) if r.area >= ESTIMATE_MIN_AREA]
     if not blobs:
         return StainSurvey(0, None)
     # A convex hull lies inside its box and holds the blob, so a blob whose box is below the hull
@@ -225,11 +228,11 @@ def survey_stain(img: Image.Image | np.ndarray, config: CellFinderConfig = CellF
     blobs = [r for r in blobs if r.image.size >= least_hull]
     largest = max(r.area_convex for r in blobs)
     blobs = [r for r in blobs if r.area_convex >= ESTIMATE_MIN_HULL_FRACTION * largest]
-    single = [r for r in blobs if r.solidity >= ESTIMATE_MIN_SOLIDITY and _roundish(r)]
+    single = [r for r in blobs if r.solidity >= ESTIMATE_MIN_SOLIDITY and roundish[r.label]]
     # The convex hull, not the stained area: a lobed nucleus or a pale rim still spans its cell.
     # Without a single cell, an elongated blob is touching cells side by side: its hull's width
     # (minor axis) is about one cell across.
-    diameter = float(np.median([np.sqrt(4 * r.area_convex / np.pi) if _roundish(r) else
+    diameter = float(np.median([np.sqrt(4 * r.area_convex / np.pi) if roundish[r.label] else
                                 measure.regionprops(r.image_convex.astype(np.uint8))[0].axis_minor_length
                                 for r in single or blobs]) / scale)
     return StainSurvey(len(blobs), diameter)
@@ -252,8 +255,24 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
     return survey_stain(img, config).diameter
 
 
-def _roundish(region) -> bool:
-    return region.axis_minor_length >= ESTIMATE_MIN_AXIS_RATIO * region.axis_major_length
+def _axis_ratios(labels: np.ndarray) -> np.ndarray:
+    """Minor over major axis length of every label of ``labels`` (index 0: the background): the
+    ratio of ``regionprops``' ``axis_minor_length`` and ``axis_major_length``, from the
+    eigenvalues of each region's pixel-coordinate covariance, summed for all regions at once
+    (one ``regionprops`` moments computation per blob was a fifth of the survey's time)."""
+    flat = labels.ravel()
+    count = np.maximum(np.bincount(flat), 1)
+    rows, cols = (axis.ravel() for axis in np.indices(labels.shape, dtype=np.float64))
+
+    def mean(values: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, values, len(count)) / count
+
+    row, col = mean(rows), mean(cols)
+    var_row, var_col = mean(rows * rows) - row ** 2, mean(cols * cols) - col ** 2
+    cov = mean(rows * cols) - row * col
+    centre, spread = (var_row + var_col) / 2, np.hypot((var_row - var_col) / 2, cov)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(np.clip(centre - spread, 0, None) / (centre + spread))
 
 
 def median_cell_diameter(images: Iterable[Image.Image | np.ndarray],
@@ -265,17 +284,9 @@ def median_cell_diameter(images: Iterable[Image.Image | np.ndarray],
     return float(np.median(estimates)) if estimates else None
 
 
-def working_scale(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> float | None:
-    """Factor the finder resizes ``img`` by (working pixels per image pixel), or None when no
-    diameter is given and none can be estimated (no stained cell in the field)."""
-    diameter = config.cell_diameter_px or estimate_cell_diameter(img, config)
-    return None if diameter is None else config.working_diameter_px / diameter
-
-
-def _cell_regions(rgb: np.ndarray, config: CellFinderConfig) -> tuple[list, np.ndarray]:
+def _cell_regions(rgb: np.ndarray, config: CellFinderConfig, cell: float) -> tuple[list, np.ndarray]:
     """Region properties of the white cells and the L* channel of ``rgb``, which is already at
-    the working resolution."""
-    cell = config.working_diameter_px
+    the working resolution, where a white cell is ``cell`` pixels across."""
     purple, lightness = _stain(rgb, config.smoothing_sigma * cell)
     mask = _stain_mask(purple, config)
     radius = round(config.opening_radius * cell)
@@ -364,10 +375,11 @@ def _to_image(region, scale: float, shape: tuple[int, int]) -> tuple[Box, np.nda
 
 
 def _find(rgb: np.ndarray, config: CellFinderConfig) -> list[Cell]:
-    scale = working_scale(rgb, config)
-    if scale is None:
+    diameter = config.cell_diameter_px or estimate_cell_diameter(rgb, config)
+    if diameter is None:  # no diameter given and no stained cell to estimate it from
         return []
-    regions, lightness = _cell_regions(_resampled(rgb, scale), config)
+    scale = min(1.0, config.working_diameter_px / diameter)  # working pixels per field pixel
+    regions, lightness = _cell_regions(_resampled(rgb, scale), config, diameter * scale)
     cells = []
     for region in regions:
         box, mask = _to_image(region, scale, rgb.shape[:2])

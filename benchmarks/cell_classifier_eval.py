@@ -109,28 +109,18 @@ def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, lis
     criterion = torch.nn.CrossEntropyLoss(weight=weights)
     loader = lambda ds, shuffle: torch.utils.data.DataLoader(  # noqa: E731
         ds, batch_size=recipe.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > recipe.batch_size)
-    train_loader = loader(data["train"], True)
-    device, precision = torch.device("cpu"), engine.Precision.resolve(torch.device("cpu"), False)
-    optimizer = engine.build_optimizer(model, recipe)
-    scheduler = engine.build_scheduler(optimizer, recipe, steps_per_epoch=len(train_loader))
-    stopper = engine.EarlyStopping(recipe.early_stopping_patience)
-    best, history = (np.inf, None), []
-    for epoch in range(recipe.epochs):
-        data["train"].set_epoch(epoch)
-        row = engine.train_one_epoch(model, criterion, optimizer, train_loader, device, precision,
-                                     precision.scaler(), scheduler if recipe.schedule == "one_cycle" else None)
-        row.update(engine.evaluate(model, loader(data["val"], False), device, precision,
-                                   label_set.num_classes))
-        history.append(row)
-        print(f"  epoch {epoch + 1}/{recipe.epochs} {json.dumps({k: round(v, 4) for k, v in row.items()})}",
-              flush=True)
-        if row["val_loss"] < best[0]:
-            best = (row["val_loss"], copy.deepcopy(model.state_dict()))
-        if recipe.schedule == "plateau":
-            scheduler.step(row["val_loss"])
-        if stopper.step(row["val_loss"]):
-            break
-    model.load_state_dict(best[1])
+    device = torch.device("cpu")
+    best = {"val_loss": np.inf}
+
+    def keep_best(row: dict, state: dict) -> None:
+        if row["val_loss"] < best["val_loss"]:
+            best.update(val_loss=row["val_loss"], weights=copy.deepcopy(model.state_dict()))
+
+    history = engine.fit(model, criterion, loader(data["train"], True), loader(data["val"], False),
+                         device, recipe, num_classes=label_set.num_classes, on_epoch_end=keep_best,
+                         log=lambda line: print(f"  {line}", flush=True))
+    model.load_state_dict(best["weights"])
+    precision = engine.MixedPrecision.resolve(device, False)
     probs, labels = engine.predict(model, loader(data["test"], False), device, precision)
     blast = [label_set.index(c) for c in label_set.blast_classes]
     return probs[:, blast].sum(1), labels, [s.path for s in data["test"].samples], {"history": history}

@@ -242,3 +242,19 @@ def test_holes_are_filled_as_scipy_fills_them():
         shape = tuple(rng.integers(5, 120, size=2))
         mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 3)) > rng.uniform(0.45, 0.6)
         assert np.array_equal(_holes_filled(mask), ndi.binary_fill_holes(mask))
+
+
+def test_axis_ratios_are_those_of_regionprops():
+    from scipy import ndimage as ndi
+    from skimage import measure
+
+    from allcore.cells import _axis_ratios
+    rng = np.random.default_rng(6)
+    for _ in range(30):
+        shape = tuple(rng.integers(5, 150, size=2))
+        labels = ndi.label(ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 4)) > 0.52)[0]
+        ratios = _axis_ratios(labels)
+        for region in measure.regionprops(labels):
+            if region.axis_major_length > 0:
+                assert ratios[region.label] == pytest.approx(
+                    region.axis_minor_length / region.axis_major_length, abs=1e-9)

@@ -49,6 +49,13 @@ def eager_outputs(model: torch.nn.Module, device: torch.device) -> ModelOutputs:
     return outputs
 
 
+ONNX_CHUNK_PIXELS = 150_000
+# Input pixels (rows x side x side) per ONNX Runtime call on CPU. A large batch's activations
+# spill out of the CPU caches: MobileNetV2 ran 1.4-1.6x slower per image in calls of 256 rows
+# than of 2-16 (224, 128 and 96 px, 1 and 2 threads; docs/PERFORMANCE.md), so a batch is run in
+# chunks of about this many pixels: 2 rows at 224 px, 9 at 128, 16 at 96.
+
+
 def _onnx_session(model: torch.nn.Module, input_size: int):
     """Export ``model`` (features and logits) to ONNX in memory and open an ONNX Runtime
     session, or None when ``onnxruntime`` is not installed (the ``fast`` extra). Threads:
@@ -92,8 +99,13 @@ def fast_outputs(model: torch.nn.Module, device: torch.device, input_size: int) 
         return outputs
     session = _onnx_session(model, input_size)
     if session is not None:
+        rows = max(1, ONNX_CHUNK_PIXELS // input_size ** 2)
+
         def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            features, logits = session.run(None, {"pixels": np.ascontiguousarray(pixels, np.float32)})
+            pixels = np.ascontiguousarray(pixels, np.float32)
+            chunks = [session.run(None, {"pixels": pixels[start:start + rows]})
+                      for start in range(0, len(pixels), rows)] or [session.run(None, {"pixels": pixels})]
+            features, logits = (np.concatenate(parts) for parts in zip(*chunks))
             return features, logits
 
         return outputs
