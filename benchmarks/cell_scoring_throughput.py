@@ -133,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stages", action="store_true", help="also time each stage in-process")
     parser.add_argument("--stages-only", action="store_true", help="only the stages, no Ray jobs")
     args = parser.parse_args(argv)
+    # absolute: the input list's relative entries are read against the job's --input folder
     args.model, args.cell_model = os.path.abspath(args.model), os.path.abspath(args.cell_model)
+    args.data = args.data.resolve()
 
     sets = {"Taleqani 224 px": fields_of(args.data / "all-taleqani" / "Original", args.fields),
             "ALL-IDB 2592 x 1944": fields_of(args.data / "all-idb" / "ALL_IDB1" / "im", args.fields, 2592)}
