@@ -32,7 +32,7 @@ def test_fast_path_agrees_with_eager(tiny_artifact, pixels, onnx, monkeypatch):
     if onnx:
         pytest.importorskip("onnxruntime")
     else:  # the fallback when the `fast` extra is not installed
-        monkeypatch.setattr("allcore.scoring.predict._onnx_session", lambda model, size: None)
+        monkeypatch.setattr("allcore.scoring.predict.onnx_session", lambda model, size: None)
     cpu = torch.device("cpu")
     eager = probability_function(load_artifact(tiny_artifact)[0], input_size=64, fast=False,
                                  device=cpu)(pixels)
@@ -52,7 +52,7 @@ def test_fast_path_returns_the_same_features_for_the_ood_score(tiny_artifact, pi
     if onnx:
         pytest.importorskip("onnxruntime")
     else:
-        monkeypatch.setattr("allcore.scoring.predict._onnx_session", lambda model, size: None)
+        monkeypatch.setattr("allcore.scoring.predict.onnx_session", lambda model, size: None)
     cpu = torch.device("cpu")
     eager = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=False, device=cpu)
     fast = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=True, device=cpu)

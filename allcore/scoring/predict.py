@@ -51,12 +51,13 @@ def eager_outputs(model: torch.nn.Module, device: torch.device) -> ModelOutputs:
 
 ONNX_CHUNK_PIXELS = 150_000
 # Input pixels (rows x side x side) per ONNX Runtime call on CPU. A large batch's activations
-# spill out of the CPU caches: MobileNetV2 ran 1.4-1.6x slower per image in calls of 256 rows
-# than of 2-16 (224, 128 and 96 px, 1 and 2 threads; docs/PERFORMANCE.md), so a batch is run in
-# chunks of about this many pixels: 2 rows at 224 px, 9 at 128, 16 at 96.
+# spill out of the CPU caches: MobileNetV2 ran 1.2-1.3x slower per image in calls of 256 rows
+# than in these chunks (96, 128 and 224 px, 1 and 2 threads; benchmarks/onnx_chunk_rows.py,
+# docs/PERFORMANCE.md), so a batch is run in chunks of about this many pixels: 2 rows at 224 px,
+# 9 at 128, 16 at 96.
 
 
-def _onnx_session(model: torch.nn.Module, input_size: int):
+def onnx_session(model: torch.nn.Module, input_size: int):
     """Export ``model`` (features and logits) to ONNX in memory and open an ONNX Runtime
     session, or None when ``onnxruntime`` is not installed (the ``fast`` extra). Threads:
     ``torch.get_num_threads()``, which follows OMP_NUM_THREADS, i.e. the CPUs Ray gave this actor."""
@@ -97,7 +98,7 @@ def fast_outputs(model: torch.nn.Module, device: torch.device, input_size: int) 
                 return _numpy(*features_and_logits(model, x.contiguous(memory_format=torch.channels_last)))
 
         return outputs
-    session = _onnx_session(model, input_size)
+    session = onnx_session(model, input_size)
     if session is not None:
         rows = max(1, ONNX_CHUNK_PIXELS // input_size ** 2)
 
