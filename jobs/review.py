@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from allcore.celldata import CellCropGeometry  # noqa: E402
 from allcore.io import absolute_location  # noqa: E402
-from allcore.review.corrections import CorrectionStore, export_manifest  # noqa: E402
+from allcore.review.corrections import CorrectionStore, export_manifest, scored_crop_diameters  # noqa: E402
 from allcore.review.geojson import feature_collections, write_feature_collections  # noqa: E402
 from allcore.review.queue import ReviewQueue  # noqa: E402
 
@@ -65,7 +65,8 @@ def export_training_manifest(args: argparse.Namespace) -> int:
         print(f"no corrections under {args.output}; review some rows first", file=sys.stderr)
         return 1
     geometry = CellCropGeometry(side_cell_diameters=args.side_cell_diameters, input_size=args.input_size)
-    for kind, uri in export_manifest(corrections, args.out, geometry=geometry).items():
+    for kind, uri in export_manifest(corrections, args.out, geometry=geometry,
+                                     crop_diameters=scored_crop_diameters(args.output)).items():
         print(f"{kind} manifest: {uri}")
     return 0
 

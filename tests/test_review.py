@@ -14,12 +14,17 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from PIL import Image
 
 from allcore.artifact import read_card
 from allcore.cells import CellFinderConfig
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
-from allcore.review.corrections import Correction, CorrectionError, CorrectionStore, export_manifest
+from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
+from allcore.data_config import preprocess_array
+from allcore.io import decode_rgb, read_bytes
+from allcore.review.corrections import (Correction, CorrectionError, CorrectionStore, export_manifest,
+                                        scored_crop_diameters)
 from allcore.review.geojson import feature_collections, write_feature_collections
 from allcore.review.queue import ReviewQueue, latest, most_suspicious_first
 from allcore.scoring.predict import Predictor
@@ -172,6 +177,39 @@ def test_corrections_become_a_training_manifest(output_root, tmp_path):
     assert cells[0].group == chosen[0]["cell_id"].split(":")[0]
     pixels, label = ImageDataset(cells, get_label_set("blast"), lambda img: np.asarray(img))[0]
     assert pixels.shape == (128, 128, 3) and label == get_label_set("blast").classes.index(cells[0].label)
+
+
+def test_exported_cell_crops_have_the_scale_scoring_cut_them_at(output_root, tmp_path, tiny_artifact,
+                                                                  tiny_cell_artifact):
+    queue = ReviewQueue(str(output_root))
+    cell = queue.pending(set()).query("row_kind == 'cell'").iloc[0]
+    corrections = pd.DataFrame([decision(queue, cell["cell_id"], cell["classes"][0], "scale-0001").table().to_pylist()[0]])
+    cell_card = read_card(tiny_cell_artifact)
+    geometry = CellCropGeometry.from_card(cell_card)
+    box = tuple(int(cell[f"box_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+
+    def exported_crop(output: Path, folder: str) -> np.ndarray:
+        written = export_manifest(corrections, str(tmp_path / folder), geometry=geometry,
+                                  crop_diameters=scored_crop_diameters(str(output)))
+        path = discover_samples(written["cell"], get_label_set("blast"))[0].path
+        return np.asarray(decode_rgb(read_bytes(path)))
+
+    # the fixture's run estimated the diameter field by field: the crop is the pixels it scored
+    prepared = prepare_batch({"source_uri": np.array([cell["source_uri"]], dtype=object)},
+                             **prepare_kwargs(read_card(tiny_artifact), cell_finder=CellFinderConfig(),
+                                              cell_card=cell_card))
+    boxes = list(zip(*(prepared[f"box_{k}"].tolist() for k in ("x0", "y0", "x1", "y1"))))
+    assert scored_crop_diameters(str(output_root)) == {}
+    np.testing.assert_array_equal(
+        preprocess_array(Image.fromarray(exported_crop(output_root, "estimated")), cell_card.data_config_obj()),
+        prepared["cell_pixels"][boxes.index(box)])
+    # a run with one diameter for every field: the crop is cut at that diameter
+    copy = shutil.copytree(output_root, tmp_path / "out")
+    OutputStore(str(copy)).finish("r1", {"cell_diameter_px": 40.0}, passed=True)
+    assert set(scored_crop_diameters(str(copy)).values()) == {40.0}
+    field = decode_rgb(read_bytes(cell["source_uri"]))
+    np.testing.assert_array_equal(exported_crop(copy, "run-diameter"), np.asarray(
+        cut_cell_crop(field, box_centre(box), cell_diameter_px=40.0, geometry=geometry)))
 
 
 def test_serve_refuses_a_public_host_without_a_token(capsys, monkeypatch):

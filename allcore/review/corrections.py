@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import posixpath
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -27,8 +28,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from allcore.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
+from allcore.cells import estimate_cell_diameter
 from allcore.io import decode_rgb, filesystem, join, read_bytes, write_atomic, write_bytes
 from allcore.overlay import png_bytes
+from allcore.review.queue import ReviewQueue
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD
 
@@ -129,21 +132,39 @@ class CorrectionStore:
         return frame.sort_values("reviewed_at", kind="stable").drop_duplicates("cell_id", keep="last")
 
 
-def cell_crop_of(row: dict, geometry: CellCropGeometry) -> Image.Image:
+def cell_crop_of(row: dict, geometry: CellCropGeometry, cell_diameter_px: float | None = None) -> Image.Image:
     """The crop of a corrected cell as a cell model is trained on it: ``geometry`` around the
-    box centre, with the box's longer side as the cell diameter (the finder's box bounds the
-    cell). Scoring cut its crops at the run's one diameter instead, so this crop's scale differs
-    from the one the model saw by the box's ratio to that diameter (README, review app)."""
+    box centre at ``cell_diameter_px``, the diameter scoring cut the cell's crop at
+    (``scored_crop_diameters``), so the crop has the scale the model saw. Without one (the run
+    estimated the diameter field by field) the field's own estimate is taken again, as scoring
+    did (on the field as read: behind a field model that masks the scale bar scoring estimated
+    it on the masked field, which can move it slightly), then the box's longer side for a field
+    the estimate cannot measure."""
     x0, y0, x1, y1 = (int(row[f"box_{k}"]) for k in ("x0", "y0", "x1", "y1"))
     field = decode_rgb(read_bytes(row["source_uri"]))
-    return cut_cell_crop(field, box_centre((x0, y0, x1, y1)), cell_diameter_px=max(x1 - x0, y1 - y0),
-                         geometry=geometry)
+    diameter = cell_diameter_px or estimate_cell_diameter(field) or max(x1 - x0, y1 - y0)
+    return cut_cell_crop(field, box_centre((x0, y0, x1, y1)), cell_diameter_px=diameter, geometry=geometry)
+
+
+def scored_crop_diameters(output_root: str) -> dict[str, float]:
+    """cell_id -> the white-cell diameter its crop was cut at: the one diameter of the scoring
+    run that wrote the row (``_runs/<run_id>/summary.json``), for the cells the review app shows
+    (each input's newest scoring). Cells of runs that estimated it per field are left out."""
+    rows = ReviewQueue(output_root).rows()
+    cells = rows[rows["row_kind"] == CELL]
+    store = OutputStore(output_root)
+    by_run = {run_id: (store.run_summary(run_id) or {}).get("cell_diameter_px")
+              for run_id in cells["run_id"].unique()}
+    return {cell_id: by_run[run_id] for cell_id, run_id in zip(cells["cell_id"], cells["run_id"])
+            if by_run[run_id]}
 
 
 def export_manifest(corrections: pd.DataFrame, out_dir: str, *,
-                    geometry: CellCropGeometry = CellCropGeometry()) -> dict[str, str]:
+                    geometry: CellCropGeometry = CellCropGeometry(),
+                    crop_diameters: Mapping[str, float] | None = None) -> dict[str, str]:
     """Write training manifests (``path,label,group``, what ``jobs/train.py --data`` reads) of
-    the newest decisions: ``cells.csv`` over crops cut into ``crops/`` (``cell_crop_of``) and
+    the newest decisions: ``cells.csv`` over crops cut into ``crops/`` (``cell_crop_of``, at
+    each cell's ``crop_diameters`` entry: ``scored_crop_diameters`` of the output) and
     ``fields.csv`` over the source fields themselves. ``group`` is the source field's content
     hash, so a field and its cells never land in different splits. Returns {row kind: uri}."""
     written = {}
@@ -156,7 +177,8 @@ def export_manifest(corrections: pd.DataFrame, out_dir: str, *,
             group = row["cell_id"].split(":")[0]
             if kind == CELL:
                 relative = f"crops/{group}_{'_'.join(str(int(row[f'box_{k}'])) for k in ('x0', 'y0', 'x1', 'y1'))}.png"
-                write_bytes(join(out_dir, relative), png_bytes(cell_crop_of(row, geometry)))
+                write_bytes(join(out_dir, relative), png_bytes(cell_crop_of(
+                    row, geometry, (crop_diameters or {}).get(row["cell_id"]))))
                 entries.append((relative, row["label"], group))
             else:
                 entries.append((row["source_uri"], row["label"], group))

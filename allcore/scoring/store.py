@@ -375,6 +375,12 @@ class OutputStore:
         if self.fs.exists(self._p("_staging", run_id)):
             self.fs.rm(self._p("_staging", run_id), recursive=True)
 
+    def run_summary(self, run_id: str) -> dict | None:
+        """The accounting ``finish`` wrote for ``run_id``, or None for a run that never finished
+        (or wrote ``manifest.json``, before this release)."""
+        path = self._p("_runs", run_id, "summary.json")
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
         return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
