@@ -101,13 +101,14 @@ def box_centre(box: Box) -> tuple[float, float]:
 
 
 def cut_cell_crop(img: Image.Image | np.ndarray, centre: tuple[float, float], *,
-                  cell_diameter_px: float, geometry: CellCropGeometry) -> Image.Image:
+                  cell_diameter_px: float, geometry: CellCropGeometry,
+                  fill: np.ndarray | None = None) -> Image.Image:
     """The square crop a cell model sees for the cell at ``centre`` (x, y in ``img`` pixels),
     resampled to ``geometry.input_size`` (beyond the image edge: ``cells.padded_square``'s
-    fill). Training and scoring both cut
+    ``fill``, the field's median colour unless given). Training and scoring both cut
     here, so the crops cannot drift apart; for a found cell pass ``box_centre(cell.box)``."""
     side = geometry.side_px(cell_diameter_px)
-    crop = padded_square(img, round(centre[0] - side / 2), round(centre[1] - side / 2), side)
+    crop = padded_square(img, round(centre[0] - side / 2), round(centre[1] - side / 2), side, fill)
     return crop.resize((geometry.input_size,) * 2, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 

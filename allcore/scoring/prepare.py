@@ -39,7 +39,7 @@ from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeErro
                         read_bytes)
 from allcore.qc import QC_COLUMNS, image_qc
 from allcore.scoring.table import CELL, ERROR, FIELD, OK
-from allcore.data_config import DataConfig, mask_scale_bar, preprocess_array
+from allcore.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
 
 NO_CELLS_NOTE = "no cells found"
 FieldMeasurement = Callable[[Image.Image], float]
@@ -131,6 +131,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
             searched, replace(cell_finder, cell_diameter_px=diameter))
         field_row.update(image_qc(img))
         pixel_key = "pixels" if cell_model is None else "cell_pixels"
+        background = median_colour(searched) if cells and cell_model is not None else None
         rows.append({**field_row, "cell_count": len(cells),
                      "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
@@ -140,7 +141,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                   **{name: math.nan for name in (*measurements, *QC_COLUMNS)},
                   "pixels": None,  # a cell row's pixels are the crop's, under pixel_key
                   pixel_key: cell_input(searched, cell, diameter, finder=cell_finder,
-                                        crop_cfg=crop_cfg, cell_model=cell_model)}
+                                        crop_cfg=crop_cfg, cell_model=cell_model, fill=background)}
                  for cell in cells]
     return _columns(batch, rows, cfg, measurements, cell_model)
 
@@ -157,14 +158,16 @@ def sampled_cell_diameter(uris: Iterable[str], *, data_config: DataConfig,
 
 
 def cell_input(field: Image.Image, cell, diameter: float, *, finder: CellFinderConfig,
-               crop_cfg: DataConfig, cell_model: CellModelInput | None) -> np.ndarray:
+               crop_cfg: DataConfig, cell_model: CellModelInput | None,
+               fill: np.ndarray | None = None) -> np.ndarray:
     """The preprocessed pixels of one found cell as the model that classifies it sees them: the
-    cell model's crop (its geometry at ``diameter``, its data config), else the field model's
-    square crop around the box (``crop_cfg``)."""
+    cell model's crop (its geometry at ``diameter``, its data config; beyond the field's edge
+    ``fill``, the field's median colour, taken once per field by the caller), else the field
+    model's square crop around the box (``crop_cfg``)."""
     if cell_model is None:
         return preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction), crop_cfg)
     crop = cut_cell_crop(field, box_centre(cell.box), cell_diameter_px=diameter,
-                         geometry=cell_model.geometry)
+                         geometry=cell_model.geometry, fill=fill)
     return preprocess_array(crop, DataConfig.from_dict(cell_model.data_config))
 
 
