@@ -11,7 +11,8 @@ import torch
 
 from allcore.artifact import load_artifact
 from allcore.models import create_model
-from allcore.scoring.inference_path import FAST_PATH_VERIFIED, inference_path, ood_survives_fast_path
+from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path, inference_path,
+                                            ood_survives_fast_path)
 from allcore.scoring.predict import Predictor, model_outputs, probability_function
 from allcore.scoring.table import OK, prob_column
 from allcore.synthetic import make_field
@@ -155,3 +156,19 @@ def test_exact_and_fast_flags_reach_the_scoring_config():
     del earlier["inference"]
     assert ScoringConfig.from_json(json.dumps({**earlier, "fast": False})).inference == "exact"
     assert ScoringConfig.from_json(json.dumps({**earlier, "fast": True})).inference == "fast"
+
+
+def test_the_trust_file_is_read_only_where_auto_would_pick_the_fast_path(tiny_artifact):
+    from dataclasses import replace
+
+    from allcore.artifact import read_card
+
+    # a trust section whose detector file is not there: reading it fails loudly
+    card = replace(read_card(tiny_artifact), trust={"ood": {"file": "missing.safetensors",
+                                                            "sha256": "0" * 64, "method": "mahalanobis"}})
+    assert card.model_name in FAST_PATH_VERIFIED
+    assert artifact_inference_path(tiny_artifact, card, mode="exact").reason == "--exact"
+    assert artifact_inference_path(tiny_artifact, card, mode="fast").fast
+    assert not artifact_inference_path(tiny_artifact, card, cuda=True).fast
+    with pytest.raises(FileNotFoundError):
+        artifact_inference_path(tiny_artifact, card)  # auto on CPU: the detector is probed

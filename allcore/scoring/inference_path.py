@@ -100,7 +100,10 @@ def inference_path(model_name: str, *, mode: str = "auto", cuda: bool = False,
 
 def artifact_inference_path(artifact_uri: str, card, *, mode: str = "auto",
                             cuda: bool = False) -> InferencePath:
-    """``inference_path`` of one artifact: its registry model and its card's OOD detector."""
-    trust = load_trust(artifact_uri, card.trust) if card.trust and mode == "auto" else None
+    """``inference_path`` of one artifact: its registry model and, only where ``auto`` would
+    pick the fast path, its card's OOD detector (the trust file is read for that alone)."""
+    path = inference_path(card.model_name, mode=mode, cuda=cuda)
+    if mode != "auto" or not path.fast or not card.trust:
+        return path
     return inference_path(card.model_name, mode=mode, cuda=cuda,
-                          ood_stable=ood_survives_fast_path(trust))
+                          ood_stable=ood_survives_fast_path(load_trust(artifact_uri, card.trust)))
