@@ -6,7 +6,7 @@
 Scores the first ``--fields`` (sorted by path) 224 px Taleqani fields (``all-taleqani/Original``)
 and 2592 x 1944 ALL-IDB fields (``all-idb/ALL_IDB1/im``, the 1712 px ones left out) through
 ``pipelines.score.run_scoring`` exactly as ``jobs/score.py`` does (run cell diameter estimated
-from a sample, 4 fields per block, ``--actors N,N``), into a fresh output each time. Wall time is
+from a sample, blocks of ``per_cell_blocks``, ``--actors N,N``), into a fresh output each time. Wall time is
 listing to the last commit, Ray start excluded (Ray is started once before the first run); on a
 shared machine it moves with the load, so the load average is printed beside it. The jobs
 score with the default path (the fastest verified for each model); ``--exact`` with eager fp32.

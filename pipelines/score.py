@@ -45,7 +45,11 @@ from allcore.scoring.table import FIELD, blast_classes, build_output_table, card
 from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
-FIELDS_PER_CELL_BLOCK = 4  # --per-cell inputs per block: a 2592 px field takes ~1 s to prepare
+PER_CELL_BLOCK_BYTES = 384 * 1024  # --per-cell blocks: consecutive inputs up to this many bytes
+PER_CELL_BLOCK_INPUTS = 64  # of image files, at most this many, at least one. A 2592 px ALL-IDB
+# field (0.5-1.9 MB, ~0.3 s to prepare) is a block of its own, so large fields spread over every
+# actor; ~17 Taleqani fields (~22 KB each, ~60 ms) share one, where 4 a block lost 7 % of a
+# 768-field run to per-block overhead (docs/PERFORMANCE.md, "Per-cell scoring").
 SMALL_BLOCKS_PER_ACTOR = 4  # field runs: the first blocks hold one model batch each ...
 LARGE_BLOCK_INPUTS = 4096  # ... the rest this many inputs (benchmarks/listing_puts.py)
 DIAMETER_SAMPLE = 32  # inputs whose median white-cell size is the run's cell diameter
@@ -219,7 +223,10 @@ def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tupl
 def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[list]:
     """The to-do list, arriving in listing chunks, cut into blocks of ``todo_block_inputs``; the
     last inputs (fewer than a large block) in batch-sized blocks again, so the actors finish
-    together."""
+    together. ``--per-cell``: blocks by file bytes (``per_cell_blocks``)."""
+    if config.per_cell:
+        yield from per_cell_blocks(info for todo in todo_chunks for info in todo)
+        return
     pending: list = []
     blocks = 0
     for todo in todo_chunks:
@@ -231,22 +238,38 @@ def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[
     yield from chunked(pending, _batch_inputs(config))
 
 
+def per_cell_blocks(todo: Iterable[FileInfo]) -> Iterator[list[FileInfo]]:
+    """``--per-cell`` blocks: consecutive inputs up to ``PER_CELL_BLOCK_BYTES`` of files, at
+    most ``PER_CELL_BLOCK_INPUTS``, at least one. A field's cost grows with its pixels, which its
+    file size follows, so large fields spread over every actor and small ones do not pay the
+    per-block overhead one by one."""
+    block: list[FileInfo] = []
+    size = 0
+    for info in todo:
+        if block and (size + info.size > PER_CELL_BLOCK_BYTES or len(block) == PER_CELL_BLOCK_INPUTS):
+            yield block
+            block, size = [], 0
+        block.append(info)
+        size += max(info.size, 0)
+    if block:
+        yield block
+
+
 def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
-    """Inputs in the next block of the to-do list. ``--per-cell``: a few fields each, so large
-    fields spread over every actor and progress moves image by image. Field runs: one model batch
-    each for the first ``SMALL_BLOCKS_PER_ACTOR`` blocks per actor, so every actor starts at once
-    and a small run spreads evenly, then ``LARGE_BLOCK_INPUTS`` (``todo_blocks`` cuts the tail
-    batch-sized again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block
-    made a first run of 10M inputs wait minutes before scoring started."""
-    if config.per_cell or blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
+    """Inputs in the next block of a field run's to-do list: one model batch each for the first
+    ``SMALL_BLOCKS_PER_ACTOR`` blocks per actor, so every actor starts at once and a small run
+    spreads evenly, then ``LARGE_BLOCK_INPUTS`` (``todo_blocks`` cuts the tail batch-sized
+    again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block made a first
+    run of 10M inputs wait minutes before scoring started."""
+    if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
         return _batch_inputs(config)
     return max(config.batch_size, LARGE_BLOCK_INPUTS)
 
 
-def _batch_inputs(config: ScoringConfig) -> int:
-    """Inputs the prepare stage takes at a time: one model batch, or with ``--per-cell`` a few
-    fields (``FIELDS_PER_CELL_BLOCK``)."""
-    return min(config.batch_size, FIELDS_PER_CELL_BLOCK) if config.per_cell else config.batch_size
+def _batch_inputs(config: ScoringConfig) -> int | None:
+    """Inputs the prepare stage takes at a time: one model batch, or with ``--per-cell`` each
+    block whole (``per_cell_blocks``)."""
+    return None if config.per_cell else config.batch_size
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 from allcore.scoring.config import ScoringConfig
-from pipelines.score import (FIELDS_PER_CELL_BLOCK, LARGE_BLOCK_INPUTS, SMALL_BLOCKS_PER_ACTOR,
-                             todo_block_inputs, todo_blocks)
+from pipelines.score import (LARGE_BLOCK_INPUTS, PER_CELL_BLOCK_BYTES, PER_CELL_BLOCK_INPUTS,
+                             SMALL_BLOCKS_PER_ACTOR, todo_block_inputs, todo_blocks)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,23 @@ def test_todo_blocks_start_batch_sized_on_every_actor_then_grow():
     sizes = [todo_block_inputs(config, n) for n in range(SMALL_BLOCKS_PER_ACTOR * 3 + 2)]
     assert sizes[:SMALL_BLOCKS_PER_ACTOR * 3] == [32] * (SMALL_BLOCKS_PER_ACTOR * 3)
     assert sizes[-2:] == [LARGE_BLOCK_INPUTS] * 2
-    per_cell = ScoringConfig(model="m", input="i", output="o", batch_size=32, per_cell=True)
-    assert {todo_block_inputs(per_cell, n) for n in (0, 100, 10_000)} == {FIELDS_PER_CELL_BLOCK}
+
+
+def test_per_cell_blocks_hold_a_bounded_number_of_file_bytes():
+    """Large fields one to a block (they spread over the actors), small ones many to a block, a
+    file larger than the budget still alone, listing errors (size -1) counted as empty."""
+    from allcore.io import FileInfo
+
+    per_cell = ScoringConfig(model="m", input="i", output="o", per_cell=True, commit_every=1000)
+    sizes = [1_700_000, 1_800_000] + [22_000] * 200 + [-1, 500_000, 22_000]
+    infos = [FileInfo(f"f{i}.jpg", size, "0") for i, size in enumerate(sizes)]
+    blocks = list(todo_blocks(per_cell, [infos[:150], infos[150:]]))
+    assert [i for block in blocks for i in block] == infos
+    assert [len(b) for b in blocks[:2]] == [1, 1]
+    assert all(len(b) <= PER_CELL_BLOCK_INPUTS for b in blocks)
+    assert all(len(b) == 1 or sum(max(i.size, 0) for i in b) <= PER_CELL_BLOCK_BYTES for b in blocks)
+    small = [len(b) for b in blocks[2:-2]]
+    assert small[0] == PER_CELL_BLOCK_BYTES // 22_000 and sum(small) >= 200
 
 
 def test_todo_blocks_hold_every_input_once_with_a_batch_sized_tail():
