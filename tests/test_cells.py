@@ -221,7 +221,7 @@ def test_render_job_labels_every_cell(tmp_path, tiny_artifact, capsys):
 
 def test_agrees_with_the_datasets_segmentation(shared_data):
     """Median foreground IoU against the Segmented masks on 40 report-half images of the classes
-    whose masks mostly work (docs/CELLS.md: the full report half gives 0.67-0.85 per class with
+    whose masks mostly work (docs/CELLS.md: the full report half gives 0.70-0.87 per class with
     the diameter estimated per field; the floor leaves margin for library and decoder changes)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from cell_finder_vs_segmented import evaluate_one, list_pairs
