@@ -434,14 +434,15 @@ def padded_square(img: Image.Image | np.ndarray, left: int, top: int, side: int,
 
 
 def cell_crop(img: Image.Image | np.ndarray, cell: Cell,
-              pad_fraction: float = CellFinderConfig.crop_pad_fraction, size: int | None = None) -> Image.Image:
-    """Square crop centred on ``cell`` (``padded_square``): a classifier trained on square inputs
-    sees the cell undistorted. ``size`` resizes to a square."""
+              pad_fraction: float = CellFinderConfig.crop_pad_fraction, size: int | None = None,
+              fill: np.ndarray | None = None) -> Image.Image:
+    """Square crop centred on ``cell`` (``padded_square``, with its ``fill``): a classifier
+    trained on square inputs sees the cell undistorted. ``size`` resizes to a square."""
     if pad_fraction < 0:
         raise ValueError(f"pad_fraction must be >= 0, got {pad_fraction}")
     if size is not None and size < 1:
         raise ValueError(f"size must be a positive number of pixels or None, got {size}")
     x0, y0, x1, y1 = cell.box
     side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * pad_fraction)))
-    crop = padded_square(img, round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2), side)
+    crop = padded_square(img, round((x0 + x1 - side) / 2), round((y0 + y1 - side) / 2), side, fill)
     return crop if size is None else crop.resize((size, size), Image.Resampling.BILINEAR)

@@ -235,7 +235,7 @@ def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[
             yield pending[:size]
             del pending[:size]
             blocks += 1
-    yield from chunked(pending, _batch_inputs(config))
+    yield from chunked(pending, config.batch_size)
 
 
 def per_cell_blocks(todo: Iterable[FileInfo]) -> Iterator[list[FileInfo]]:
@@ -262,14 +262,8 @@ def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
     again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block made a first
     run of 10M inputs wait minutes before scoring started."""
     if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
-        return _batch_inputs(config)
+        return config.batch_size
     return max(config.batch_size, LARGE_BLOCK_INPUTS)
-
-
-def _batch_inputs(config: ScoringConfig) -> int | None:
-    """Inputs the prepare stage takes at a time: one model batch, or with ``--per-cell`` each
-    block whole (``per_cell_blocks``)."""
-    return None if config.per_cell else config.batch_size
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
@@ -285,17 +279,17 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     for role, path in paths.items():
         log.info("%s %s scores with %s: %s", role, cards[role][1].model_name, path.name, path.reason)
         summary.inference[role] = {"path": path.name, "reason": path.reason}
-    prepare_size = _batch_inputs(config)
-    # --per-cell: the model takes each prepared block whole (its fields' cells). A row count here
-    # would make Ray bundle that many *inputs* per task once prepare is fused into the actors
-    # (the larger of the two batch sizes wins), which put 52 large fields in one task on one actor
-    predict_size = None if finder else config.batch_size
+    # --per-cell: both stages take each block whole (``per_cell_blocks`` sized it; the model gets
+    # its fields' cells). A row count for the model would make Ray bundle that many *inputs* per
+    # task once prepare is fused into the actors (the larger of the two batch sizes wins), which
+    # put 52 large fields in one task on one actor
+    batch_size = None if finder else config.batch_size
     return (
         ray.data.from_arrow_refs(blocks)
-        .map_batches(prepare_batch, batch_size=prepare_size,
+        .map_batches(prepare_batch, batch_size=batch_size,
                      fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
                                               cell_finder=finder, cell_card=cell_card))
-        .map_batches(PredictStage, batch_size=predict_size, num_gpus=num_gpus,
+        .map_batches(PredictStage, batch_size=batch_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,

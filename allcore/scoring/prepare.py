@@ -131,7 +131,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
             searched, replace(cell_finder, cell_diameter_px=diameter))
         field_row.update(image_qc(img))
         pixel_key = "pixels" if cell_model is None else "cell_pixels"
-        background = median_colour(searched) if cells and cell_model is not None else None
+        background = median_colour(searched) if cells else None  # beyond the edge of every crop
         rows.append({**field_row, "cell_count": len(cells),
                      "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
         rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
@@ -161,11 +161,11 @@ def cell_input(field: Image.Image, cell, diameter: float, *, finder: CellFinderC
                crop_cfg: DataConfig, cell_model: CellModelInput | None,
                fill: np.ndarray | None = None) -> np.ndarray:
     """The preprocessed pixels of one found cell as the model that classifies it sees them: the
-    cell model's crop (its geometry at ``diameter``, its data config; beyond the field's edge
-    ``fill``, the field's median colour, taken once per field by the caller), else the field
-    model's square crop around the box (``crop_cfg``)."""
+    cell model's crop (its geometry at ``diameter``, its data config), else the field model's
+    square crop around the box (``crop_cfg``); beyond the field's edge either is ``fill``, the
+    field's median colour, taken once per field by the caller."""
     if cell_model is None:
-        return preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction), crop_cfg)
+        return preprocess_array(cell_crop(field, cell, finder.crop_pad_fraction, fill=fill), crop_cfg)
     crop = cut_cell_crop(field, box_centre(cell.box), cell_diameter_px=diameter,
                          geometry=cell_model.geometry, fill=fill)
     return preprocess_array(crop, DataConfig.from_dict(cell_model.data_config))
