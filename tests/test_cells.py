@@ -258,3 +258,38 @@ def test_axis_ratios_are_those_of_regionprops():
             if region.axis_major_length > 0:
                 assert ratios[region.label] == pytest.approx(
                     region.axis_minor_length / region.axis_major_length, abs=1e-9)
+
+
+def test_perimeters_are_those_of_skimage_for_touching_regions():
+    from scipy import ndimage as ndi
+    from skimage import measure, segmentation
+
+    from allcore.cells import _perimeters
+    rng = np.random.default_rng(7)
+    for _ in range(30):
+        shape = tuple(rng.integers(5, 150, size=2))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 4)) > 0.5
+        # watershed regions touch one another, as the finder's split cells do
+        markers = np.zeros(shape, np.int32)
+        seeds = rng.integers(0, (shape[0], shape[1]), size=(8, 2))
+        markers[tuple(seeds.T)] = np.arange(1, 9)
+        labels = segmentation.watershed(-ndi.distance_transform_edt(mask), markers, mask=mask)
+        perimeters = _perimeters(labels)
+        for region in measure.regionprops(labels):
+            assert perimeters[region.label] == measure.perimeter(region.image, 4)
+
+
+def test_innermost_points_are_those_of_the_whole_field_transform():
+    from scipy import ndimage as ndi
+
+    from allcore.cells import _innermost_points
+    rng = np.random.default_rng(8)
+    for _ in range(30):
+        shape = tuple(rng.integers(5, 150, size=2))
+        mask = ndi.gaussian_filter(rng.random(shape), rng.uniform(0.5, 4)) > rng.uniform(0.3, 0.55)
+        components, count = ndi.label(mask)
+        distance = ndi.distance_transform_edt(mask)  # over the whole field
+        expected = [np.unravel_index(np.argmax(np.where(components == label, distance, -1)), shape)
+                    for label in range(1, count + 1)]  # the first in raster order on ties
+        got = _innermost_points(mask, components, np.arange(1, count + 1))
+        assert [tuple(p) for p in got] == [tuple(map(int, p)) for p in expected]
