@@ -140,7 +140,7 @@ def read_card(uri: str) -> ModelCard:
     return ModelCard.from_dict(json.loads(raw))
 
 
-def _verified_weights(uri: str) -> tuple[ModelCard, bytes]:
+def verified_weights(uri: str) -> tuple[ModelCard, bytes]:
     """The card and the weight file's bytes, refused unless the bytes' sha256 is the card's."""
     card = read_card(uri)
     data = read_bytes(join(uri, WEIGHTS_FILE))
@@ -157,12 +157,18 @@ def verified_card(uri: str) -> ModelCard:
     """The card of the artifact at ``uri`` once its weight file matches it, without building the
     model (no torch): a corrupt artifact is caught where this runs. Whether the weights fit the
     architecture is checked by ``load_artifact``, where the model is built."""
-    return _verified_weights(uri)[0]
+    return verified_weights(uri)[0]
 
 
 def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelCard]:
     """Rebuild the model stored at ``uri`` in eval mode, after verifying its weights' sha256."""
-    card, data = _verified_weights(uri)
+    card, data = verified_weights(uri)
+    return built_model(card, data, uri).to(map_location).eval(), card
+
+
+def built_model(card: ModelCard, weights: bytes, uri: str) -> Classifier:
+    """The model ``card`` describes with ``weights`` (the safetensors bytes of the artifact at
+    ``uri``, which ``verified_weights`` checked) loaded, on the CPU."""
     import safetensors.torch
 
     from allcore.models import create_model
@@ -170,7 +176,7 @@ def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tupl
     model = create_model(card.model_name, num_classes=len(card.classes), pretrained=False,
                          **card.model_kwargs)
     try:
-        model.load_state_dict(safetensors.torch.load(data), strict=True)
+        model.load_state_dict(safetensors.torch.load(weights), strict=True)
     except RuntimeError as err:
         raise ArtifactIntegrityError(
             f"the weights in {uri} do not fit the model its card describes ({card.model_name}, "
@@ -178,4 +184,4 @@ def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tupl
             f"weights. Re-export the model. Details: {err}"
         ) from err
     model.data_config = card.data_config_obj()
-    return model.to(map_location).eval(), card
+    return model

@@ -4,27 +4,31 @@
         --data ../shared/data [--fields 32] [--actors 2] [--exact] [--stages | --stages-only]
 
 Scores the first ``--fields`` (sorted by path) 224 px Taleqani fields (``all-taleqani/Original``)
-and 2592 x 1944 ALL-IDB fields (``all-idb/ALL_IDB1/im``, the 1712 px ones left out) through
-``pipelines.score.run_scoring`` exactly as ``jobs/score.py`` does (run cell diameter estimated
-from a sample, blocks of ``per_cell_blocks``, ``--actors N,N``), into a fresh output each time. Wall time is
-listing to the last commit, Ray start excluded (Ray is started once before the first run); on a
-shared machine it moves with the load, so the load average is printed beside it. The jobs
-score with the default path (the fastest verified for each model); ``--exact`` with eager fp32.
+and 2592 x 1944 ALL-IDB fields (``all-idb/ALL_IDB1/im``, the 1712 px ones left out) end to end:
+``jobs/score.py --per-cell`` as a new process each time (in-process Ray started and shut down,
+run cell diameter estimated from a sample, ``--actors N,N``), into a fresh output, timed from
+start to exit. The Taleqani fields are scored twice: first with an empty ONNX export cache (a
+first run on a node: every actor exports its models), then again with the exports kept (every
+later run: the actors load no torch; ``allcore.scoring.onnx``); the ALL-IDB run comes after, with
+the exports kept. The jobs score with the default path (the fastest verified for each model);
+``--exact`` with eager fp32. On a shared machine wall time moves with the load, so the load
+average is printed beside it.
 
 ``--stages`` adds where the time goes, in this process without Ray, one thread: the prepare
-stage (``prepare_batch``, split into the finder, image QC and the cell crops by profiling) and
-the predict stage (``Predictor``: field model, cell model, OOD scores) on the eager and on the
-fast path, in CPU milliseconds per field (process time: what a field costs the machine, much
-less moved by other processes' load than wall time), and the bound that puts on fields/s with
-every core busy. ``--stages-only`` skips the Ray jobs.
+stage (``prepare_batch``, its parts timed call by call: the finder, image QC, the cell crops, the
+scale-bar mask, reading and decoding) and the predict stage (``Predictor``: field model, cell
+model, OOD scores) on the eager and on the fast path, in CPU milliseconds per field (process
+time: what a field costs the machine, much less moved by other processes' load than wall time),
+and the bound that puts on fields/s with every core busy. ``--stages-only`` skips the jobs.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
+import contextlib
+import json
 import os
-import pstats
+import subprocess
 import sys
 import tempfile
 import time
@@ -32,10 +36,10 @@ from pathlib import Path
 
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 from allcore.io import IMAGE_EXTENSIONS  # noqa: E402
-from allcore.scoring.config import ScoringConfig  # noqa: E402
 
 
 def fields_of(folder: Path, count: int, width: int | None = None) -> list[str]:
@@ -49,28 +53,60 @@ def fields_of(folder: Path, count: int, width: int | None = None) -> list[str]:
     return chosen
 
 
-def measure(name: str, paths: list[str], args: argparse.Namespace) -> str:
-    from pipelines.score import run_scoring
+def measure(name: str, folder: Path, paths: list[str], args: argparse.Namespace, cache: str) -> str:
+    """One table row: ``jobs/score.py`` on ``paths`` as a process of its own, ``cache`` its ONNX
+    export cache folder."""
+    from allcore.scoring.onnx import CACHE_ENV
 
     with tempfile.TemporaryDirectory() as tmp:
         listing = Path(tmp) / "inputs.txt"
-        listing.write_text("\n".join(paths) + "\n")
-        config = ScoringConfig(model=args.model, input=tmp, output=str(Path(tmp) / "out"),
-                               input_list=str(listing), per_cell=True, cell_model=args.cell_model,
-                               actors=(args.actors, args.actors),
-                               inference="exact" if args.exact else "auto")
+        listing.write_text("\n".join(os.path.relpath(p, folder) for p in paths) + "\n")
+        command = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", args.model,
+                   "--cell-model", args.cell_model, "--per-cell", "--input", str(folder),
+                   "--manifest", str(listing), "--output", str(Path(tmp) / "out"),
+                   "--actors", f"{args.actors},{args.actors}", *(["--exact"] if args.exact else [])]
         load = os.getloadavg()[0]
         started = time.perf_counter()
-        summary = run_scoring(config)
+        # exit 3: the fields were scored and committed, but many were flagged (ALL-IDB fields
+        # under a Taleqani field model)
+        job = subprocess.run(command, env={**os.environ, CACHE_ENV: cache}, capture_output=True, text=True)
         seconds = time.perf_counter() - started
-    return (f"| {name} | {summary.ok} | {summary.cells} | {summary.cell_diameter_px:.1f} | "
-            f"{seconds:.1f} | {summary.ok / seconds:.2f} | {summary.cells / seconds:.1f} | {load:.1f} |")
+        if job.returncode not in (0, 3):
+            raise SystemExit(f"{name}: jobs/score.py exited {job.returncode}:\n{job.stderr[-3000:]}")
+        summary = json.loads(next((Path(tmp) / "out" / "_runs").glob("*/summary.json")).read_text())
+    return (f"| {name} | {summary['ok']} | {summary['cells']} | {summary['cell_diameter_px']:.1f} | "
+            f"{seconds:.1f} | {summary['ok'] / seconds:.2f} | {summary['cells'] / seconds:.1f} | {load:.1f} |")
 
 
-# prepare-stage functions whose cumulative time is reported (``--stages``)
-PREPARE_PARTS = {"cell finder": "find_cells", "diameter estimate": "estimate_cell_diameter",
-                 "image QC": "image_qc", "cell crops": "cell_input",
-                 "scale-bar mask": "mask_scale_bar", "decode": "decode_rgb"}
+# the parts of prepare_batch timed call by call (functions it calls by these names; none of
+# them calls another of them)
+PREPARE_PARTS = {"cell finder": "find_cells", "image QC": "image_qc", "cell crops": "cell_input",
+                 "scale-bar mask": "mask_scale_bar", "read and decode": "load_image"}
+
+
+@contextlib.contextmanager
+def timed_calls(module, names: list[str]):
+    """Accumulate the process time of every call to ``module``'s functions ``names`` (seconds
+    in the yielded dict); a profiler would slow call-heavy parts (the finder) more than others."""
+    spent = dict.fromkeys(names, 0.0)
+    originals = {name: getattr(module, name) for name in names}
+
+    def timed(name, function):
+        def call(*args, **kwargs):
+            started = time.process_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                spent[name] += time.process_time() - started
+        return call
+
+    for name in names:
+        setattr(module, name, timed(name, originals[name]))
+    try:
+        yield spent
+    finally:
+        for name, function in originals.items():
+            setattr(module, name, function)
 
 
 def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[str]:
@@ -82,32 +118,26 @@ def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[s
     from allcore.artifact import read_card
     from allcore.cells import CellFinderConfig, median_cell_diameter
     from allcore.io import decode_rgb, read_bytes
+    from allcore.scoring import prepare
     from allcore.scoring.predict import Predictor
-    from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 
     torch.set_num_threads(1)
     diameter = median_cell_diameter(decode_rgb(read_bytes(p)) for p in paths)
-    kwargs = prepare_kwargs(read_card(args.model), cell_finder=CellFinderConfig(cell_diameter_px=diameter),
-                            cell_card=read_card(args.cell_model))
+    kwargs = prepare.prepare_kwargs(read_card(args.model), cell_card=read_card(args.cell_model),
+                                    cell_finder=CellFinderConfig(cell_diameter_px=diameter))
     n = len(paths)
     batch = {"source_uri": np.array(paths, object), "source_size": np.zeros(n, np.int64),
              "source_mtime": np.array(["0"] * n, object), "listing_error": np.array([""] * n, object),
              "error_kind": np.array([""] * n, object)}
-    profile = cProfile.Profile(time.process_time)
-    started = time.process_time()
-    profile.runcall(prepare_batch, batch, **kwargs)
-    profiled_s = time.process_time() - started
-    started = time.process_time()
-    prepared = prepare_batch(batch, **kwargs)
-    prepare_s = time.process_time() - started
-    # the profiler slows call-heavy code most: each part is its share of the profiled run
-    # applied to the time without the profiler
-    cumulative = {func[2]: row[3] * prepare_s / profiled_s
-                  for func, row in pstats.Stats(profile).stats.items()}
+    prepare.prepare_batch(batch, **kwargs)  # warm-up (lazy imports, first-call allocation)
+    with timed_calls(prepare, list(PREPARE_PARTS.values())) as spent:
+        started = time.process_time()
+        prepared = prepare.prepare_batch(batch, **kwargs)
+        prepare_s = time.process_time() - started
     rows = [f"| {name} | prepare (all) | {1000 * prepare_s / n:.1f} |"]
-    predict_s = {}
-    rows += [f"| {name} | prepare: {part} | {1000 * cumulative.get(function, 0.0) / n:.1f} |"
+    rows += [f"| {name} | prepare: {part} | {1000 * spent[function] / n:.1f} |"
              for part, function in PREPARE_PARTS.items()]
+    predict_s = {}
     for path_name, fast in (("eager", False), ("fast", True)):
         predictor = Predictor(args.model, cell_artifact_uri=args.cell_model, fast=fast,
                               cell_fast=fast)
@@ -131,25 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actors", type=int, default=2, help="actor pool size")
     parser.add_argument("--exact", action="store_true", help="score the jobs with eager fp32 (--exact)")
     parser.add_argument("--stages", action="store_true", help="also time each stage in-process")
-    parser.add_argument("--stages-only", action="store_true", help="only the stages, no Ray jobs")
+    parser.add_argument("--stages-only", action="store_true", help="only the stages, no jobs")
     args = parser.parse_args(argv)
-    # absolute: the input list's relative entries are read against the job's --input folder
+    # absolute: the jobs are processes of their own
     args.model, args.cell_model = os.path.abspath(args.model), os.path.abspath(args.cell_model)
     args.data = args.data.resolve()
 
-    sets = {"Taleqani 224 px": fields_of(args.data / "all-taleqani" / "Original", args.fields),
-            "ALL-IDB 2592 x 1944": fields_of(args.data / "all-idb" / "ALL_IDB1" / "im", args.fields, 2592)}
+    sets = {"Taleqani 224 px": args.data / "all-taleqani" / "Original",
+            "ALL-IDB 2592 x 1944": args.data / "all-idb" / "ALL_IDB1" / "im"}
+    chosen = {name: fields_of(folder, args.fields, 2592 if name.startswith("ALL-IDB") else None)
+              for name, folder in sets.items()}
     lines = []
     if not args.stages_only:
-        from pipelines import init_ray
-
-        init_ray()
         lines += ["| fields | scored | cells | run diameter (px) | wall s | fields/s | cells/s | load avg |",
                   "|---|---|---|---|---|---|---|---|"]
-        lines += [measure(name, paths, args) for name, paths in sets.items()]
+        with tempfile.TemporaryDirectory() as cache:
+            taleqani = "Taleqani 224 px"
+            lines.append(measure(f"{taleqani}, export cache empty", sets[taleqani],
+                                 chosen[taleqani], args, cache))
+            lines += [measure(f"{name}, exports kept", sets[name], chosen[name], args, cache)
+                      for name in sets]
     if args.stages or args.stages_only:
         lines += ["", "| fields | stage (one thread, no Ray) | CPU ms per field |", "|---|---|---|"]
-        lines += [row for name, paths in sets.items() for row in stage_times(name, paths, args)]
+        lines += [row for name, paths in chosen.items() for row in stage_times(name, paths, args)]
     print("\n".join(lines))
     return 0
 

@@ -5,7 +5,7 @@
 
 Per model: its ImageNet backbone (the offline weights; random where none is installed, said in
 the table) with a fresh 4-class head, at the model's own input size, exported the way scoring
-exports it (``allcore.scoring.predict.fast_outputs``), run on the same preprocessed images as the
+exports it (``allcore.scoring.runtimes.fast_outputs``), run on the same preprocessed images as the
 eager model (``eager_outputs``). Reported: identical argmax, max |dp| of the softmax (a card's
 temperature rescales the same logits), the largest feature difference relative to the feature scale (the OOD detector's input),
 max |d logit|, export seconds and model-only images/s of both paths. An untrained head gives
@@ -56,7 +56,7 @@ def compare(name: str, paths: list[str]) -> dict:
     import torch
     from scipy import special
 
-    from allcore.scoring.predict import eager_outputs, fast_outputs
+    from allcore.scoring.runtimes import eager_outputs, fast_outputs
     from allcore.scoring.prepare import prepare_batch
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""How many rows to give ONNX Runtime per call on CPU (``allcore.scoring.predict.ONNX_CHUNK_PIXELS``).
+"""How many rows to give ONNX Runtime per call on CPU (``allcore.scoring.onnx.ONNX_CHUNK_PIXELS``).
 
     python benchmarks/onnx_chunk_rows.py [--model mobilenet_v2] [--sizes 96,128,224] [--threads 1,2]
 
@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from allcore.models import create_model
-    from allcore.scoring.predict import ONNX_CHUNK_PIXELS, fast_outputs, onnx_session
+    from allcore.scoring.onnx import ONNX_CHUNK_PIXELS
+    from allcore.scoring.runtimes import fast_outputs, onnx_session
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mobilenet_v2")

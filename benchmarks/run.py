@@ -138,7 +138,7 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
     import torch
 
     from allcore.artifact import load_artifact
-    from allcore.scoring.predict import probability_function
+    from allcore.scoring.runtimes import probability_function
 
     model, card = load_artifact(artifact)
     size = int(card.data_config["input_size"])
@@ -173,7 +173,7 @@ def agreement(artifact: str, images: Path, batch_size: int) -> dict:
     import torch
 
     from allcore.artifact import load_artifact, read_card
-    from allcore.scoring.predict import probability_function
+    from allcore.scoring.runtimes import probability_function
     from allcore.scoring.prepare import prepare_batch, prepare_kwargs
     from allcore.io import iter_image_files
 

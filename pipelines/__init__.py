@@ -17,8 +17,12 @@ RAY_DEFAULT_WORKER_NICENESS = 15  # what a Ray started without it uses
 
 def init_ray(*, verbose: bool = True, **init_kwargs) -> None:
     """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS``, or start Ray in-process with its
-    workers at the driver's priority (``WORKER_NICENESS``). ``verbose=False`` keeps Ray's INFO
-    start-up lines out of the driver log; ``init_kwargs`` go to ``ray.init``."""
+    workers at the driver's priority (``WORKER_NICENESS``) and without the dashboard, which
+    dies with the job anyway and took 1.8 of the 4.6 s Ray took to start on 2 cores
+    (docs/PERFORMANCE.md): for a dashboard, start a cluster (``ray start --head``, README) and
+    run the job on it. ``verbose=False`` keeps Ray's INFO start-up lines out of the driver log;
+    ``init_kwargs`` go to ``ray.init``."""
     if not ray.is_initialized():
         os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)  # read by a raylet started here
+        init_kwargs.setdefault("include_dashboard", False)  # ignored when joining a cluster
         ray.init(logging_level=logging.INFO if verbose else logging.WARNING, **init_kwargs)

@@ -293,6 +293,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
+                                            "device": "cuda" if num_gpus else "cpu",
                                             "expected_sha256": card.weights_sha256,
                                             "fast": paths["model"].fast,
                                             "cell_artifact_uri": config.cell_model,
@@ -306,7 +307,8 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
 class PredictStage:
     """The predict stage's actor: ``allcore.scoring.predict.Predictor``, imported here, in the
     actor, so torch (about 500 MB resident) loads in the actors only and the driver, which holds
-    the ledger, stays small."""
+    the ledger, stays small; a CPU actor whose fast path is in the ONNX export cache loads no
+    torch at all (``device``)."""
 
     def __init__(self, **predictor_kwargs):
         from allcore.scoring.predict import Predictor

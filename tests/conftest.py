@@ -27,6 +27,21 @@ def _single_thread_torch():
 
 
 @pytest.fixture(autouse=True, scope="session")
+def _onnx_export_cache(tmp_path_factory):
+    """The fast path's ONNX exports (allcore.scoring.onnx) are kept in a folder of this test
+    session, not the user's cache; Ray workers started later inherit the variable."""
+    from allcore.scoring.onnx import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("allcore-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
+@pytest.fixture(autouse=True, scope="session")
 def _no_experiment_tracking():
     """Training runs (and the jobs tests start as processes) skip MLflow tracking: a fresh SQLite
     store costs seconds per run. tests/test_tracking.py turns it back on."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +16,8 @@ from allcore.artifact import load_artifact
 from allcore.models import create_model
 from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path, inference_path,
                                             ood_survives_fast_path)
-from allcore.scoring.predict import Predictor, model_outputs, probability_function
+from allcore.scoring.predict import Predictor
+from allcore.scoring.runtimes import model_outputs, probability_function
 from allcore.scoring.table import OK, prob_column
 from allcore.synthetic import make_field
 from allcore.data_config import preprocess_array
@@ -33,7 +37,7 @@ def test_fast_path_agrees_with_eager(tiny_artifact, pixels, onnx, monkeypatch):
     if onnx:
         pytest.importorskip("onnxruntime")
     else:  # the fallback when the `fast` extra is not installed
-        monkeypatch.setattr("allcore.scoring.predict.onnx_session", lambda model, size: None)
+        monkeypatch.setattr("allcore.scoring.runtimes.onnx_session", lambda *args: None)
     cpu = torch.device("cpu")
     eager = probability_function(load_artifact(tiny_artifact)[0], input_size=64, fast=False,
                                  device=cpu)(pixels)
@@ -53,7 +57,7 @@ def test_fast_path_returns_the_same_features_for_the_ood_score(tiny_artifact, pi
     if onnx:
         pytest.importorskip("onnxruntime")
     else:
-        monkeypatch.setattr("allcore.scoring.predict.onnx_session", lambda model, size: None)
+        monkeypatch.setattr("allcore.scoring.runtimes.onnx_session", lambda *args: None)
     cpu = torch.device("cpu")
     eager = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=False, device=cpu)
     fast = model_outputs(load_artifact(tiny_artifact)[0], input_size=64, fast=True, device=cpu)
@@ -172,3 +176,62 @@ def test_the_trust_file_is_read_only_where_auto_would_pick_the_fast_path(tiny_ar
     assert not artifact_inference_path(tiny_artifact, card, cuda=True).fast
     with pytest.raises(FileNotFoundError):
         artifact_inference_path(tiny_artifact, card)  # auto on CPU: the detector is probed
+
+
+# A scoring actor as pipelines/score.py builds one on a CPU node: prints whether it imported torch
+# and whether it built the model, and saves its probabilities.
+_CPU_ACTOR = """
+import sys
+import numpy as np
+from allcore.scoring.predict import ScoringModel
+model = ScoringModel(sys.argv[1], fast=True, device="cpu")
+probs, ood = model(np.random.default_rng(0).normal(0, 1.5, (5, 3, 64, 64)).astype(np.float32))
+np.save(sys.argv[2], probs)
+print("torch" in sys.modules, model.model is not None)
+"""
+
+
+def test_a_cached_export_scores_without_torch(tiny_artifact, tmp_path):
+    """The first CPU actor on the fast path exports the model and keeps the export; the next
+    one opens it with ONNX Runtime alone (no torch, no model built) and scores the same."""
+    pytest.importorskip("onnxruntime")
+    from allcore.scoring.onnx import CACHE_ENV
+
+    env = {**os.environ, CACHE_ENV: str(tmp_path / "cache")}
+
+    def actor(out: str) -> list[str]:
+        run = subprocess.run([sys.executable, "-c", _CPU_ACTOR, tiny_artifact, str(tmp_path / out)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        return run.stdout.split()
+
+    assert actor("first.npy") == ["True", "True"]
+    assert [p.suffix for p in (tmp_path / "cache" / "onnx").iterdir()] == [".onnx"]
+    assert actor("second.npy") == ["False", "False"]
+    np.testing.assert_array_equal(np.load(tmp_path / "first.npy"), np.load(tmp_path / "second.npy"))
+
+
+def test_a_damaged_or_unwritable_export_cache_only_costs_an_export(tiny_artifact, tmp_path,
+                                                                  monkeypatch, caplog):
+    pytest.importorskip("onnxruntime")
+    from allcore.artifact import read_card
+    from allcore.scoring import onnx
+    from allcore.scoring.predict import ScoringModel
+
+    pixels = np.random.default_rng(1).random((4, 3, 64, 64), dtype=np.float32)
+    expected = ScoringModel(tiny_artifact)(pixels)[0]  # eager
+    monkeypatch.setenv(onnx.CACHE_ENV, str(tmp_path))
+    cached = tmp_path / "onnx" / onnx.cache_key(read_card(tiny_artifact).weights_sha256, 64)
+    cached.parent.mkdir()
+    cached.write_bytes(b"half an export")
+    model = ScoringModel(tiny_artifact, fast=True, device="cpu")
+    assert model.model is not None and "does not open" in caplog.text
+    np.testing.assert_allclose(model(pixels)[0], expected, atol=PROBABILITY_TOLERANCE, rtol=0)
+    assert onnx.cached_session(cached.name) is not None  # replaced by a good export
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a folder")
+    monkeypatch.setenv(onnx.CACHE_ENV, str(blocked))
+    model = ScoringModel(tiny_artifact, fast=True, device="cpu")
+    assert "could not keep the ONNX export" in caplog.text
+    np.testing.assert_allclose(model(pixels)[0], expected, atol=PROBABILITY_TOLERANCE, rtol=0)

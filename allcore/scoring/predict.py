@@ -2,7 +2,9 @@
 
 ``Predictor`` is the ``map_batches`` class of ``pipelines/score.py`` (one per actor, so the model
 is loaded once per actor); it takes and returns ``dict[str, np.ndarray]`` batches, so it is
-tested without Ray. ``model_outputs`` is the pixels -> (features, logits) function alone.
+tested without Ray. The paths themselves (pixels -> features and logits) are
+``allcore.scoring.runtimes``; this module imports torch only through it, and not at all when a
+CPU actor's fast path is in the ONNX export cache (``allcore.scoring.onnx``).
 
 With a ``trust`` section in the model card the probabilities are temperature-scaled (calibrated)
 and every ok row gets an ``ood_score`` from the same forward pass (``allcore.trust``); without
@@ -11,136 +13,18 @@ one they are the plain softmax and ``ood_score`` is NaN (the driver warns once).
 
 from __future__ import annotations
 
-import io
 import logging
-from collections.abc import Callable
 
 import numpy as np
-import torch
 from scipy import special
 
-from allcore.artifact import load_artifact
+from allcore.artifact import built_model, verified_weights
 from allcore.labels import get_label_set
+from allcore.scoring import onnx
 from allcore.scoring.table import CELL, OK, prob_column
-from allcore.models import FeaturesAndLogits, features_and_logits
 from allcore.trust import calibrated_probabilities, load_trust
 
 log = logging.getLogger("allcore.scoring.predict")
-
-
-# A model-outputs function: float32 N x 3 x S x S pixels -> (features, logits), float32 numpy
-# N x F and N x C from one forward pass. The features are the penultimate layer the card's OOD
-# detector was fitted on (allcore.models.features_and_logits), so every path must return them.
-ModelOutputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-
-
-def _numpy(features: torch.Tensor, logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    return features.float().cpu().numpy(), logits.float().cpu().numpy()
-
-
-def eager_outputs(model: torch.nn.Module, device: torch.device) -> ModelOutputs:
-    """The reference path: the model as trained, fp32, eager, ``inference_mode``."""
-    model.to(device).eval()
-
-    def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-        return _numpy(*features_and_logits(model, x))
-
-    return outputs
-
-
-ONNX_CHUNK_PIXELS = 150_000
-# Input pixels (rows x side x side) per ONNX Runtime call on CPU. A large batch's activations
-# spill out of the CPU caches: MobileNetV2 ran 1.2-1.3x slower per image in calls of 256 rows
-# than in these chunks (96, 128 and 224 px, 1 and 2 threads; benchmarks/onnx_chunk_rows.py,
-# docs/PERFORMANCE.md), so a batch is run in chunks of about this many pixels: 2 rows at 224 px,
-# 9 at 128, 16 at 96.
-
-
-def onnx_session(model: torch.nn.Module, input_size: int):
-    """Export ``model`` (features and logits) to ONNX in memory and open an ONNX Runtime
-    session, or None when ``onnxruntime`` is not installed (the ``fast`` extra). Threads:
-    ``torch.get_num_threads()``, which follows OMP_NUM_THREADS, i.e. the CPUs Ray gave this actor."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    buffer = io.BytesIO()
-    example = torch.zeros(1, 3, input_size, input_size)
-    # the wrapper in eval mode: export puts a module back into the mode it had, and a new
-    # module is in training mode, which would leave ``model`` with batch-statistics BatchNorm
-    torch.onnx.export(FeaturesAndLogits(model).eval(), (example,), buffer, input_names=["pixels"],
-                      output_names=["features", "logits"],
-                      dynamic_axes={"pixels": {0: "batch"}, "features": {0: "batch"},
-                                    "logits": {0: "batch"}},
-                      opset_version=17, dynamo=False)
-    options = onnxruntime.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return onnxruntime.InferenceSession(buffer.getvalue(), options,
-                                        providers=["CPUExecutionProvider"])
-
-
-def fast_outputs(model: torch.nn.Module, device: torch.device, input_size: int) -> ModelOutputs:
-    """The fast path, same fp32 weights. CPU: ONNX Runtime (graph fusions; 7-10x eager on
-    MobileNetV2, see docs/PERFORMANCE.md), else a frozen TorchScript trace in channels_last;
-    both agree with eager to ~1e-6 in probability. CUDA: channels_last + bf16 (fp16 without
-    bf16) autocast, which moves probabilities by up to ~1e-2, the usual AMP tolerance."""
-    model.to(device).eval()
-    if device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        model.to(memory_format=torch.channels_last)
-
-        def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
-            with torch.autocast("cuda", dtype=dtype):
-                return _numpy(*features_and_logits(model, x.contiguous(memory_format=torch.channels_last)))
-
-        return outputs
-    session = onnx_session(model, input_size)
-    if session is not None:
-        rows = max(1, ONNX_CHUNK_PIXELS // input_size ** 2)
-
-        def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            pixels = np.ascontiguousarray(pixels, np.float32)
-            chunks = [session.run(None, {"pixels": pixels[start:start + rows]})
-                      for start in range(0, len(pixels), rows)] or [session.run(None, {"pixels": pixels})]
-            features, logits = (np.concatenate(parts) for parts in zip(*chunks))
-            return features, logits
-
-        return outputs
-    log.warning("onnxruntime is not installed (pip install 'allcore[fast]'); the fast path uses "
-                "a frozen TorchScript trace instead, which is slower")
-    model.to(memory_format=torch.channels_last)
-    example = torch.zeros(1, 3, input_size, input_size).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():
-        frozen = torch.jit.freeze(torch.jit.trace(FeaturesAndLogits(model).eval(), example))
-
-    def outputs(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            return _numpy(*frozen(x))
-
-    return outputs
-
-
-def model_outputs(model: torch.nn.Module, *, input_size: int, fast: bool,
-                  device: torch.device | None = None) -> ModelOutputs:
-    """The pixels -> (features, logits) function of one path. The device is picked here, once:
-    CUDA when available, else CPU."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if fast:
-        return fast_outputs(model, device, input_size)
-    return eager_outputs(model, device)
-
-
-def probability_function(model: torch.nn.Module, *, input_size: int, fast: bool,
-                         device: torch.device | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """float32 N x 3 x S x S pixels -> float32 N x C softmax probabilities (uncalibrated: the
-    benchmarks' view of one path)."""
-    outputs = model_outputs(model, input_size=input_size, fast=fast, device=device)
-    return lambda pixels: special.softmax(outputs(pixels)[1], axis=1).astype(np.float32)
 
 
 class ScoringModel:
@@ -149,19 +33,36 @@ class ScoringModel:
     OOD scores come from its detector; without one they are the plain softmax and NaN.
 
     ``expected_sha256`` guards against the artifact being replaced while a run is going: the
-    driver recorded one model in the table, so every actor must score with that one."""
+    driver recorded one model in the table, so every actor must score with that one.
 
-    def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False):
-        model, self.card = load_artifact(artifact_uri)
-        self.model = model  # the review app's saliency uses this same, verified model
+    ``device`` is where the driver placed the actor ('cpu' or 'cuda'; None: CUDA when
+    available). On 'cpu' with ``fast``, an export of these weights already in the ONNX export
+    cache is opened without torch or the model code (about 3 CPU-s of an actor's start); then
+    ``model`` is None. Otherwise the model is built, and a fast CPU path's export is cached.
+    """
+
+    def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
+                 device: str | None = None):
+        self.card, weights = verified_weights(artifact_uri)
         if expected_sha256 is not None and self.card.weights_sha256 != expected_sha256:
             raise ValueError(f"artifact {artifact_uri} now has weights {self.card.weights_sha256}, "
                              f"but this run started with {expected_sha256}; it was replaced "
                              "mid-run: rerun the job")
         self.classes = list(self.card.classes)
         self.trust = load_trust(artifact_uri, self.card.trust) if self.card.trust else None
-        self.outputs = model_outputs(model, input_size=int(self.card.data_config["input_size"]),
-                                     fast=fast)
+        input_size = int(self.card.data_config["input_size"])
+        cache_key = onnx.cache_key(self.card.weights_sha256, input_size)
+        session = (onnx.cached_session(cache_key) if fast and device == "cpu" and onnx.installed()
+                   else None)
+        if session is not None:
+            self.model = None
+            self.outputs = onnx.session_outputs(session, input_size)
+            return
+        from allcore.scoring.runtimes import model_outputs
+
+        self.model = built_model(self.card, weights, artifact_uri).eval()  # the review app's saliency uses it
+        self.outputs = model_outputs(self.model, input_size=input_size, fast=fast, device=device,
+                                     cache_key=cache_key)
 
     def __call__(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         features, logits = self.outputs(pixels)
@@ -187,11 +88,11 @@ class Predictor:
 
     def __init__(self, artifact_uri: str, expected_sha256: str | None = None, fast: bool = False,
                  cell_artifact_uri: str | None = None, cell_expected_sha256: str | None = None,
-                 cell_fast: bool = False):
-        self.field_model = ScoringModel(artifact_uri, expected_sha256, fast)
+                 cell_fast: bool = False, device: str | None = None):
+        self.field_model = ScoringModel(artifact_uri, expected_sha256, fast, device)
         self.cell_model = None
         if cell_artifact_uri is not None:
-            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, cell_fast)
+            self.cell_model = ScoringModel(cell_artifact_uri, cell_expected_sha256, cell_fast, device)
             cell_classes = self.cell_model.classes
             self.cell_blast = [cell_classes.index(c) for c in get_label_set(
                 self.cell_model.card.label_set).blast_classes_of(cell_classes)]
