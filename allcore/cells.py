@@ -214,10 +214,13 @@ def survey_stain(img: Image.Image | np.ndarray, config: CellFinderConfig = CellF
     are what the finder must size anyway. A field whose compact clusters outnumber its single
     cells reads too large: a run on one microscope should pass the median over several fields as
     ``cell_diameter_px``, steadier than any one field (docs/CELLS.md gives both).
+
+    ``lab`` is ``cielab(img)`` where the caller has it (image QC converts a 224 px field for its
+    colour statistics anyway); used only when the field is surveyed as it is, not shrunk.
     """
     rgb = rgb_array(img)
     scale = min(1.0, ESTIMATE_SIDE / max(rgb.shape[:2]))
-    mask = _stain_mask(_stain(_resampled(rgb, scale), 1.0)[0], config)
+    mask = _stain_mask(_stain(_resampled(rgb, scale), 1.0, lab if scale == 1 else None)[0], config)
     labels = ndi.label(ndi.binary_opening(_holes_filled(mask)))[0]
     roundish = _axis_ratios(labels) >= ESTIMATE_MIN_AXIS_RATIO
     blobs = [r for r in measure.regionprops(labels) if r.area >= ESTIMATE_MIN_AREA]
