@@ -14,7 +14,8 @@ the exports kept. The jobs score with the default path (the fastest verified for
 ``--exact`` with eager fp32. On a shared machine wall time moves with the load, so the load
 average is printed beside it.
 
-``--stages`` adds where the time goes, in this process without Ray, one thread: the prepare
+``--stages`` adds where the time goes, in this process without Ray, on one thread as in a 1-CPU
+actor (torch, ONNX Runtime and BLAS): the prepare
 stage (``prepare_batch``, its parts timed call by call: the finder, image QC, the cell crops, the
 scale-bar mask, reading and decoding) and the predict stage (``Predictor``: field model, cell
 model, OOD scores) on the eager and on the fast path, in CPU milliseconds per field (process
@@ -113,6 +114,7 @@ def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[s
     """Table rows: CPU milliseconds per field of each stage, in this process on one thread, and
     the fields/s that prepare plus the fast predict allow on ``os.cpu_count()`` busy cores."""
     import numpy as np
+    import threadpoolctl
     import torch
 
     from allcore.artifact import read_card
@@ -121,7 +123,11 @@ def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[s
     from allcore.scoring import prepare
     from allcore.scoring.predict import Predictor
 
+    # one thread for everything, as in a 1-CPU actor (Ray sets OMP_NUM_THREADS=1 there): torch,
+    # ONNX Runtime (which follows torch) and BLAS, whose second thread spin-waiting after the OOD
+    # scores' matrix products added ~3.5 ms a field of process time
     torch.set_num_threads(1)
+    threadpoolctl.threadpool_limits(1)
     diameter = median_cell_diameter(decode_rgb(read_bytes(p)) for p in paths)
     kwargs = prepare.prepare_kwargs(read_card(args.model), cell_card=read_card(args.cell_model),
                                     cell_finder=CellFinderConfig(cell_diameter_px=diameter))
