@@ -293,3 +293,12 @@ def test_innermost_points_are_those_of_the_whole_field_transform():
                     for label in range(1, count + 1)]  # the first in raster order on ties
         got = _innermost_points(mask, components, np.arange(1, count + 1))
         assert [tuple(p) for p in got] == [tuple(map(int, p)) for p in expected]
+
+
+def test_cielab_is_skimages_rgb2lab():
+    from skimage import color
+
+    from allcore.cells import cielab
+    rgb = np.random.default_rng(9).integers(0, 256, (64, 48, 3), dtype=np.uint8)
+    rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [2, 3, 1]]  # black, white, the linear segment
+    np.testing.assert_allclose(np.stack(cielab(rgb), axis=-1), color.rgb2lab(rgb), atol=2e-3)
