@@ -64,7 +64,9 @@ def jpeg_blockiness(rgb: np.ndarray) -> float:
     """JPEG codes 8 x 8 pixel blocks separately; heavy compression leaves steps at their borders.
     Measured on the original pixel grid (resizing would blur the grid away), on the top-left
     ``BLOCKINESS_MAX_SIDE`` square at most (cost); +0.5 grey levels keep flat images at 1."""
-    grey = rgb[:BLOCKINESS_MAX_SIDE, :BLOCKINESS_MAX_SIDE].astype(np.float32).mean(axis=2)
+    red, green, blue = (channel.astype(np.float32) for channel in
+                        np.moveaxis(rgb[:BLOCKINESS_MAX_SIDE, :BLOCKINESS_MAX_SIDE], -1, 0))
+    grey = (red + green + blue) / 3  # mean(axis=2) to the bit, 5x faster channel by channel
     steps_x, steps_y = np.abs(np.diff(grey, axis=1)), np.abs(np.diff(grey, axis=0))
     border_x = (np.arange(steps_x.shape[1]) + 1) % JPEG_BLOCK == 0
     border_y = (np.arange(steps_y.shape[0]) + 1) % JPEG_BLOCK == 0
