@@ -35,7 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
+# The stages run as in a scoring worker of pipelines.init_ray: numpy without transparent huge
+# pages (pipelines.NUMPY_HUGE_PAGES), which numpy reads once, when it is first imported.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
+from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
