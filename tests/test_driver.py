@@ -56,3 +56,20 @@ def test_todo_blocks_hold_every_input_once_with_a_batch_sized_tail():
     assert [i for block in blocks for i in block] == list(range(inputs))
     assert [len(b) for b in blocks] == ([32] * SMALL_BLOCKS_PER_ACTOR * 2
                                         + [LARGE_BLOCK_INPUTS] * 2 + [32, 32, 32, 4])
+
+
+def test_workers_of_an_in_process_ray_run_at_the_drivers_priority_without_numpy_huge_pages(ray_session):
+    """pipelines.init_ray's settings reach the processes that score (docs/PERFORMANCE.md)."""
+    import os
+
+    import ray
+
+    from pipelines import NUMPY_HUGE_PAGES, WORKER_NICENESS
+
+    @ray.remote
+    def worker_settings():
+        import os
+
+        return os.nice(0), os.environ.get("NUMPY_MADVISE_HUGEPAGE")
+
+    assert ray.get(worker_settings.remote()) == (os.nice(0) + int(WORKER_NICENESS), NUMPY_HUGE_PAGES)
