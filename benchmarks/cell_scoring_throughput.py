@@ -3,7 +3,7 @@
     python benchmarks/cell_scoring_throughput.py --model FIELD_MODEL --cell-model CELL_MODEL \
         --data ../shared/data [--fields 32] [--actors 2] [--exact] [--stages | --stages-only]
 
-Scores the first ``--fields`` (sorted by path) 224 px Taleqani fields (``all-taleqani/Original``)
+Scores ``--fields`` (evenly spaced over the sorted paths) 224 px Taleqani fields (``all-taleqani/Original``)
 and 2592 x 1944 ALL-IDB fields (``all-idb/ALL_IDB1/im``, the 1712 px ones left out) end to end:
 ``jobs/score.py --per-cell`` as a new process each time (in-process Ray started and shut down,
 run cell diameter estimated from a sample, ``--actors N,N``), into a fresh output, timed from
@@ -48,14 +48,13 @@ from allcore.io import IMAGE_EXTENSIONS  # noqa: E402
 
 
 def fields_of(folder: Path, count: int, width: int | None = None) -> list[str]:
-    """The first ``count`` images under ``folder`` (sorted), only those ``width`` px wide if given."""
-    chosen = []
-    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS):
-        if width is None or Image.open(path).width == width:
-            chosen.append(str(path))
-        if len(chosen) == count:
-            break
-    return chosen
+    """``count`` images under ``folder``, evenly spaced over its sorted paths (so over every class
+    folder: Taleqani's classes differ in cells per field, Benign 9 to Pre 19, and with them in
+    cost), only those ``width`` px wide if given."""
+    paths = [p for p in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+             if width is None or Image.open(p).width == width]
+    step = max(1, len(paths) // count)
+    return [str(p) for p in paths[::step][:count]]
 
 
 def measure(name: str, folder: Path, paths: list[str], args: argparse.Namespace, cache: str) -> str:
