@@ -4,10 +4,11 @@ and keep each export in a local cache so the next run's actors skip torch altoge
 A scoring actor on the fast CPU path used to import torch and the model code (about 2.8 CPU-s),
 rebuild the model and export it to ONNX (0.3-0.4 s a model) before scoring its first block; a
 nightly run did that again for the same weights in every actor. The export is a pure function
-of the weights, the input size, torch's exporter and the opset, so it is stored once per node
-under ``cache_dir()`` with all four in its name; a later actor that finds it opens it with ONNX
-Runtime alone (``allcore.scoring.predict.ScoringModel``). The weights' sha256 is the card's,
-which the actor verifies against the weight file before it trusts the name.
+of the weights, the input size, torch's exporter, the opset and what we put in the graph, so it
+is stored once per node under ``cache_dir()`` with all five in its name; a later actor that
+finds it opens it with ONNX Runtime alone (``allcore.scoring.predict.ScoringModel``). The
+weights' sha256 is the card's, which the actor verifies against the weight file before it
+trusts the name.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import numpy as np
 log = logging.getLogger("allcore.scoring.onnx")
 
 OPSET = 17  # the ONNX opset every export uses (allcore.scoring.runtimes.export_onnx)
+EXPORT_FORMAT = 1
+# What export_onnx puts in the graph (its input, its two outputs, the features-and-logits
+# wrapper): raise it when that changes, so exports cached before are not opened again.
 CACHE_ENV = "ALLCORE_CACHE_DIR"
 # Where exports are kept: $ALLCORE_CACHE_DIR, else $XDG_CACHE_HOME/allcore, else ~/.cache/allcore.
 # Safe to delete at any time (the next run exports again).
@@ -90,10 +94,10 @@ def cache_dir() -> Path:
 
 
 def cache_key(weights_sha256: str, input_size: int) -> str:
-    """The file name of one export: the weights, the input size, torch's exporter and the opset
-    (read from the installed packages' metadata: no torch import)."""
+    """The file name of one export: the weights, the input size, torch's exporter (read from the
+    installed package's metadata: no torch import), the opset and ``EXPORT_FORMAT``."""
     return (f"{weights_sha256}-{input_size}px-torch{importlib.metadata.version('torch')}"
-            f"-opset{OPSET}.onnx")
+            f"-opset{OPSET}-format{EXPORT_FORMAT}.onnx")
 
 
 def cached_session(key: str):
