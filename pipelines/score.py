@@ -6,7 +6,7 @@ The driver lists the inputs in chunks of ``commit_every`` names, drops those the
 done, and puts the rest into the object store as blocks (``todo_blocks``: a few input-sized ones
 so every actor starts at once, then large ones, so a listing of millions costs a few thousand
 puts), so it never holds millions of names itself. It imports no torch: the model is verified by
-its weight file's sha256 and built only in the actors (``PredictStage``). One streaming dataset
+its weight file's sha256 and built only in the actors (``Predictor``). One streaming dataset
 then prepares and scores them all (the actor pool loads the model once per actor), and the driver
 turns every ``commit_every`` result rows into output rows and commits them
 (``allcore.scoring.store``): a crash loses at most the uncommitted rows, which the next run
@@ -38,6 +38,7 @@ from allcore.scoring.drift import write_drift_summary
 from allcore.io import FileInfo
 from allcore.scoring.inference_path import artifact_inference_path
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
+from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
@@ -289,7 +290,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
         .map_batches(prepare_batch, batch_size=batch_size,
                      fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
                                               cell_finder=finder, cell_card=cell_card))
-        .map_batches(PredictStage, batch_size=batch_size, num_gpus=num_gpus,
+        .map_batches(Predictor, batch_size=batch_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
                      fn_constructor_kwargs={"artifact_uri": config.model,
@@ -302,21 +303,6 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                                                                      else cell_card.weights_sha256)})
         .iter_batches(batch_size=None, batch_format="pyarrow")
     )
-
-
-class PredictStage:
-    """The predict stage's actor: ``allcore.scoring.predict.Predictor``, imported here, in the
-    actor, so torch (about 500 MB resident) loads in the actors only and the driver, which holds
-    the ledger, stays small; a CPU actor whose fast path is in the ONNX export cache loads no
-    torch at all (``device``)."""
-
-    def __init__(self, **predictor_kwargs):
-        from allcore.scoring.predict import Predictor
-
-        self.predictor = Predictor(**predictor_kwargs)
-
-    def __call__(self, batch: dict) -> dict:
-        return self.predictor(batch)
 
 
 def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],
