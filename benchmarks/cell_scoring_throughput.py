@@ -180,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
             "ALL-IDB 2592 x 1944": args.data / "all-idb" / "ALL_IDB1" / "im"}
     chosen = {name: fields_of(folder, args.fields, 2592 if name.startswith("ALL-IDB") else None)
               for name, folder in sets.items()}
+    for name, paths in chosen.items():
+        if not paths:
+            parser.error(f"no {name} fields under {sets[name]}: --data is the folder holding "
+                         "all-taleqani/ and all-idb/ (../shared/data)")
     lines = []
     if not args.stages_only:
         lines += ["| fields | scored | cells | run diameter (px) | wall s | fields/s | cells/s | load avg |",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
@@ -225,13 +226,30 @@ def child_baseline(spec: dict) -> dict:
     return {"images": len(samples), "seconds": time.perf_counter() - started}
 
 
+# Ray's own defaults for what pipelines.IN_PROCESS_RAY_ENV turns off in a Ray started in-process
+RAY_TELEMETRY_DEFAULTS = {"RAY_task_events_report_interval_ms": "1000",
+                          "RAY_enable_metrics_collection": "1", "RAY_event_stats": "1",
+                          "RAY_TRAIN_METRICS_ENABLED": "1", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+
+
 def _init_ray(spec: dict) -> None:
     """Ray as the jobs start it (``pipelines.init_ray``); ``spec["worker_niceness"]`` overrides
-    the niceness of Ray's workers (Ray's own default is 15) to measure what it costs."""
+    the niceness of Ray's workers (Ray's own default is 15) to measure what it costs, and
+    ``spec["ray_telemetry"]`` keeps Ray's telemetry and Ray Train's placement-group cleaner, as
+    before ``init_ray`` turned them off."""
+    import pipelines
     from pipelines import init_ray
 
     if spec.get("worker_niceness") is not None:
         os.environ["RAY_worker_niceness"] = str(spec["worker_niceness"])
+    if spec.get("ray_telemetry"):
+        assert RAY_TELEMETRY_DEFAULTS.keys() <= pipelines.IN_PROCESS_RAY_ENV.keys()
+        os.environ.update(RAY_TELEMETRY_DEFAULTS)
+        import ray.train.torch
+
+        import pipelines.train
+
+        pipelines.train.InProcessTorchTrainer = ray.train.torch.TorchTrainer
     init_ray(verbose=False, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
@@ -262,10 +280,15 @@ def _train_images(spec: dict, recipe) -> int:
 
 
 def _train_result(spec: dict, recipe, history: list[dict]) -> dict:
-    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing)."""
-    return {"images": _train_images(spec, recipe) * len(history),
+    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing), and
+    images/s of the epochs after the first (``later_images_per_s``): the first also holds the
+    start-up of its data loader's processes and, under Ray Train, of Ray's actors beside it."""
+    per_epoch = _train_images(spec, recipe)
+    later = [row["epoch_seconds"] for row in history[1:]]
+    return {"images": per_epoch * len(history),
             "seconds": sum(row["epoch_seconds"] for row in history),
-            "cpu_seconds": sum(row["epoch_cpu_seconds"] for row in history)}
+            "cpu_seconds": sum(row["epoch_cpu_seconds"] for row in history),
+            "later_images_per_s": per_epoch * len(later) / sum(later) if later else math.nan}
 
 
 def child_ray_train(spec: dict) -> dict:
@@ -402,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
                         "train section (plain loop, Ray Train)")
     parser.add_argument("--train-default-niceness", action="store_true", help="each round also "
                         "runs Ray Train with its workers at Ray's default niceness 15")
+    parser.add_argument("--train-ray-telemetry", action="store_true", help="each round also runs "
+                        "Ray Train with Ray's telemetry and Ray Train's placement-group cleaner, "
+                        "which pipelines.init_ray turns off in an in-process Ray")
     parser.add_argument("--train-beside-ray", action="store_true", help="each round also runs the "
                         "plain loop in a process that started Ray and leaves it idle: what Ray's "
                         "presence costs, apart from Ray Train's own work")
@@ -477,6 +503,7 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     with the order alternating, so that load from other processes hits both alike; with
     ``--train-default-niceness`` each round also runs Ray Train with Ray's default worker
     niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's; with
+    ``--train-ray-telemetry`` also Ray Train with Ray's telemetry on (``_init_ray``); with
     ``--train-beside-ray`` also the plain loop in a process that started Ray."""
     from allcore.data import discover_samples
     from allcore.labels import get_label_set
@@ -496,6 +523,8 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     if args.train_default_niceness:
         runs.append(("ray_train", {**spec, "worker_niceness": RAY_DEFAULT_WORKER_NICENESS},
                      "train: Ray Train, niceness 15"))
+    if args.train_ray_telemetry:
+        runs.append(("ray_train", {**spec, "ray_telemetry": True}, "train: Ray Train, Ray telemetry"))
     if args.train_beside_ray:
         runs.append(("plain_train", {**spec, "beside_ray": True}, "train: plain loop beside idle Ray"))
     rows = []
@@ -508,6 +537,9 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
         ratios = [ray["images_per_s"] / plain["images_per_s"] for ray, plain in pairs]
         rows.append({"name": f"{label} / plain", "ratio_median": statistics.median(ratios),
                      "ratios": ratios})
+        later = [ray["later_images_per_s"] / plain["later_images_per_s"] for ray, plain in pairs]
+        rows.append({"name": f"{label} / plain, epochs 2+", "ratio_median": statistics.median(later),
+                     "ratios": later})
         # images per CPU-second: the work per image, whatever share of the cores a run got
         cpu_ratios = [plain["cpu_seconds"] / plain["images"] / (ray["cpu_seconds"] / ray["images"])
                       for ray, plain in pairs]

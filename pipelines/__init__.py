@@ -4,6 +4,7 @@ import logging
 import os
 
 import ray
+from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls
 
 # Ray starts its worker processes 15 steps nicer than the driver (its `worker_niceness` default),
 # so that its own daemons stay responsive. The workers are where training and scoring run: on a
@@ -24,16 +25,51 @@ RAY_DEFAULT_WORKER_NICENESS = 15  # what a Ray started without it uses
 NUMPY_HUGE_PAGES = "0"
 
 
+# What a Ray started here runs with: the settings above, and none of the telemetry that only
+# the dashboard, the state API or Prometheus would read. An in-process Ray belongs to one job,
+# dies with it and has no dashboard (``init_ray``), so nothing reads any of it, yet each is a
+# periodic loop in every Ray process: task events (the state API's task list and timeline),
+# metrics (Prometheus, through the dashboard agent), event-loop statistics, Ray Train's metrics
+# and its watcher for spot-instance preemption notices (a single node: this machine). With the
+# placement-group cleaner (``pipelines.train.InProcessTorchTrainer``) they held Ray Train with
+# one worker at 0.85x a plain loop on 2 cores; without them 0.94x (5 paired rounds,
+# docs/PERFORMANCE.md, "Ray Train overhead"). A cluster started with `ray start` keeps its own
+# environment.
+IN_PROCESS_RAY_ENV = {
+    "RAY_worker_niceness": WORKER_NICENESS,  # read by the raylet
+    "NUMPY_MADVISE_HUGEPAGE": NUMPY_HUGE_PAGES,  # read by each worker's numpy
+    "RAY_task_events_report_interval_ms": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_event_stats": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+_started_here = False
+
+
 def init_ray(*, verbose: bool = True, **init_kwargs) -> None:
-    """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS``, or start Ray in-process with its
-    workers at the driver's priority (``WORKER_NICENESS``), their numpy without huge pages
-    (``NUMPY_HUGE_PAGES``) and without the dashboard, which
-    dies with the job anyway and took 1.8 of the 4.6 s Ray took to start on 2 cores
-    (docs/PERFORMANCE.md): for a dashboard, start a cluster (``ray start --head``, README) and
-    run the job on it. ``verbose=False`` keeps Ray's INFO start-up lines out of the driver log;
-    ``init_kwargs`` go to ``ray.init``."""
-    if not ray.is_initialized():
-        os.environ.setdefault("RAY_worker_niceness", WORKER_NICENESS)  # read by a raylet started here
-        os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", NUMPY_HUGE_PAGES)  # read by each worker's numpy
-        init_kwargs.setdefault("include_dashboard", False)  # ignored when joining a cluster
-        ray.init(logging_level=logging.INFO if verbose else logging.WARNING, **init_kwargs)
+    """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS`` (or of a local ``ray start``), or
+    start Ray in-process with ``IN_PROCESS_RAY_ENV`` (workers at the driver's priority, their
+    numpy without huge pages, no telemetry) and without the dashboard, which dies with the job
+    anyway and took 1.8 of the 4.6 s Ray took to start on 2 cores (docs/PERFORMANCE.md): for a
+    dashboard, start a cluster (``ray start --head``, README) and run the job on it.
+    ``verbose=False`` keeps Ray's INFO start-up lines out of the driver log; ``init_kwargs`` go
+    to ``ray.init``."""
+    global _started_here
+    if ray.is_initialized():
+        return
+    # ray.init's own test of whether it joins a cluster or starts one
+    starts_here = canonicalize_bootstrap_address(init_kwargs.get("address"),
+                                                 init_kwargs.get("_temp_dir")) is None
+    if starts_here:
+        for name, value in IN_PROCESS_RAY_ENV.items():
+            os.environ.setdefault(name, value)  # read by the processes ray.init starts
+        init_kwargs.setdefault("include_dashboard", False)
+    ray.init(logging_level=logging.INFO if verbose else logging.WARNING, **init_kwargs)
+    _started_here = starts_here
+
+
+def ray_started_here() -> bool:
+    """Whether ``init_ray`` started the Ray this process runs on (in-process, no dashboard)."""
+    return _started_here

@@ -24,6 +24,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from allcore import celldata, engine, io, trust_fitting
 from allcore.artifact import ModelCard, save_artifact
@@ -34,7 +35,7 @@ from allcore.recipes import Recipe
 from allcore.splits import SplitManifest, kfold_samples, split_samples
 from allcore.training import (build_criterion, build_datasets, build_loaders, build_model,
                               load_state, save_state, test_split_metrics)
-from pipelines import tracking
+from pipelines import ray_started_here, tracking
 
 BEST_METRIC = "val_macro_f1"
 
@@ -136,9 +137,24 @@ def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:
     return manifests
 
 
+class InProcessTorchTrainer(ray.train.torch.TorchTrainer):
+    """``TorchTrainer`` without Ray Train's placement-group cleaner, for a Ray this process
+    started (``pipelines.init_ray``). The cleaner is a detached actor that asks the state API
+    once a second whether the controller still lives, to free the workers' placement group if it
+    died. An in-process Ray serves no state API (it has no dashboard), so the cleaner logged
+    "Failed to query Ray Train Controller actor state" every second of training, and the
+    placement group dies with this process anyway. (A private hook of the pinned Ray; a test
+    fails if it moves.)"""
+
+    def _create_default_callbacks(self) -> list:
+        return [callback for callback in super()._create_default_callbacks()
+                if not isinstance(callback, PlacementGroupCleanerCallback)]
+
+
 def _fit(job: TrainJob, name: str, manifest_uri: str,
          tracked: tracking.TrackedRun | None) -> ray.train.Result:
-    trainer = ray.train.torch.TorchTrainer(
+    trainer_class = InProcessTorchTrainer if ray_started_here() else ray.train.torch.TorchTrainer
+    trainer = trainer_class(
         train_loop_per_worker,
         train_loop_config={
             "recipe": job.recipe.to_dict(),

@@ -59,17 +59,40 @@ def test_todo_blocks_hold_every_input_once_with_a_batch_sized_tail():
 
 
 def test_workers_of_an_in_process_ray_run_at_the_drivers_priority_without_numpy_huge_pages(ray_session):
-    """pipelines.init_ray's settings reach the processes that score (docs/PERFORMANCE.md)."""
+    """pipelines.init_ray's settings reach the processes that score and train, telemetry off
+    included (docs/PERFORMANCE.md)."""
     import os
 
     import ray
 
-    from pipelines import NUMPY_HUGE_PAGES, WORKER_NICENESS
+    from pipelines import IN_PROCESS_RAY_ENV, NUMPY_HUGE_PAGES, WORKER_NICENESS, ray_started_here
 
     @ray.remote
     def worker_settings():
         import os
 
-        return os.nice(0), os.environ.get("NUMPY_MADVISE_HUGEPAGE")
+        return os.nice(0), {name: os.environ.get(name) for name in IN_PROCESS_RAY_ENV}
 
-    assert ray.get(worker_settings.remote()) == (os.nice(0) + int(WORKER_NICENESS), NUMPY_HUGE_PAGES)
+    niceness, environment = ray.get(worker_settings.remote())
+    assert niceness == os.nice(0) + int(WORKER_NICENESS)
+    assert environment == IN_PROCESS_RAY_ENV
+    assert environment["NUMPY_MADVISE_HUGEPAGE"] == NUMPY_HUGE_PAGES
+    assert ray_started_here()
+
+
+def test_in_process_trainer_leaves_out_only_the_placement_group_cleaner():
+    """The pinned Ray's hook still builds the callbacks, and the in-process trainer drops the
+    cleaner (which needs the state API an in-process Ray does not serve) and nothing else."""
+    import ray.train.torch
+    from ray.train import ScalingConfig
+
+    from pipelines.train import InProcessTorchTrainer, PlacementGroupCleanerCallback
+
+    def callback_types(trainer_class):
+        trainer = trainer_class(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+        return [type(callback) for callback in trainer._create_default_callbacks()]
+
+    every = callback_types(ray.train.torch.TorchTrainer)
+    assert PlacementGroupCleanerCallback in every
+    assert callback_types(InProcessTorchTrainer) == [t for t in every
+                                                     if t is not PlacementGroupCleanerCallback]

@@ -63,10 +63,13 @@ def test_readme_commands_work_with_relative_paths_from_any_directory(tmp_path):
     train = without_options(readme_command("train.py"), "--recipe", "--data", "--epochs",
                             "--input-size")
     assert "--output" not in train  # the README relies on the default, relative `runs`
-    run([*train, "--recipe", "demo", "--data", f"{from_root}/demo_run/sample_archive",
-         "--output", f"{from_root}/runs", "--epochs", "1", "--input-size", "32",
-         "--set", "pretrained=false"], cwd=REPO)
+    trained = run([*train, "--recipe", "demo", "--data", f"{from_root}/demo_run/sample_archive",
+                   "--output", f"{from_root}/runs", "--epochs", "1", "--input-size", "32",
+                   "--set", "pretrained=false"], cwd=REPO)
     assert (other / "runs" / "demo" / "model" / "model_card.json").exists()
+    # in-process Ray serves no state API: Ray Train's placement-group cleaner, which asks it
+    # every second, is left out (pipelines.train.InProcessTorchTrainer) instead of logging this
+    assert "Failed to query Ray Train Controller" not in trained.stdout + trained.stderr
 
     # evaluation and scoring as written (the README's s000 run is our demo run), from elsewhere
     evaluate = [a.replace("runs/s000/", "runs/demo/") for a in readme_command("evaluate.py")]
