@@ -6,8 +6,11 @@
 Every number comes from ONE run on the same images and the same model artifact, so the ratios
 are meaningful even on a busy machine where absolute images/s are not. Sections (--skip names):
 
-  model     model-only images/s on random tensors (eager fp32, eager channels_last, fast path),
-            the measured fp32 GEMM GFLOP/s and the model's FLOPs per image -> ceiling images/s
+  model     model-only images/s on random tensors (eager fp32, eager channels_last, fast path;
+            with a GPU also eager fp32 and the fast path, bf16 autocast, on CUDA), the measured
+            fp32 GEMM GFLOP/s and the model's FLOPs per image -> ceiling images/s
+  decode    JPEG decoding images/s of the N files: PIL as scoring decodes, torchvision's
+            decode_jpeg on the CPU and, with a GPU, on CUDA (nvJPEG, the whole list in one call)
   baseline  plain PyTorch: DataLoader workers decode + preprocess, eager model, one Parquet file
   score     the Ray Data job (pipelines.score.run_scoring) with 1 and 2 actors, eager and --fast
   rss10x    the fast scoring job again on 10x the images (copies under new names), for peak RSS
@@ -40,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from pipelines import RAY_DEFAULT_WORKER_NICENESS  # noqa: E402
 
-SECTIONS = ("model", "baseline", "score", "rss10x", "train")
+SECTIONS = ("model", "decode", "baseline", "score", "rss10x", "train")
 RSS_SAMPLE_SECONDS = 0.2
 
 
@@ -156,6 +159,12 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
              "eager channels_last": eager_channels_last,
              "fast path": probability_function(copy.deepcopy(model), input_size=size, fast=True,
                                                device=cpu)}
+    if torch.cuda.is_available():  # the GPU paths scoring takes there (runtimes.model_outputs)
+        cuda = torch.device("cuda")
+        paths["cuda eager fp32"] = probability_function(copy.deepcopy(model), input_size=size,
+                                                        fast=False, device=cuda)
+        paths["cuda fast path (bf16 autocast)"] = probability_function(
+            copy.deepcopy(model), input_size=size, fast=True, device=cuda)
     measured = {name: [] for name in paths}
     for _ in range(rounds):
         for name, fn in paths.items():
@@ -165,6 +174,43 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
     return {"images_per_s": {name: float(np.median(v)) for name, v in measured.items()},
             "gemm_gflops": gflops, "flops_per_image": flops, "flop_convention": "1 MAC = 2 FLOPs",
             "ceiling_images_per_s": gflops * 1e9 / flops, "torch_threads": torch.get_num_threads()}
+
+
+def decode_rates(images: Path, rounds: int = 3) -> dict:
+    """JPEG decoding images/s of the JPEG files under ``images``, from their bytes in memory to
+    RGB pixels: PIL on one thread, as ``prepare_batch`` decodes (``allcore.io.decode_rgb``);
+    ``torchvision.io.decode_jpeg`` on the CPU, one image a call; and, where there is a GPU, on
+    CUDA with the whole list in one call (nvJPEG's batched decode; pixels left on the GPU, the
+    device synchronised before the clock stops). The median of ``rounds`` rounds each."""
+    import numpy as np
+    import torch
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    from allcore.io import decode_rgb
+
+    files = [p.read_bytes() for p in sorted(images.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
+    if not files:
+        return {}
+    tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in files]
+    paths = {"decode, PIL (CPU, 1 thread)": lambda: [decode_rgb(data) for data in files],
+             "decode, torchvision decode_jpeg (CPU)": lambda: [
+                 decode_jpeg(t, mode=ImageReadMode.RGB) for t in tensors]}
+    if torch.cuda.is_available():
+        def on_gpu():
+            decode_jpeg(tensors, mode=ImageReadMode.RGB, device="cuda")
+            torch.cuda.synchronize()
+
+        on_gpu()  # nvJPEG's start-up is not decoding
+        paths["decode, torchvision decode_jpeg (CUDA, batched)"] = on_gpu
+    rates = {}
+    for name, decode in paths.items():
+        seconds = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            decode()
+            seconds.append(time.perf_counter() - started)
+        rates[name] = len(files) / float(np.median(seconds))
+    return rates
 
 
 def agreement(artifact: str, images: Path, batch_size: int) -> dict:
@@ -398,18 +444,18 @@ def machine() -> dict:
 
 
 def print_table(rows: list[dict], baseline: float | None, ceiling: float | None) -> None:
-    print(f"\n{'measurement':<34}{'images/s':>10}{'x baseline':>12}{'% ceiling':>11}"
+    print(f"\n{'measurement':<52}{'images/s':>10}{'x baseline':>12}{'% ceiling':>11}"
           f"{'peak RSS MB':>13}")
     for row in rows:
         if "ratios" in row:  # a paired comparison, not a throughput
-            print(f"{row['name']:<34}{row['ratio_median']:>10.2f}x median of "
+            print(f"{row['name']:<52}{row['ratio_median']:>10.2f}x median of "
                   + ", ".join(f"{r:.2f}" for r in row["ratios"]))
             continue
         speed = row["images_per_s"]
-        ratio = f"{speed / baseline:.2f}" if baseline else "-"
-        share = f"{100 * speed / ceiling:.0f}%" if ceiling else "-"
+        ratio = f"{speed / baseline:.2f}" if baseline and not row.get("decode_only") else "-"
+        share = f"{100 * speed / ceiling:.0f}%" if ceiling and not row.get("decode_only") else "-"
         rss = f"{row['peak_rss_mb']:.0f}" if row.get("peak_rss_mb") else "-"
-        print(f"{row['name']:<34}{speed:>10.1f}{ratio:>12}{share:>11}{rss:>13}")
+        print(f"{row['name']:<52}{speed:>10.1f}{ratio:>12}{share:>11}{rss:>13}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,6 +506,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] fast vs eager: {report['fast_vs_eager']}", flush=True)
         rows += [{"name": f"model only, {name}", "images_per_s": speed}
                  for name, speed in report["model_only"]["images_per_s"].items()]
+    if "decode" not in skip:
+        report["decode_images_per_s"] = decode_rates(images)
+        rows += [{"name": name, "images_per_s": speed, "decode_only": True}
+                 for name, speed in report["decode_images_per_s"].items()]
     if "baseline" not in skip:
         rows.append(run_child("baseline", common, work, "plain PyTorch baseline"))
     if "score" not in skip:

