@@ -96,7 +96,7 @@ def main() -> int:
     args = parser.parse_args()
     bench = subprocess.Popen(
         [sys.executable, str(BENCH), "--images", str(args.images), "--input-size",
-         str(args.input_size), "--data", args.data, "--skip", "model,baseline,score,rss10x",
+         str(args.input_size), "--data", args.data, "--skip", "model,decode,baseline,score,rss10x",
          "--train-epochs", str(args.epochs), "--train-pairs", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     waiting = dict(TRAINING_PROCESS)

@@ -32,9 +32,9 @@ NUMPY_HUGE_PAGES = "0"
 # metrics (Prometheus, through the dashboard agent), event-loop statistics, Ray Train's metrics
 # and its watcher for spot-instance preemption notices (a single node: this machine). With the
 # placement-group cleaner (``pipelines.train.InProcessTorchTrainer``) they held Ray Train with
-# one worker at 0.85x a plain loop on 2 cores; without them 0.94x (5 paired rounds,
-# docs/PERFORMANCE.md, "Ray Train overhead"). A cluster started with `ray start` keeps its own
-# environment.
+# one worker at 0.88x a plain loop on 2 cores; without them 0.93x, 0.95x after the first epoch
+# (10 paired rounds, docs/PERFORMANCE.md, "Ray Train overhead"). A cluster started with
+# `ray start` keeps its own environment.
 IN_PROCESS_RAY_ENV = {
     "RAY_worker_niceness": WORKER_NICENESS,  # read by the raylet
     "NUMPY_MADVISE_HUGEPAGE": NUMPY_HUGE_PAGES,  # read by each worker's numpy
