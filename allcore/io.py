@@ -20,6 +20,9 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+# Whole-slide formats only OpenSlide reads (allcore.slides); pyramidal .tif(f) is listed above.
+OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+LISTED_EXTENSIONS = IMAGE_EXTENSIONS + OPENSLIDE_EXTENSIONS  # what a scoring listing picks up
 # Decompression-bomb guard: the largest image decode_rgb accepts. 40 MP holds a whole-slide
 # field tile of a 100x objective; anything larger is refused with an error row, not an OOM.
 MAX_PIXELS = 40_000_000
@@ -153,7 +156,7 @@ def stat_file(uri: str) -> FileInfo:
 
 
 def _is_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+    return name.lower().endswith(LISTED_EXTENSIONS) and not name.startswith(".")
 
 
 def _listing_error(path: str, what: str, exc: OSError | None = None, *,

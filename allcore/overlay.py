@@ -17,6 +17,7 @@ from allcore.cells import Box
 
 BOX_COLOUR, BLAST_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (230, 30, 30), (255, 255, 255), (0, 0, 0)
 LINE_FRACTION = 1 / 250  # box line width as a fraction of the image's shorter side (at least 1 px)
+ABSTAIN_COLOUR = (240, 190, 0)  # a call of 'abstain': neither colour until a person decides
 HEAT_OPACITY = 0.45  # share of the heat map's colour in a saliency overlay; the cells stay visible
 
 # What a box is labelled with: (label, probability shown, blast call) per cell
@@ -68,3 +69,19 @@ def png_bytes(img: Image.Image) -> bytes:
     buffer = io.BytesIO()
     img.save(buffer, "PNG", optimize=True)
     return buffer.getvalue()
+
+
+def slide_overview(thumbnail: Image.Image, slide_size: tuple[int, int],
+                   cells: Sequence[tuple[float, float, str | None]]) -> Image.Image:
+    """The slide's thumbnail with a dot per cell at its centroid (level-0 pixels), coloured by
+    ``call``: red blast, green not blast, yellow abstain (the review queue's colour)."""
+    canvas = thumbnail.convert("RGB").copy()
+    draw = ImageDraw.Draw(canvas)
+    scale = canvas.width / slide_size[0]
+    radius = max(2, round(min(canvas.size) / 200))
+    colours = {"blast": BLAST_COLOUR, "abstain": ABSTAIN_COLOUR}
+    for x, y, call in cells:
+        cx, cy = x * scale, y * scale
+        draw.ellipse((cx - radius, cy - radius, cx + radius, cy + radius),
+                     fill=colours.get(call, BOX_COLOUR), outline=TEXT_BACKGROUND)
+    return canvas

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,3 +166,50 @@ def write_archive(root: str | Path, *, label_set: LabelSet, per_class: int = 24,
     (root / "boxes.json").write_text(json.dumps(boxes_by_file, indent=1))
     (root / "duplicates.json").write_text(json.dumps(twins, indent=1))
     return sorted(samples, key=lambda s: s.path)
+
+
+def mosaic_region(fields: list[np.ndarray], *, columns: int, margin: int,
+                  glass: int = 244) -> tuple[int, int, Callable[[int, int, int, int], np.ndarray]]:
+    """(width, height, region) of a slide that lays ``fields`` (uint8 RGB arrays of one size)
+    row by row, ``columns`` a row, on glass with ``margin`` px around: ``region(x, y, w, h)`` is
+    what ``allcore.slides.write_pyramid_tiff`` reads. Field i's top-left is
+    ``mosaic_offset(i, ...)``."""
+    fh, fw = fields[0].shape[:2]
+    rows = -(-len(fields) // columns)
+    width, height = 2 * margin + columns * fw, 2 * margin + rows * fh
+
+    def region(x: int, y: int, w: int, h: int) -> np.ndarray:
+        out = np.full((h, w, 3), glass, np.uint8)
+        for i, field in enumerate(fields):
+            fx, fy = mosaic_offset(i, columns=columns, margin=margin, field_size=(fw, fh))
+            x0, y0, x1, y1 = max(x, fx), max(y, fy), min(x + w, fx + fw), min(y + h, fy + fh)
+            if x1 > x0 and y1 > y0:
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = field[y0 - fy:y1 - fy, x0 - fx:x1 - fx]
+        return out
+
+    return width, height, region
+
+
+def mosaic_offset(index: int, *, columns: int, margin: int, field_size: tuple[int, int]) -> tuple[int, int]:
+    return margin + (index % columns) * field_size[0], margin + (index // columns) * field_size[1]
+
+
+def write_slide(path: str | Path, *, columns: int = 6, rows: int = 4, field_size: int = 448,
+                mpp: float | None = 0.15, margin: int = 300, seed: int = 0) -> list[Box]:
+    """A pyramidal TIFF slide (``allcore.slides.write_pyramid_tiff``) of ``columns`` x ``rows``
+    generated fields without scale bars on glass, ``mpp`` um/px in its resolution tags (none when
+    None): a white cell is ~9-15 um across at 448 px and 0.15 um/px. Returns every white cell's
+    box in level-0 slide pixels."""
+    from allcore.slides import write_pyramid_tiff
+
+    rng = np.random.default_rng(seed)
+    fields, boxes = [], []
+    for i in range(columns * rows):
+        img, field_boxes = make_field(rng, int(rng.integers(0, len(MORPHOLOGIES))), field_size,
+                                      scale_bar=False)
+        fx, fy = mosaic_offset(i, columns=columns, margin=margin, field_size=(field_size, field_size))
+        fields.append(np.asarray(img))
+        boxes += [[b[0] + fx, b[1] + fy, b[2] + fx, b[3] + fy] for b in field_boxes]
+    width, height, region = mosaic_region(fields, columns=columns, margin=margin)
+    write_pyramid_tiff(str(path), width, height, region, mpp=mpp)
+    return boxes

@@ -1,4 +1,5 @@
-"""Score an image archive with a trained model artifact into a Parquet table (Ray Data).
+"""Score an image archive (camera fields and whole-slide scans) with a trained model artifact
+into a Parquet table (Ray Data).
 
     python jobs/score.py --model runs/s000/model --input /data/smears --output /data/predictions
     ray job submit --working-dir . -- python jobs/score.py --model s3://models/s000 \\
@@ -90,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
     parser.add_argument("--cell-diameter", type=float, metavar="PX", help="white-cell diameter "
                         "in input pixels for the whole run (default: the median estimate over a "
                         "sample of the inputs)")
+    parser.add_argument("--mpp", type=float, metavar="UM_PER_PX", help="micrometres per pixel "
+                        "of inputs whose files do not say: whole slides without pixel-size "
+                        "metadata (else their error row says so), and camera fields (then the "
+                        "white-cell diameter follows from it instead of an estimate)")
     parser.add_argument("--verbose", action="store_true", help="Ray's INFO logs and progress "
                         "bars (default: one progress line per commit: images done / total, "
                         "rate, time left)")
@@ -104,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                              inference="exact" if args.exact else "fast" if args.fast else "auto",
                              gpu=args.gpu, per_cell=args.per_cell,
                              cell_model=args.cell_model, cell_diameter_px=args.cell_diameter,
-                             verbose=args.verbose)
+                             mpp=args.mpp, verbose=args.verbose)
     except ValueError as exc:
         parser.error(str(exc))
 

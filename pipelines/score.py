@@ -1,6 +1,7 @@
 """Ray Data wiring for batch scoring, in stage order:
 
-    list (driver) -> prepare (CPU tasks) -> predict (actor pool) -> table -> commit -> summarise
+    list (driver) -> [expand slides into tiles] -> prepare (CPU tasks) -> predict (actor pool)
+        -> table -> commit -> summarise
 
 The driver lists the inputs in chunks of ``commit_every`` names, drops those the ledger says are
 done, and puts the rest into the object store as blocks (``todo_blocks``: a few input-sized ones
@@ -12,6 +13,13 @@ turns every ``commit_every`` result rows into output rows and commits them
 (``allcore.scoring.store``): a crash loses at most the uncommitted rows, which the next run
 scores again. The driver logs one progress line per commit (images done / total, rate, time
 left); Ray's own INFO logs and progress bars are off unless ``config.verbose``.
+
+A whole-slide input is listed as one row like any file; when the listing names possible slides
+(``allcore.slides.SLIDE_EXTENSIONS``) a ``flat_map`` stage turns each into its slide row and one
+row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few tiles a block so one
+slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
+(``CompleteInputs``), after counting each cell once (``finish_slides``), then writes the slide's
+GeoJSON and overview image (``write_slide_outputs``).
 
 On a CPU-only cluster Ray Data fuses prepare into the actor pool (same resources), so
 ``--actors`` also bounds decoding; with GPUs they stay separate and decoding overlaps inference.
@@ -30,6 +38,7 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines import init_ray
+from allcore import slides
 from allcore.artifact import verified_card
 from allcore.celldata import CellCropGeometry
 from allcore.cells import CellFinderConfig
@@ -42,7 +51,8 @@ from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
-from allcore.scoring.table import FIELD, blast_classes, build_output_table, card_summary
+from allcore.scoring.table import INPUT_KINDS, blast_classes, build_output_table, card_summary
+from allcore.scoring.tiles import expand_input, finish_slides, write_slide_outputs
 from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
@@ -55,6 +65,7 @@ SMALL_BLOCKS_PER_ACTOR = 4  # field runs: the first blocks hold one model batch 
 LARGE_BLOCK_INPUTS = 4096  # ... the rest this many inputs (benchmarks/listing_puts.py)
 DIAMETER_SAMPLE = 32  # inputs whose median white-cell size is the run's cell diameter
 PROGRESS_SECONDS = 10.0  # at most one progress line this often between commits
+TILES_PER_BLOCK = 2  # slide runs: rows a block after expansion (a per-cell tile takes ~0.3 s)
 
 
 def run_scoring(config: ScoringConfig, *,
@@ -97,7 +108,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
     started = time.perf_counter()
 
     # list
-    blocks, sample = _list_todo(config, done, summary)
+    blocks, sample, may_hold_slides = _list_todo(config, done, summary)
     log.info("listed %d inputs: %d to score, %d skipped", summary.listed, summary.to_score,
              summary.skipped)
     specimens: set[str] = set()
@@ -106,14 +117,14 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
         _quiet_ray(config.verbose)
         finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
         # prepare -> predict
-        scored = _scored_batches(config, card, cell_card, finder, blocks, summary)
+        scored = _scored_batches(config, card, cell_card, finder, blocks, summary, may_hold_slides)
         # table -> commit
         complete = CompleteInputs()
         model_summary = card_summary(card, cell_card)
         # --per-cell needs the blast classes (specimen summary); field runs fill them if known
         blasts, cell_blasts = blast_classes(card, cell_card, required=config.per_cell)
 
-        def commit(rows: pa.Table) -> None:
+        def commit(rows: pa.Table) -> None:  # rows: the scored batches' columns
             scored_at = dt.datetime.now(dt.timezone.utc)
             table = build_output_table(rows, run_id=run_id, scored_at=scored_at,
                                        model_summary=model_summary,
@@ -124,6 +135,8 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
             summary.add_commit(record)
             summary.add_reviews(table)
             run_files.extend(store.uri(f["path"]) for f in record["files"])
+            for written in write_slide_outputs(store, rows, table):
+                log.info("slide cells -> %s", written)
             summary.seconds = time.perf_counter() - started
             specimens.update(s for s in table["specimen_id"].to_pylist() if s is not None)
             log.info("chunk %d committed: %s", record["chunk"], summary.progress())
@@ -178,6 +191,9 @@ def _cell_finder(config: ScoringConfig, card, sample: list[str],
     median of the per-field estimates over ``sample`` (docs/CELLS.md: one diameter per archive
     finds cells more precisely than each field's own estimate). Recorded in the run summary."""
     diameter, source = config.cell_diameter_px, "given (--cell-diameter)"
+    if diameter is None and config.mpp is not None:
+        diameter = slides.WHITE_CELL_DIAMETER_UM / config.mpp
+        source = f"{slides.WHITE_CELL_DIAMETER_UM:g} um at --mpp {config.mpp:g} um/px"
     if diameter is None:
         diameter = sampled_cell_diameter(sample, data_config=card.data_config_obj(),
                                           max_pixels=config.max_pixels)
@@ -192,17 +208,22 @@ def _cell_finder(config: ScoringConfig, card, sample: list[str],
     return CellFinderConfig(cell_diameter_px=diameter)
 
 
-def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tuple[list, list[str]]:
-    """Object refs of Arrow tables of the inputs to score, and a random sample of their uris
-    (``DIAMETER_SAMPLE``, for the run's cell diameter); counts listed and skipped."""
+def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tuple[list, list[str], bool]:
+    """Object refs of Arrow tables of the inputs to score, a random sample of their camera
+    fields' uris (``DIAMETER_SAMPLE``, for the run's cell diameter; slides have theirs from their
+    pixel size), and whether any name may be a slide; counts listed and skipped."""
     sample, seen, rng = [], 0, random.Random(0)
+    may_hold_slides = False
 
     def todo_chunks() -> Iterator[list[FileInfo]]:
-        nonlocal seen
+        nonlocal seen, may_hold_slides
         for listed, todo in new_inputs(iter_inputs(config), done, config.commit_every):
             summary.listed += listed
             summary.skipped += listed - len(todo)
             for info in todo:  # reservoir sampling: a uniform sample of a list streamed once
+                if slides.is_slide_name(info.uri):
+                    may_hold_slides = True
+                    continue
                 seen += 1
                 if len(sample) < DIAMETER_SAMPLE:
                     sample.append(info.uri)
@@ -218,7 +239,7 @@ def _list_todo(config: ScoringConfig, done: Ledger, summary: RunSummary) -> tupl
                                       "source_mtime": [i.mtime_or_etag for i in block],
                                       "listing_error": [i.listing_error for i in block],
                                       "error_kind": [i.error_kind for i in block]})))
-    return refs, sample
+    return refs, sample, may_hold_slides
 
 
 def todo_blocks(config: ScoringConfig, todo_chunks: Iterable[list]) -> Iterator[list]:
@@ -268,10 +289,10 @@ def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
 
 
 def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderConfig | None,
-                    blocks: list, summary: RunSummary):
-    """prepare (a CPU function) then predict (``Predictor`` actors), streamed back to the driver
-    block by block as they finish. Each model's inference path is decided here, once, and
-    recorded in the run summary."""
+                    blocks: list, summary: RunSummary, may_hold_slides: bool):
+    """[slides into tiles,] prepare (a CPU function) then predict (``Predictor`` actors),
+    streamed back to the driver block by block as they finish. Each model's inference path is
+    decided here, once, and recorded in the run summary."""
     num_gpus = 1 if config.gpu or ray.cluster_resources().get("GPU", 0) > 0 else 0
     log.info("inference on %s", "GPU actors" if num_gpus else "CPU actors")
     cards = {"model": (config.model, card), "cell_model": (config.cell_model, cell_card)}
@@ -285,11 +306,23 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     # task once prepare is fused into the actors (the larger of the two batch sizes wins), which
     # put 52 large fields in one task on one actor
     batch_size = None if finder else config.batch_size
+    dataset = ray.data.from_arrow_refs(blocks)
+    if may_hold_slides:
+        working_mpp = slides.working_mpp(max(
+            (finder or CellFinderConfig()).working_diameter_px,
+            0 if cell_card is None else CellCropGeometry.from_card(cell_card).pixels_per_cell_diameter))
+        summary.slide_working_mpp = working_mpp
+        log.info("slides are tiled at %.3f um/px (a %g um white cell %.0f px wide)", working_mpp,
+                 slides.WHITE_CELL_DIAMETER_UM, slides.WHITE_CELL_DIAMETER_UM / working_mpp)
+        dataset = (dataset.flat_map(expand_input, fn_kwargs={
+            "working_mpp": working_mpp, "mpp": config.mpp, "max_pixels": config.max_pixels})
+            .repartition(target_num_rows_per_block=TILES_PER_BLOCK))
     return (
-        ray.data.from_arrow_refs(blocks)
+        dataset
         .map_batches(prepare_batch, batch_size=batch_size,
-                     fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
-                                              cell_finder=finder, cell_card=cell_card))
+                     fn_kwargs={**prepare_kwargs(card, max_pixels=config.max_pixels,
+                                                 cell_finder=finder, cell_card=cell_card),
+                                "mpp": config.mpp})
         .map_batches(Predictor, batch_size=batch_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),
@@ -313,7 +346,7 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
     ready: list[pa.Table] = []
     last_line = time.perf_counter()
     for batch in scored:
-        rows = complete.add(batch)
+        rows = finish_slides(complete.add(batch))
         if rows.num_rows:
             ready.append(rows)
         if sum(t.num_rows for t in ready) >= commit_every:
@@ -324,7 +357,7 @@ def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.T
             ready, last_line = ([rest] if rest.num_rows else []), time.perf_counter()
         elif time.perf_counter() - last_line >= PROGRESS_SECONDS:
             summary.seconds = time.perf_counter() - started
-            images = sum(pc.sum(pc.equal(t["row_kind"], FIELD)).as_py() or 0
+            images = sum(pc.sum(pc.is_in(t["row_kind"], pa.array(INPUT_KINDS))).as_py() or 0
                          for t in ready)
             log.info("scoring: %s", summary.progress(uncommitted=images))
             last_line = time.perf_counter()

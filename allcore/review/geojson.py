@@ -14,10 +14,9 @@ import pandas as pd
 
 from allcore.io import join, write_bytes
 from allcore.labels import LABEL_SETS
-from allcore.overlay import BLAST_COLOUR, BOX_COLOUR
+from allcore.overlay import ABSTAIN_COLOUR, BLAST_COLOUR, BOX_COLOUR
 from allcore.scoring.table import FIELD
 
-REVIEW_COLOUR = (240, 190, 0)  # rows whose call is 'abstain' and no reviewer has decided yet
 MEASUREMENTS = ("blast_probability", "confidence", "ood_score")
 # A reviewer's label is coloured as a blast when some label set calls it one: the exported rows
 # do not name their label set, and no two label sets use one class name in opposite senses.
@@ -35,7 +34,7 @@ def _colour(call: str | None, corrected: str | None) -> list[int]:
     if corrected is not None:
         return list(BLAST_COLOUR if corrected in BLAST_CLASSES else BOX_COLOUR)
     if call == "abstain":
-        return list(REVIEW_COLOUR)
+        return list(ABSTAIN_COLOUR)
     return list(BLAST_COLOUR if call == "blast" else BOX_COLOUR)
 
 
@@ -81,3 +80,22 @@ def write_feature_collections(collections: dict[str, dict], out_dir: str) -> lis
         write_bytes(target, json.dumps(collection, indent=1).encode())
         written.append(target)
     return written
+
+
+def slide_feature_collection(cells: pd.DataFrame) -> dict:
+    """A slide's cells (its committed cell rows) as the FeatureCollection QuPath imports onto the
+    slide: one 'detection' per cell in level-0 slide pixels, classified by the model's label
+    (coloured by ``call``), with ``measurements`` a map of the class probabilities the row has
+    (``prob_<class>``; the cell model's blast probability), confidence, OOD score and the review
+    flag as 0/1 (QuPath measurements are numbers)."""
+    features = []
+    for row in cells.sort_values(["box_y0", "box_x0"]).to_dict("records"):
+        item = feature(row, None)
+        numbers = {k: float(v) for k, v in row.items()
+                   if k.startswith("prob_") and v is not None and not pd.isna(v)}
+        if row.get("needs_review") is not None and not pd.isna(row["needs_review"]):
+            numbers["needs_review"] = float(bool(row["needs_review"]))
+        item["properties"]["measurements"].update(numbers)
+        item["properties"]["slide_id"] = row["slide_id"]
+        features.append(item)
+    return {"type": "FeatureCollection", "features": features}

@@ -35,6 +35,7 @@ class ScoringConfig:
     per_cell: bool = False  # also one row per detected white cell (docs/SCORING.md)
     cell_model: str | None = None  # --cell-model: artifact that classifies the cell rows
     cell_diameter_px: float | None = None  # white-cell size in input pixels; None: estimated per run
+    mpp: float | None = None  # --mpp: um per pixel of inputs whose files do not say (slides, fields)
     verbose: bool = False  # Ray's INFO logs and progress bars (else one progress line per commit)
 
     def __post_init__(self) -> None:
@@ -51,6 +52,9 @@ class ScoringConfig:
             raise ValueError(f"max_review_rate must be in [0, 1], got {self.max_review_rate}")
         if (self.cell_model is not None or self.cell_diameter_px is not None) and not self.per_cell:
             raise ValueError("--cell-model and --cell-diameter apply to cell rows: add --per-cell")
+        if self.mpp is not None and not 0 < self.mpp <= 50:
+            raise ValueError(f"mpp must be micrometres per pixel in (0, 50], got {self.mpp}; a "
+                             "40x scan is about 0.25, a 20x scan about 0.5")
         if self.cell_diameter_px is not None and not self.cell_diameter_px > 0:
             raise ValueError(f"cell_diameter_px must be > 0, got {self.cell_diameter_px}")
         if self.specimen_pattern is not None:

@@ -21,7 +21,7 @@ from scipy import special
 from allcore.artifact import built_model, verified_weights
 from allcore.labels import get_label_set
 from allcore.scoring import onnx
-from allcore.scoring.table import CELL, OK, prob_column
+from allcore.scoring.table import CELL, OK, SLIDE, prob_column
 from allcore.trust import calibrated_probabilities, load_trust
 
 log = logging.getLogger("allcore.scoring.predict")
@@ -104,7 +104,7 @@ class Predictor:
         by_cell_model = np.zeros(n, bool)
         if self.cell_model is not None:
             by_cell_model = ok & (np.asarray(batch["row_kind"]) == CELL)
-        by_field_model = ok & ~by_cell_model
+        by_field_model = ok & ~by_cell_model & (np.asarray(batch["row_kind"]) != SLIDE)  # no pixels
         classes = self.field_model.classes
         probs = np.full((n, len(classes)), np.nan, np.float32)
         out["ood_score"] = np.full(n, np.nan, np.float32)

@@ -38,7 +38,10 @@ from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, 
 from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
                         read_bytes)
 from allcore.qc import QC_COLUMNS, image_qc
-from allcore.scoring.table import CELL, ERROR, FIELD, OK
+from allcore import slides
+from allcore.io import CORRUPT
+from allcore.scoring.table import CELL, ERROR, FIELD, OK, SLIDE, TILE
+from allcore.scoring.tiles import NO_SLIDE, TileSpec
 from allcore.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
 
 NO_CELLS_NOTE = "no cells found"
@@ -86,64 +89,126 @@ def load_image(uri: str, *, max_pixels: int = MAX_PIXELS
 
 def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels: int = MAX_PIXELS, cell_finder: CellFinderConfig | None = None,
                   measurements: Mapping[str, FieldMeasurement] = FIELD_MEASUREMENTS,
-                  cell_model: CellModelInput | None = None) -> dict[str, np.ndarray]:
+                  cell_model: CellModelInput | None = None, mpp: float | None = None) -> dict[str, np.ndarray]:
     """Rows of the inputs ``batch`` names (``source_uri``; its other columns, e.g. the rest of
     ``INPUT_KEY``, are carried onto every row of the input): the field row of each, plus its cell
-    rows when ``cell_finder`` is given.
+    rows when ``cell_finder`` is given. Rows of a slide (``allcore.scoring.tiles.expand_input``)
+    give the slide row as it is and, per tile, a tile row (the tile read at the run's working
+    scale, scored like a field) and the cells the tile owns, placed in level-0 slide pixels.
 
     Adds content_sha256, row_kind, status, error, note, box_x0/y0/x1/y1 (field rows: the whole
-    image), cell_count, cell_area, circularity, nucleus_cell_ratio, one column per measurement
-    and ``pixels`` (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
+    image), centroid_x/y, mpp (``mpp``: a camera field's um/px, from --mpp), cell_count,
+    cell_area, circularity, nucleus_cell_ratio, one column per measurement and ``pixels``
+    (float32 N x 3 x S x S, zeros for error rows so the column keeps one shape).
     With the data config's ``mask_corner`` the scale bar is painted out before cells are searched,
-    so its label is neither found as a cell nor seen in a crop. With ``cell_model`` every row
-    also has ``cell_pixels`` (the cell model's crops; zeros on field and error rows).
+    so its label is neither found as a cell nor seen in a crop (not on slide tiles: a scanner
+    prints no scale bar into the scan). With ``cell_model`` every row also has ``cell_pixels``
+    (the cell model's crops; zeros on field and error rows).
     """
     cfg = DataConfig.from_dict(data_config)
-    crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
+    batch = {**_unexpanded_slide_columns(len(batch["source_uri"])), **batch}
     rows: list[dict] = []
     listing_errors = batch.get("listing_error", [""] * len(batch["source_uri"]))
     for i, uri in enumerate(batch["source_uri"]):
+        base = {"input": i, "content_sha256": "", "error_kind": "", "row_kind": FIELD,
+                "status": OK, "error": "", "cell_count": -1, "tile_count": -1, "note": "", "cell_area": -1,
+                "circularity": math.nan, "nucleus_cell_ratio": math.nan, "box": (0, 0, 0, 0),
+                "centroid": (math.nan, math.nan), "mpp": math.nan, "core_depth": math.nan,
+                "pixels": None, **{name: math.nan for name in (*measurements, *QC_COLUMNS)}}
+        if batch["slide_id"][i]:
+            rows += _slide_rows(str(uri), int(batch["tile_index"][i]), TileSpec.from_json(batch["tile_spec"][i]),
+                                base, cfg=cfg, cell_finder=cell_finder, measurements=measurements,
+                                cell_model=cell_model)
+            continue
         if listing_errors[i]:  # never listed as a readable file: nothing to open
             sha, img, error, error_kind = None, None, listing_errors[i], batch["error_kind"][i]
         else:
             sha, img, error, error_kind = load_image(str(uri), max_pixels=max_pixels)
         frames = img.info.get(FRAMES_INFO_KEY, 1) if img is not None else 1
-        field_row = {"input": i, "content_sha256": sha or "", "error_kind": "",
-                     "row_kind": FIELD, "status": OK, "error": "", "cell_count": -1,
-                     "note": f"scored on frame 1 of {frames}" if frames > 1 else "",
-                     "cell_area": -1, "circularity": math.nan, "nucleus_cell_ratio": math.nan,
-                     "box": (0, 0, 0, 0), "pixels": None,
-                     **{name: math.nan for name in (*measurements, *QC_COLUMNS)}}
+        field_row = {**base, "content_sha256": sha or "", "mpp": math.nan if mpp is None else mpp,
+                     "note": f"scored on frame 1 of {frames}" if frames > 1 else ""}
         if img is None:
             rows.append({**field_row, "status": ERROR, "error": error, "error_kind": error_kind})
             continue
         # the field model's pixels as training made them (reduced decode, then the mask); the
         # finder and the crops work on the field with the scale bar painted out
         searched = mask_scale_bar(img) if cell_finder is not None and cfg.mask_corner else img
-        field_row.update({"box": (0, 0, *img.size), "pixels": preprocess_array(img, cfg),
-                          **{name: float(measure(img)) for name, measure in measurements.items()}})
-        if cell_finder is None:
-            rows.append({**field_row, **image_qc(img)})
-            continue
-        # one diameter for finding and cutting: the run's, else this field's estimate
-        diameter = cell_finder.cell_diameter_px or estimate_cell_diameter(searched, cell_finder)
-        cells = [] if diameter is None else find_cells(
-            searched, replace(cell_finder, cell_diameter_px=diameter))
-        field_row.update(image_qc(img))
-        pixel_key = "pixels" if cell_model is None else "cell_pixels"
-        background = median_colour(searched) if cells else None  # beyond the edge of every crop
-        rows.append({**field_row, "cell_count": len(cells),
-                     "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)})
-        rows += [{**field_row, "row_kind": CELL, "box": cell.box, "cell_count": -1,
-                  "cell_area": cell.area, "circularity": cell.circularity,
-                  "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
-                                         else cell.nucleus_cell_ratio),
-                  **{name: math.nan for name in (*measurements, *QC_COLUMNS)},
-                  "pixels": None,  # a cell row's pixels are the crop's, under pixel_key
-                  pixel_key: cell_input(searched, cell, diameter, finder=cell_finder,
-                                        crop_cfg=crop_cfg, cell_model=cell_model, fill=background)}
-                 for cell in cells]
+        rows += _image_rows(img, searched, field_row, cfg=cfg, cell_finder=cell_finder,
+                            measurements=measurements, cell_model=cell_model)
     return _columns(batch, rows, cfg, measurements, cell_model)
+
+
+def _unexpanded_slide_columns(n: int) -> dict[str, np.ndarray]:
+    """The slide columns of a batch that never went through the expansion stage (a run whose
+    listing named no slide)."""
+    return {key: np.full(n, value, dtype=object if isinstance(value, str) else np.int64)
+            for key, value in NO_SLIDE.items()}
+
+
+def _image_rows(img: Image.Image, searched: Image.Image, field_row: dict, *, cfg: DataConfig,
+                cell_finder: CellFinderConfig | None, measurements: Mapping[str, FieldMeasurement],
+                cell_model: CellModelInput | None, tile: TileSpec | None = None) -> list[dict]:
+    """The field (or tile) row of a decoded image and, with a finder, one row per white cell it
+    holds. For a slide's ``tile``: the slide's cell diameter, only the cells the tile owns
+    (``allcore.slides.owns``), boxes and centroids in level-0 slide pixels, and each cell's depth
+    in the tile's core (the tie-break of ``allcore.slides.duplicate_cells``)."""
+    crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
+    field_row = {**field_row, "box": (0, 0, *img.size), "pixels": preprocess_array(img, cfg),
+                 **{name: float(measure(img)) for name, measure in measurements.items()}}
+    if tile is not None:  # a tile row stands for its core
+        field_row["box"] = tile.to_level0(tile.core_in_tile)
+    if cell_finder is None:
+        return [{**field_row, **image_qc(img)}]
+    # one diameter for finding and cutting: the slide's, the run's, else this field's estimate
+    diameter = ((tile and tile.scale.cell_diameter_px) or cell_finder.cell_diameter_px
+                or estimate_cell_diameter(searched, cell_finder))
+    cells = [] if diameter is None else find_cells(
+        searched, replace(cell_finder, cell_diameter_px=diameter))
+    if tile is not None:
+        cells = [cell for cell in cells if tile.owns(cell.centroid)]
+    field_row.update(image_qc(img))
+    pixel_key = "pixels" if cell_model is None else "cell_pixels"
+    background = median_colour(searched) if cells else None  # beyond the edge of every crop
+    rows = [{**field_row, "cell_count": len(cells),
+             "note": field_row["note"] or ("" if cells else NO_CELLS_NOTE)}]
+    rows += [{**field_row, "row_kind": CELL, "cell_count": -1,
+              "box": cell.box if tile is None else tile.to_level0(cell.box),
+              "centroid": cell.centroid if tile is None else tile.point_to_level0(cell.centroid),
+              "core_depth": math.nan if tile is None else tile.depth_in_core(cell.centroid),
+              "cell_area": cell.area, "circularity": cell.circularity,
+              "nucleus_cell_ratio": (math.nan if cell.nucleus_cell_ratio is None
+                                     else cell.nucleus_cell_ratio),
+              **{name: math.nan for name in (*measurements, *QC_COLUMNS)},
+              "pixels": None,  # a cell row's pixels are the crop's, under pixel_key
+              pixel_key: cell_input(searched, cell, diameter, finder=cell_finder,
+                                    crop_cfg=crop_cfg, cell_model=cell_model, fill=background)}
+             for cell in cells]
+    return rows
+
+
+def _slide_rows(uri: str, tile_index: int, spec: TileSpec, base: dict, *, cfg: DataConfig,
+                cell_finder: CellFinderConfig | None, measurements: Mapping[str, FieldMeasurement],
+                cell_model: CellModelInput | None) -> list[dict]:
+    """A slide row (``tile_index`` -1: the whole slide, or the slide's error), or one tile's
+    rows: the tile scored like a field at the working scale, its cells in level-0 pixels."""
+    row = {**base, "content_sha256": spec.sha256, "mpp": spec.mpp}
+    if tile_index < 0:
+        if spec.error:
+            return [{**row, "row_kind": SLIDE, "status": ERROR, "error": spec.error,
+                     "error_kind": spec.error_kind}]
+        return [{**row, "row_kind": SLIDE, "box": (0, 0, *spec.slide_size), "tile_count": spec.tile_count,
+                 "note": "" if spec.tile_count else "no smear found on the slide's thumbnail"}]
+    row = {**row, "row_kind": TILE,
+           "note": slides.DENSE_NOTE if spec.tissue_fraction >= slides.DENSE_TISSUE_FRACTION else ""}
+    try:
+        pixels = slides.read_tile(slides.cached_slide(uri), spec.scale, spec.read)
+    except Exception as exc:  # a damaged tile: its error row; the slide's other tiles still score
+        return [{**row, "box": spec.to_level0(spec.core_in_tile), "status": ERROR,
+                 "error": f"unreadable tile ({type(exc).__name__}: {exc}); the slide file is "
+                          "probably damaged there: re-copy it", "error_kind": CORRUPT}]
+    return _image_rows(pixels, pixels, row, cfg=replace(cfg, mask_corner=False),
+                       cell_finder=cell_finder, measurements=measurements, cell_model=cell_model,
+                       tile=spec)
 
 
 def sampled_cell_diameter(uris: Iterable[str], *, data_config: DataConfig,
@@ -178,9 +243,12 @@ def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
     out = {k: np.asarray(v)[inputs] for k, v in batch.items()}
     out.update({k: np.array([r[k] for r in rows], dtype=object)
                 for k in ("content_sha256", "row_kind", "status", "error", "error_kind", "note")})
-    out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "cell_area")})
+    out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "tile_count", "cell_area")})
     out.update({k: np.array([r[k] for r in rows], np.float32)
-                for k in ("circularity", "nucleus_cell_ratio", *measurements, *QC_COLUMNS)})
+                for k in ("circularity", "nucleus_cell_ratio", "mpp", *measurements, *QC_COLUMNS)})
+    out["core_depth"] = np.array([r["core_depth"] for r in rows], np.float64)
+    out.update({f"centroid_{k}": np.array([r["centroid"][j] for r in rows], np.float64)
+                for j, k in enumerate("xy")})
     out.update({f"box_{k}": np.array([r["box"][j] for r in rows], np.int32)
                 for j, k in enumerate(("x0", "y0", "x1", "y1"))})
     out["pixels"] = _stacked(rows, "pixels", cfg.input_size)

@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from allcore.io import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
-from allcore.scoring.table import CELL, ERROR, FIELD, OK
+from allcore.scoring.table import CELL, ERROR, FIELD, INPUT_KINDS, OK, SLIDE, TILE
 
 WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
 DIGEST = pa.binary(16)  # input_digest, as stored in the ledger files
@@ -144,7 +144,9 @@ class CompleteInputs:
     """Holds scored rows until every row of their input has arrived, so a commit never splits an
     input's field row from its cell rows (Ray Data may reorder and re-batch rows of one input).
     Complete means: the field row, plus as many cell rows as its ``cell_count`` says (an error
-    row, or a field row of a run without cells, needs none)."""
+    row, or a field row of a run without cells, needs none); for a slide, the slide row, as many
+    tile rows as its ``tile_count`` says, and as many cell rows as those tiles' ``cell_count``
+    add up to. A slide is thus committed only once all its tiles are scored."""
 
     def __init__(self) -> None:
         self._pending: list[pa.Table] = []
@@ -158,15 +160,22 @@ class CompleteInputs:
         rows = pa.concat_tables([*self._pending, table]) if self._pending else table
         keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
         kinds, counts = rows["row_kind"].to_pylist(), rows["cell_count"].to_pylist()
-        expected: dict[tuple, int] = {}
-        seen: dict[tuple, int] = {}
-        for key, kind, count in zip(keys, kinds, counts):
-            if kind == FIELD:
-                expected[key] = max(int(count), 0)
-            else:
-                seen[key] = seen.get(key, 0) + 1
-        done = np.array([key in expected and seen.get(key, 0) == expected[key] for key in keys],
-                        dtype=bool)
+        tile_counts = (rows["tile_count"].to_pylist() if "tile_count" in rows.column_names
+                       else [0] * rows.num_rows)
+        has_input_row: set[tuple] = set()
+        expected = Counter()  # cell and tile rows the input's field, slide and tile rows announce
+        seen = Counter()
+        for key, kind, count, tiles in zip(keys, kinds, counts, tile_counts):
+            if kind in INPUT_KINDS:
+                has_input_row.add(key)
+            if kind == SLIDE:
+                expected[key, TILE] += max(int(tiles), 0)
+            elif kind in (FIELD, TILE):
+                expected[key, CELL] += max(int(count), 0)
+            if kind in (TILE, CELL):
+                seen[key, kind] += 1
+        done = np.array([key in has_input_row and all(seen[key, k] == expected[key, k] for k in (TILE, CELL))
+                         for key in keys], dtype=bool)
         self._pending = [rows.filter(pa.array(~done))] if not done.all() else []
         return rows.filter(pa.array(done))
 
@@ -348,7 +357,7 @@ class OutputStore:
         relative = self.publish(table, posixpath.join(
             "predictions", f"scored_date={scored_at:%Y-%m-%d}", f"part-{run_id}-{chunk:05d}.parquet"),
             run_id=run_id)
-        field_rows = table.filter(pc.equal(table["row_kind"], FIELD))
+        field_rows = table.filter(pc.is_in(table["row_kind"], pa.array(INPUT_KINDS)))  # one per input
         status = field_rows["status"].to_pylist()
         final = _final_inputs(field_rows)
         ledger = self.publish(pa.table({"digest": pa.array(
@@ -359,7 +368,7 @@ class OutputStore:
                   "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "files": [{"path": relative, "rows": table.num_rows}], "ledger": ledger,
                   "counts": {OK: status.count(OK), ERROR: status.count(ERROR),
-                             CELL: table.num_rows - field_rows.num_rows,
+                             CELL: pc.sum(pc.equal(table["row_kind"], CELL)).as_py() or 0,
                              "retry": field_rows.num_rows - final.num_rows}}
         write_atomic(self.fs, self._p("_commits", f"{run_id}-{chunk:05d}.json"),
                      json.dumps(record).encode())

@@ -45,6 +45,7 @@ class RunSummary:
     max_review_rate: float = 1.0
     cell_diameter_px: float | None = None  # --per-cell: the run's white-cell diameter
     cell_diameter_source: str = ""  # given, or how it was estimated
+    slide_working_mpp: float | None = None  # slides were tiled at this um/px (allcore.slides)
     inference: dict = dataclasses.field(default_factory=dict)  # model role -> {path, reason}
 
     @property
@@ -80,8 +81,8 @@ class RunSummary:
         """Count the flagged field rows of one committed output table."""
         con = duckdb.connect()
         con.register("committed", table)
-        self.flagged += con.execute("SELECT count(*) FROM committed WHERE row_kind = 'field' "
-                                    "AND status = 'ok' AND needs_review").fetchone()[0]
+        self.flagged += con.execute("SELECT count(*) FROM committed WHERE row_kind IN ('field', "
+                                    "'slide') AND status = 'ok' AND needs_review").fetchone()[0]
 
     def add_commit(self, record: dict) -> None:
         """Count one commit record (``OutputStore.commit``) into the accounting."""
@@ -132,10 +133,10 @@ SUMMARY_DESCRIPTIONS = {
     "specimen_id": "specimen (as in the cell table)",
     "model_sha256": "model whose predictions are summarised",
     "run_id": "run that wrote this summary",
-    "fields_scored": "fields (inputs) of the specimen scored ok",
-    "fields_with_errors": "inputs that could not be scored",
-    "fields_without_cells": "fields scored ok in which no white cell was found",
-    "fields_needing_review": "fields scored ok that need review (needs_review)",
+    "fields_scored": "fields (inputs) of the specimen scored ok; a slide's tiles scored ok",
+    "fields_with_errors": "inputs (fields, slides) and slide tiles that could not be scored",
+    "fields_without_cells": "fields or slide tiles scored ok in which no white cell was found",
+    "fields_needing_review": "fields or slide tiles scored ok that need review (needs_review)",
     "cells_total": "white cells classified",
     "cells_<class>": "cells predicted as <class>",
     "cells_abstained": "cells whose call is 'abstain' (their field needs review): not counted "
@@ -160,12 +161,12 @@ def specimen_summary(rows: pa.Table, classes: Sequence[str]) -> pa.Table:
                           f"AS \"cells_{c}\"" for c in classes)
     table = con.sql(f"""
         SELECT specimen_id, any_value(model_sha256) AS model_sha256,
-               count(*) FILTER (row_kind = 'field' AND status = 'ok')::BIGINT AS fields_scored,
-               count(*) FILTER (row_kind = 'field' AND status = 'error')::BIGINT
+               count(*) FILTER (row_kind IN ('field', 'tile') AND status = 'ok')::BIGINT AS fields_scored,
+               count(*) FILTER (row_kind != 'cell' AND status = 'error')::BIGINT
                    AS fields_with_errors,
-               count(*) FILTER (row_kind = 'field' AND status = 'ok' AND cell_count = 0)::BIGINT
+               count(*) FILTER (row_kind IN ('field', 'tile') AND status = 'ok' AND cell_count = 0)::BIGINT
                    AS fields_without_cells,
-               count(*) FILTER (row_kind = 'field' AND status = 'ok' AND needs_review)::BIGINT
+               count(*) FILTER (row_kind IN ('field', 'tile') AND status = 'ok' AND needs_review)::BIGINT
                    AS fields_needing_review,
                count(*) FILTER (row_kind = 'cell')::BIGINT AS cells_total, {per_class},
                count(*) FILTER (row_kind = 'cell' AND call = 'abstain')::BIGINT AS cells_abstained,
@@ -205,7 +206,7 @@ def latest_rows(store: OutputStore, model_sha256: str, specimens: Iterable[str])
             SELECT * FROM read_parquet(?, union_by_name = true)
             WHERE model_sha256 = ? AND specimen_id IN (SELECT specimen_id FROM wanted)),
         latest AS (
-            SELECT source_uri, run_id FROM rows WHERE coalesce(row_kind, 'field') = 'field'
+            SELECT source_uri, run_id FROM rows WHERE coalesce(row_kind, 'field') IN ('field', 'slide')
             QUALIFY row_number() OVER (PARTITION BY source_uri
                                        ORDER BY scored_at DESC, run_id DESC) = 1)
         SELECT rows.* FROM rows JOIN latest USING (source_uri, run_id)""",

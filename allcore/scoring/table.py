@@ -34,9 +34,13 @@ from allcore.trust import (NO_TRUST_CHECKS, Review, probability_call, review_cel
 SCHEMA_METADATA_KEY = b"allcore.schema"
 # 2: prob_<class>, confidence and blast_probability are temperature-scaled when the model card has
 # a trust section; qc_*, ood_score, needs_review, review_reason and call added (docs/SCORING.md)
-SCHEMA_VERSION = 2
+# 3: slides: row kinds 'slide' and 'tile'; slide_id, tile_index, centroid_x/y, mpp, centroid_*_um
+SCHEMA_VERSION = 3
 OK, ERROR = "ok", "error"  # status
 FIELD, CELL = "field", "cell"  # row_kind: one field row per input, plus cell rows with --per-cell
+SLIDE, TILE = "slide", "tile"  # a slide input's one row, and one row per tile of it
+INPUT_KINDS = (FIELD, SLIDE)  # one row of these kinds per input: what the accounting counts
+IMAGE_KINDS = (FIELD, TILE)  # rows the field model scores and image QC judges
 
 
 @dataclass(frozen=True)
@@ -126,16 +130,36 @@ def specimen_id(uri: str, pattern: str | None) -> str | None:
     return match.group(1) if match.re.groups else match.group(0)
 
 
-def cell_id(sha: str, row_kind: str, box: tuple[int, int, int, int]) -> str:
-    """Deterministic row id: the same bytes and box give the same id in every run and model."""
-    return f"{sha[:16]}:field" if row_kind == FIELD else f"{sha[:16]}:{','.join(map(str, box))}"
+def cell_id(sha: str, row_kind: str, box: tuple[int, int, int, int], tile_index: int = -1) -> str:
+    """Deterministic row id: the same bytes and box give the same id in every run and model
+    (a slide's cells: their box in level-0 slide pixels)."""
+    if row_kind in (FIELD, SLIDE):
+        return f"{sha[:16]}:{row_kind}"
+    if row_kind == TILE:
+        return f"{sha[:16]}:tile{tile_index}"
+    return f"{sha[:16]}:{','.join(map(str, box))}"
 
 
 def _cell_ids(rows: ScoredRows) -> list[str | None]:
     boxes = zip(*(rows.numbers(f"box_{k}").tolist() for k in ("x0", "y0", "x1", "y1")))
-    return [cell_id(sha, kind, box) if good and sha else None
-            for sha, kind, box, good in zip(rows.text("content_sha256"),
-                                            rows.table["row_kind"].to_pylist(), boxes, rows.ok)]
+    return [cell_id(sha, kind, box, tile) if good and sha else None
+            for sha, kind, box, tile, good in zip(rows.text("content_sha256"),
+                                                  rows.table["row_kind"].to_pylist(), boxes,
+                                                  rows.numbers("tile_index").tolist(), rows.ok)]
+
+
+def _specimen_ids(rows: ScoredRows) -> list[str | None]:
+    """A slide is its own specimen (its slide_id) unless --specimen-pattern says otherwise."""
+    slide_ids = rows.text("slide_id")
+    return [slide if slide and rows.specimen_pattern is None else specimen_id(uri, rows.specimen_pattern)
+            for uri, slide in zip(rows.table["source_uri"].to_pylist(), slide_ids)]
+
+
+def _micrometres(axis: str) -> Callable[[ScoredRows], pa.Array]:
+    def values(rows: ScoredRows) -> pa.Array:
+        um = rows.numbers(f"centroid_{axis}").astype(np.float64) * rows.numbers("mpp").astype(np.float64)
+        return pa.array(um, mask=~rows.ok | np.isnan(um))
+    return values
 
 
 def _blast_probability(rows: ScoredRows) -> pa.Array:
@@ -161,7 +185,7 @@ def _is_blast(rows: ScoredRows) -> list[bool | None]:
     field_blast = set(rows.blast_classes)
     cell_blast = set(rows.cell_blast_classes) if rows.model_summary.get("cell_model") else field_blast
     blasts = [cell_blast if kind == CELL else field_blast for kind in rows.table["row_kind"].to_pylist()]
-    return [(label in blast) if good and blast else None
+    return [(label in blast) if good and blast and label else None
             for label, blast, good in zip(rows.table["pred_label"].to_pylist(), blasts, rows.ok)]
 
 
@@ -174,7 +198,7 @@ def _ood_score(rows: ScoredRows) -> pa.Array:
     on the crop in --cell-model runs; else null, since the field model's detector was fitted on
     whole fields and a crop's distance to them says nothing."""
     scores = rows.numbers("ood_score").astype(np.float64)
-    judged = np.array([k == FIELD for k in rows.table["row_kind"].to_pylist()])
+    judged = np.array([k in IMAGE_KINDS for k in rows.table["row_kind"].to_pylist()])
     if rows.model_summary.get("cell_model"):
         judged[:] = True
     return pa.array(scores, mask=~rows.ok | ~judged | np.isnan(scores))
@@ -198,35 +222,54 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
     cell_trust = trust_from_card_section(cell_section) if cell_section else None
     blast = _blast_probability(rows).to_pylist()
     kinds, uris = rows.table["row_kind"].to_pylist(), rows.table["source_uri"].to_pylist()
+    images = list(zip(uris, rows.numbers("tile_index").tolist()))  # a field, or a slide's tile
     qc = {name: rows.numbers(name) for name in QC_COLUMNS}
     ood = rows.numbers("ood_score")
-    field_reviews: dict[str, Review] = {}
-    field_diameters: dict[str, float] = {}  # the field's white-cell size, for its cells' review
+    field_reviews: dict[tuple, Review] = {}
+    field_diameters: dict[tuple, float] = {}  # the field's white-cell size, for its cells' review
     out: list[Review | None] = []
-    for i, (good, kind, uri, p) in enumerate(zip(rows.ok, kinds, uris, blast)):
+    for i, (good, kind, image, p) in enumerate(zip(rows.ok, kinds, images, blast)):
         call = None if p is None else probability_call(p)
-        if kind == FIELD:
-            field_diameters[uri] = float(qc["qc_cell_diameter_px"][i])
+        if kind in IMAGE_KINDS:
+            field_diameters[image] = float(qc["qc_cell_diameter_px"][i])
         if not good:
             review = None
-        elif kind == CELL and cell_model:  # rows are sorted: its field row came first
+        elif kind == SLIDE:  # rows are sorted: its tiles came first
+            review = _slide_review([field_reviews[k] for k in field_reviews if k[0] == image[0]])
+        elif kind == CELL and cell_model:
             review = (Review(None, NO_TRUST_CHECKS, call) if cell_trust is None else review_cell(
                 float(ood[i]), math.nan if p is None else p, cell_trust,
-                cell_diameter_px=field_diameters.get(uri, math.nan),
+                cell_diameter_px=field_diameters.get(image, math.nan),
                 pixels_per_cell_diameter=float(cell_model["cell_crop"]["pixels_per_cell_diameter"])))
         elif trust is None:
             review = Review(None, NO_TRUST_CHECKS, call)
-        elif kind == FIELD:
+        elif kind in IMAGE_KINDS:
             review = review_row({k: float(v[i]) for k, v in qc.items()}, float(ood[i]),
                                 math.nan if p is None else p, trust)
             if p is None and not review.needs_review:  # no blast classes in the label set
                 review = review._replace(call=None)
-            field_reviews[uri] = review
-        else:  # rows are sorted: the field row of an input comes before its cells
-            field = field_reviews[uri]
+            field_reviews[image] = review
+        else:  # rows are sorted: the field (tile) row of an input comes before its cells
+            field = field_reviews[image]
             review = field if field.needs_review else Review(False, None, call)
         out.append(review)
     return out
+
+
+SLIDE_REVIEW_SHARE = 0.10  # a slide needs review when more than this share of its tiles do
+
+
+def _slide_review(tiles: list[Review]) -> Review:
+    """A slide row's review: it needs one when more than ``SLIDE_REVIEW_SHARE`` of its scored
+    tiles do (its cells are judged tile by tile); a slide makes no call of its own."""
+    checked = [t for t in tiles if t.needs_review is not None]
+    if not checked:
+        return Review(None, NO_TRUST_CHECKS if tiles else None, None)
+    flagged = [t for t in checked if t.needs_review]
+    if len(flagged) <= SLIDE_REVIEW_SHARE * len(checked):
+        return Review(False, None, None)
+    reasons = sorted({r for t in flagged for r in (t.review_reason or "").split("; ") if r})
+    return Review(True, f"{len(flagged)} of {len(checked)} tiles need review: {'; '.join(reasons)}", None)
 
 
 def _review_column(index: int) -> Callable[[ScoredRows], list]:
@@ -260,19 +303,38 @@ COLUMNS: tuple[Column, ...] = (
            lambda r: _as_listed(r, "source_mtime")),
     Column("content_sha256", pa.string(), "sha256 of the bytes actually scored (null if unreadable)",
            ok_only=False),
-    Column("specimen_id", pa.string(),
-           "specimen the image belongs to (regex on source_uri; default parent folder)",
-           lambda r: [specimen_id(u, r.specimen_pattern) for u in r.table["source_uri"].to_pylist()]),
+    Column("specimen_id", pa.string(), "specimen the image belongs to (regex on source_uri; "
+           "default: a slide's slide_id, a field's parent folder)", _specimen_ids),
     Column("cell_id", pa.string(), "deterministic id: content_sha256[:16]:x0,y0,x1,y1 for a cell, "
-           "content_sha256[:16]:field for the whole field (null for error rows)", _cell_ids),
-    Column("row_kind", pa.string(), "'field' (one per input, also for errors) or 'cell' (one per "
-           "detected white cell, --per-cell runs only)", lambda r: _as_listed(r, "row_kind")),
-    Column("box_x0", pa.int32(), "cell box left, pixels of the original image (field rows: 0)"),
-    Column("box_y0", pa.int32(), "cell box top (field rows: 0)"),
-    Column("box_x1", pa.int32(), "cell box right, exclusive (field rows: width)"),
-    Column("box_y1", pa.int32(), "cell box bottom, exclusive (field rows: height)"),
-    Column("cell_count", pa.int32(),
-           "white cells found in the field (field rows of --per-cell runs; else null)"),
+           "content_sha256[:16]:field for the whole field, :slide for a slide, :tile<N> for its "
+           "tile N (null for error rows)", _cell_ids),
+    Column("row_kind", pa.string(), "'field' (one per camera-field input, also for errors), "
+           "'slide' (one per whole-slide input, also for errors), 'tile' (one per scored tile of "
+           "a slide) or 'cell' (one per detected white cell, --per-cell runs only)",
+           lambda r: _as_listed(r, "row_kind")),
+    Column("slide_id", pa.string(), "the slide (specimen) a slide, tile or cell row of a "
+           "whole-slide input belongs to: its file name without extension; null for fields",
+           lambda r: r.text("slide_id")),
+    Column("tile_index", pa.int32(), "tile number within its slide, row by row over the tiles "
+           "that show smear (tile rows and a slide's cell rows; else null)", ok_only=False),
+    Column("tile_count", pa.int32(), "tiles of the slide that show smear, each scored as a tile "
+           "row (slide rows; else null)"),
+    Column("box_x0", pa.int32(), "box left in pixels of the original image, level-0 pixels for "
+           "slides (field rows: 0; slide rows: the whole slide; tile rows: the tile's core)"),
+    Column("box_y0", pa.int32(), "box top (field rows: 0)"),
+    Column("box_x1", pa.int32(), "box right, exclusive (field rows: width)"),
+    Column("box_y1", pa.int32(), "box bottom, exclusive (field rows: height)"),
+    Column("centroid_x", pa.float32(), "cell centroid x in the same pixels as the box (cell rows; "
+           "else null)"),
+    Column("centroid_y", pa.float32(), "cell centroid y (cell rows; else null)"),
+    Column("mpp", pa.float32(), "micrometres per pixel of the box and centroid coordinates: the "
+           "slide's level-0 pixel size (metadata or --mpp), a field's --mpp; null when unknown"),
+    Column("centroid_x_um", pa.float32(), "centroid_x in micrometres from the image's top-left "
+           "corner (null without mpp)", _micrometres("x")),
+    Column("centroid_y_um", pa.float32(), "centroid_y in micrometres (null without mpp)",
+           _micrometres("y")),
+    Column("cell_count", pa.int32(), "white cells found in the field, tile or whole slide, each "
+           "counted once (field, tile and slide rows of --per-cell runs; else null)"),
     Column("cell_area", pa.int32(), "cell area in pixels (cell rows; else null)"),
     Column("circularity", pa.float32(),
            "4 pi area / perimeter^2 of the cell, 1 for a disk (cell rows; else null)"),
@@ -372,6 +434,13 @@ def _model_facts(card) -> dict:
             "data_config": dict(card.data_config), "trust": dict(card.trust)}
 
 
+# Scored columns that only slides and --mpp fill (allcore.scoring.prepare): their missing value
+# where a scored table has none of them (rows prepared before slides, or for one uploaded field).
+SLIDE_SCORED_COLUMNS = {"slide_id": (pa.string(), ""), "tile_index": (pa.int64(), -1),
+                        "tile_count": (pa.int64(), -1), "centroid_x": (pa.float64(), math.nan),
+                        "centroid_y": (pa.float64(), math.nan), "mpp": (pa.float32(), math.nan)}
+
+
 def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
                        model_summary: dict, specimen_pattern: str | None,
                        blast_classes: Iterable[str] = (),
@@ -379,6 +448,9 @@ def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
     """Rows of the output schema from the predict stage's columns (see ``allcore.scoring.prepare``
     and ``allcore.scoring.predict``). Rows are sorted by source_uri, field row first, then cells
     top to bottom, so a chunk's file is reproducible."""
+    for name, (kind, missing) in SLIDE_SCORED_COLUMNS.items():  # scored without a slide in mind
+        if name not in scored.column_names:
+            scored = scored.append_column(name, pa.array([missing] * scored.num_rows, kind))
     scored = scored.sort_by([("source_uri", "ascending"), ("row_kind", "descending"),
                              ("box_y0", "ascending"), ("box_x0", "ascending")])
     classes = model_summary["classes"]
