@@ -1,8 +1,9 @@
 """The embedded default, end to end on one machine with in-process Ray:
 
-1. generate a small labelled sample archive of synthetic smear fields (no real data needed);
+1. generate a small labelled sample archive of synthetic smear fields (no real data needed), and
+   one small whole-slide scan (a pyramidal TIFF) beside the class folders;
 2. fine-tune the ``demo`` recipe (MobileNetV2, ImageNet weights when installed) with Ray Train;
-3. score the archive with Ray Data into a Parquet table;
+3. score the archive, fields and slide, with Ray Data into a Parquet table;
 and print where the model artifact, the report and the predictions are.
 
     python jobs/demo.py [--workdir demo_run]
@@ -20,7 +21,7 @@ from allcore.io import absolute_location  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
 from allcore.models import WeightsUnavailableError  # noqa: E402
 from allcore.recipes import load_recipe  # noqa: E402
-from allcore.synthetic import write_archive  # noqa: E402
+from allcore.synthetic import write_archive, write_slide  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     archive = workdir / "sample_archive"
     samples = write_archive(archive, label_set=get_label_set(recipe.label_set),
                             per_class=args.per_class, seed=0)
-    print(f"[demo] generated {len(samples)} sample images in {archive}")
+    write_slide(archive / "demo-slide.tif", columns=4, rows=3)  # outside the class folders: not trained on
+    print(f"[demo] generated {len(samples)} sample images and one slide (demo-slide.tif) in {archive}")
 
     def train(recipe, name: str) -> str:
         [uri] = run_training(TrainJob(recipe=recipe, data=str(archive), output=str(workdir / "runs"),
@@ -69,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(held-out test accuracy {summary['accuracy']:.3f}, n={summary['n']})")
     print(f"  predictions    : {workdir / 'predictions'} "
           f"({summary_run.ok} ok, {summary_run.errors} errors, {summary_run.skipped} skipped)")
+    print(f"  slide overview : {next((workdir / 'predictions' / 'slides').glob('demo-slide-*.png'), 'not written')} "
+          "(and its QuPath GeoJSON beside it)")
     table = f"{workdir / 'predictions'}/predictions/**/*.parquet"
     print(f"  query          : .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT pred_label, "
           f"count(*) FROM read_parquet('{table}', hive_partitioning=true) GROUP BY 1\\\").show()\"")
