@@ -32,7 +32,8 @@ MAX_PIXELS = 40_000_000
 # fixed), so the next run retries them; the others need a new file, which has a new ledger key.
 EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE = "empty", "not an image", "corrupt", "too large"
 BAD_NAME, UNREADABLE, UNLISTABLE = "bad name", "unreadable", "unlistable"
-TRANSIENT_ERROR_KINDS = frozenset({UNREADABLE, UNLISTABLE})
+NO_PIXEL_SIZE = "no pixel size"  # a slide whose file does not say its um/px: a run with --mpp can
+TRANSIENT_ERROR_KINDS = frozenset({UNREADABLE, UNLISTABLE, NO_PIXEL_SIZE})
 FRAMES_INFO_KEY = "allcore.frames"  # decode_rgb's image info: frames in the file (first scored)
 
 

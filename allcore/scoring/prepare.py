@@ -5,8 +5,10 @@ row for a bad input) and, when a cell finder is given (``--per-cell``), one row 
 A cell row's pixels are, with a cell model (``--cell-model``), the crop its card's geometry
 prescribes at the run's cell diameter, preprocessed as that card says, in ``cell_pixels``;
 without one, the square crop around the cell preprocessed like the field (the field model on
-crops, unvalidated). Every row has ``row_kind`` ('field' or 'cell'), so later stages never guess
-the mode.
+crops, unvalidated). A whole-slide input arrives already expanded (``allcore.scoring.tiles``):
+its slide row passes through, each tile is read at the run's working scale and prepared like a
+field, its cells placed in level-0 slide pixels. Every row has ``row_kind`` ('field', 'slide',
+'tile' or 'cell'), so later stages never guess the mode.
 
 Batches are ``dict[str, np.ndarray]``, the shape Ray Data's ``map_batches`` passes; nothing here
 raises for a bad input: the row gets ``status='error'`` and a message, and flows on to the table

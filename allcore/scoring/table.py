@@ -376,7 +376,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("status", pa.string(), "'ok' or 'error'", lambda r: _as_listed(r, "status")),
     Column("error", pa.string(), "why the input could not be scored (null for ok rows)",
            lambda r: [None if good else e for e, good in zip(r.text("error"), r.ok)]),
-    Column("error_kind", pa.string(), "'unreadable', 'unlistable' (retried by the next run), "
+    Column("error_kind", pa.string(), "'unreadable', 'unlistable', 'no pixel size' (a slide "
+           "without um/px: retried by the next run, which may give --mpp), "
            "'bad name', 'empty', 'not an image', 'corrupt', 'too large' (not retried until the file "
            "changes); null for ok rows", ok_only=False),
     Column("note", pa.string(), "remark on an ok row, e.g. 'no cells found' on a --per-cell field "

@@ -24,12 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from allcore import slides
-from allcore.io import CORRUPT, write_atomic
+from allcore.io import CORRUPT, NO_PIXEL_SIZE, UNREADABLE, write_atomic
 from allcore.scoring.table import CELL, SLIDE, TILE
 
 NO_SLIDE = {"slide_id": "", "tile_index": -1, "tile_spec": ""}
-NO_MPP, NOT_A_SLIDE = "no pixel size", CORRUPT  # error_kind of a slide row that cannot be tiled
-SLIDE_REVIEW_SHARE = 0.10  # a slide needs review when more of its tiles than this do
 
 
 @dataclass(frozen=True)
@@ -112,12 +110,12 @@ def expand_input(row: dict, *, working_mpp: float, mpp: float | None = None,
         tiles = slides.plan_tiles(reader, scale, thumbnail=thumbnail)
         sha = slides.sha256_of(uri)
     except slides.SlideError as exc:
-        kind = NO_MPP if str(exc) == slides.NO_MPP_ERROR else NOT_A_SLIDE
+        kind = NO_PIXEL_SIZE if str(exc) == slides.NO_MPP_ERROR else CORRUPT
         error = TileSpec(math.nan, working_mpp, 0, 1.0, 0, error=str(exc), error_kind=kind)
         return [{**base, "tile_spec": error.to_json()}]
     except OSError as exc:
         error = TileSpec(math.nan, working_mpp, 0, 1.0, 0, error=f"unreadable slide ({exc})",
-                         error_kind="unreadable")
+                         error_kind=UNREADABLE)
         return [{**base, "tile_spec": error.to_json()}]
     from allcore.overlay import png_bytes
 

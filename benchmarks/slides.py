@@ -1,0 +1,203 @@
+"""Whole-slide scoring: speed and memory against fields, and slide calls against field calls.
+
+    python benchmarks/slides.py perf --model FIELD_MODEL --cell-model CELL_MODEL [--sides 10000,20000,40000]
+    python benchmarks/slides.py all-idb --model FIELD_MODEL --cell-model CELL_MODEL --data ../shared/data
+
+``perf`` generates synthetic slides (``allcore.synthetic``: 448 px fields on glass, 0.15 um/px,
+a few dozen distinct fields repeated) of each side and scores each with ``jobs/score.py
+--per-cell`` as a new process, sampling the RSS of its whole tree (driver, Ray's daemons,
+workers) every 0.2 s; at 20,000 px it also scores the same fields as separate JPEG images
+(``--cell-diameter`` at the slide's cell size, so both find cells at one scale). Printed per run:
+wall time, tiles or fields per second, cells per second, peak RSS; the targets are ratios: cells/s
+of the slide over the fields, and peak RSS at the largest side over the smallest.
+
+``all-idb`` lays the 2592 x 1944 ALL_IDB1 development fields of ``--data`` into one slide (0.1
+um/px: a 120 px ALL-IDB white cell is 12 um) and scores it, and the same fields as images, with
+the same models; per run: annotated blasts inside a found cell and inside a cell called blast
+(the field's ``.xyc`` centroids, shifted to slide coordinates for the slide), and the share of
+cells on healthy fields (``_0``) called blast. The field model does not make cell calls in
+``--cell-model`` runs, so any field model will do. Results go to ``--out`` as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from allcore.slides import write_pyramid_tiff  # noqa: E402
+from allcore.synthetic import MORPHOLOGIES, make_field, mosaic_offset, mosaic_region  # noqa: E402
+from run import RSS_SAMPLE_SECONDS, _tree_rss  # noqa: E402
+
+FIELD = 448  # synthetic field side (px)
+MPP = 0.15  # synthetic slides: a 448 px field's white cells are ~9-15 um
+ALL_IDB_MPP = 0.1  # 120 px ALL-IDB white cells are 12 um
+DISTINCT_FIELDS = 36
+
+
+def score(models: argparse.Namespace, inputs: Path, out: Path, *extra: str) -> dict:
+    """``jobs/score.py --per-cell`` in its own process: wall seconds, peak RSS of its tree, rows."""
+    import psutil
+
+    command = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", models.model,
+               "--cell-model", models.cell_model, "--per-cell", "--input", str(inputs),
+               "--output", str(out), "--actors", f"{models.actors},{models.actors}",
+               "--max-review-rate", "1", "--max-error-rate", "1", *extra]
+    started, peak = time.perf_counter(), 0
+    with open(out.with_suffix(".log"), "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=log)
+        root = psutil.Process(process.pid)
+        while process.poll() is None:
+            peak = max(peak, _tree_rss(root))
+            time.sleep(RSS_SAMPLE_SECONDS)
+    seconds = time.perf_counter() - started
+    if process.returncode not in (0, 3):
+        raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {out.with_suffix('.log')}")
+    rows = pq.ParquetDataset(sorted((out / "predictions").rglob("*.parquet"))).read().to_pandas()
+    return {"seconds": seconds, "peak_rss_mb": peak / 2 ** 20, "rows": rows}
+
+
+def synthetic_fields(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [np.asarray(make_field(rng, i % len(MORPHOLOGIES), FIELD, scale_bar=False)[0])
+            for i in range(DISTINCT_FIELDS)]
+
+
+def perf(args: argparse.Namespace, work: Path) -> dict:
+    distinct = synthetic_fields()
+    results = {}
+    for side in (int(s) for s in args.sides.split(",")):
+        columns = side // FIELD
+        fields = [distinct[i % DISTINCT_FIELDS] for i in range(columns * columns)]
+        width, height, region = mosaic_region(fields, columns=columns, margin=(side - columns * FIELD) // 2)
+        folder = work / f"slide-{side}"
+        folder.mkdir()
+        started = time.perf_counter()
+        write_pyramid_tiff(str(folder / f"synthetic-{side}.tif"), width, height, region, mpp=MPP)
+        print(f"[bench] wrote a {width} x {height} slide in {time.perf_counter() - started:.0f} s", flush=True)
+        run = score(args, folder, work / f"out-{side}")
+        rows = run.pop("rows")
+        results[f"slide {side}"] = {**run, "tiles": int((rows["row_kind"] == "tile").sum()),
+                                    "cells": int((rows["row_kind"] == "cell").sum())}
+        if side == 20000:  # the same fields as separate images
+            images = work / "fields-20000"
+            images.mkdir()
+            for i, field in enumerate(fields):
+                Image.fromarray(field).save(images / f"field-{i:05d}.jpg", quality=90)
+            diameter = 12.0 / MPP
+            run = score(args, images, work / "out-fields-20000", "--cell-diameter", f"{diameter:g}")
+            rows = run.pop("rows")
+            results["fields 20000"] = {**run, "fields": int((rows["row_kind"] == "field").sum()),
+                                       "cells": int((rows["row_kind"] == "cell").sum())}
+    for name, r in results.items():
+        units = r.get("tiles", r.get("fields"))
+        r.update(units_per_s=units / r["seconds"], cells_per_s=r["cells"] / r["seconds"])
+        print(f"{name:>14}: {r['seconds']:7.1f} s, {units:6d} {'tiles' if 'tiles' in r else 'fields'} "
+              f"({r['units_per_s']:.2f}/s), {r['cells']:6d} cells ({r['cells_per_s']:.1f}/s), "
+              f"peak RSS {r['peak_rss_mb']:,.0f} MB")
+    if "slide 20000" in results and "fields 20000" in results:
+        results["cells_per_s_slide_over_fields"] = (results["slide 20000"]["cells_per_s"]
+                                                    / results["fields 20000"]["cells_per_s"])
+    slide_runs = [v for k, v in results.items() if k.startswith("slide")]
+    if len(slide_runs) > 1:
+        results["peak_rss_largest_over_smallest"] = slide_runs[-1]["peak_rss_mb"] / slide_runs[0]["peak_rss_mb"]
+    return results
+
+
+def blast_checks(cells, centroids: list[tuple[float, float]]) -> tuple[int, int]:
+    """(annotated blasts inside a found cell, inside a cell called blast)."""
+    boxes = cells[["box_x0", "box_y0", "box_x1", "box_y1"]].to_numpy()
+    blast = (cells["call"] == "blast").to_numpy()
+    found = called = 0
+    for x, y in centroids:
+        inside = (boxes[:, 0] <= x) & (x < boxes[:, 2]) & (boxes[:, 1] <= y) & (y < boxes[:, 3])
+        found += bool(inside.any())
+        called += bool((inside & blast).any())
+    return found, called
+
+
+def all_idb(args: argparse.Namespace, work: Path) -> dict:
+    from allcore.celldata import _centroids, _listed
+
+    root = Path(args.data) / "all-idb"
+    listed = [f for f in _listed(str(root), "ALL_IDB1/im")]
+    fields, kept = [], []
+    for field in listed:
+        img = Image.open(field.uri).convert("RGB")
+        if img.size == (2592, 1944):
+            fields.append(np.asarray(img))
+            kept.append(field)
+    columns = int(np.ceil(np.sqrt(len(fields))))
+    margin = 500
+    width, height, region = mosaic_region(fields, columns=columns, margin=margin)
+    (work / "slide").mkdir()
+    write_pyramid_tiff(str(work / "slide" / "all-idb1-mosaic.tif"), width, height, region, mpp=ALL_IDB_MPP)
+    (work / "fields").mkdir()
+    for field in kept:
+        Path(work / "fields" / Path(field.uri).name).symlink_to(field.uri)
+    runs = {"slide": score(args, work / "slide", work / "out-slide"),
+            "fields": score(args, work / "fields", work / "out-fields")}
+    results = {"fields": len(kept), "slide_side": [width, height]}
+    for name, run in runs.items():
+        rows = run.pop("rows")
+        cells = rows[rows["row_kind"] == "cell"]
+        found = called = blasts = healthy_cells = healthy_blasts = 0
+        for i, field in enumerate(kept):
+            fx, fy = mosaic_offset(i, columns=columns, margin=margin, field_size=(2592, 1944))
+            if name == "slide":
+                inside = ((cells["centroid_x"] >= fx) & (cells["centroid_x"] < fx + 2592)
+                          & (cells["centroid_y"] >= fy) & (cells["centroid_y"] < fy + 1944))
+                own, shift = cells[inside], (fx, fy)
+            else:
+                own, shift = cells[cells["source_uri"].str.endswith(Path(field.uri).name)], (0, 0)
+            if field.label == 1:
+                centroids = [(x + shift[0], y + shift[1]) for x, y in _centroids(str(root), field)]
+                f, c = blast_checks(own, centroids)
+                found, called, blasts = found + f, called + c, blasts + len(centroids)
+            else:
+                healthy_cells += len(own)
+                healthy_blasts += int((own["call"] == "blast").sum())
+        results[name] = {**run, "cells": len(cells), "blasts": blasts,
+                         "blasts_in_a_cell": found / max(blasts, 1),
+                         "blasts_in_a_cell_called_blast": called / max(blasts, 1),
+                         "healthy_cells": healthy_cells,
+                         "healthy_cells_called_blast": healthy_blasts / max(healthy_cells, 1)}
+        r = results[name]
+        print(f"{name:>7}: {r['cells']} cells, blasts in a cell {r['blasts_in_a_cell']:.3f}, "
+              f"in a cell called blast {r['blasts_in_a_cell_called_blast']:.3f} (n={blasts}); "
+              f"healthy cells called blast {r['healthy_cells_called_blast']:.3f} (n={healthy_cells}); "
+              f"{r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:,.0f} MB")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("perf", "all-idb"))
+    parser.add_argument("--model", required=True, help="field model artifact")
+    parser.add_argument("--cell-model", required=True, help="cell model artifact")
+    parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--sides", default="10000,20000,40000", help="perf: slide sides in px")
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--out", help="results as JSON")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="allcore-slides-") as tmp:
+        results = (perf if args.what == "perf" else all_idb)(args, Path(tmp))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
