@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from allcore import metrics
+from allcore import distributed, metrics
 from allcore.models import probabilities
 from allcore.recipes import Recipe
 
@@ -114,9 +114,14 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     batch_scheduler=None,
 ) -> dict[str, float]:
-    """One pass over ``loader``. Steps the optimizer exactly once per batch."""
+    """One pass over ``loader``. Steps the optimizer exactly once per batch.
+
+    Loss and accuracy are summed over every rank of a process group (``allcore.distributed``):
+    they describe the whole training split, not this worker's shard of it. ``train_images``
+    counts the images of the epoch over all ranks, ``train_steps`` the optimizer steps.
+    """
     model.train()
-    total_loss, correct, seen = 0.0, 0, 0
+    total_loss, correct, seen, steps = 0.0, 0, 0, 0
     for images, target in loader:
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -133,9 +138,12 @@ def train_one_epoch(
         total_loss += loss.item() * n
         correct += (logits.argmax(1) == target).sum().item()
         seen += n
+        steps += 1
+    total_loss, correct, seen = distributed.all_sum([total_loss, correct, seen], device)
     if seen == 0:
         raise ValueError("the training loader yielded no batches: is the training split empty?")
-    return {"train_loss": total_loss / seen, "train_acc": correct / seen}
+    return {"train_loss": total_loss / seen, "train_acc": correct / seen,
+            "train_images": int(seen), "train_steps": steps}
 
 
 def predict(model: nn.Module, loader: Iterable, device: torch.device,
@@ -151,16 +159,23 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device,
 
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              mixed_precision: MixedPrecision, num_classes: int) -> dict[str, float]:
-    """Validation loss (plain cross-entropy), accuracy and macro-F1."""
-    probs, labels = predict(model, loader, device, mixed_precision)
+    """Validation loss (plain cross-entropy), accuracy and macro-F1 over every rank's share of
+    the validation split (``allcore.distributed.shard``): each image evaluated once, and the
+    same numbers on every rank, so plateau LR, early stopping and the checkpoint score agree.
+
+    The model inside a DDP wrapper predicts: DDP's forward may broadcast buffers, a collective
+    that ranks with different numbers of validation batches would not match.
+    """
+    probs, labels = predict(unwrap(model), loader, device, mixed_precision)
+    picked = probs[np.arange(len(labels)), labels]
+    picked, pred, labels = distributed.gather(picked, probs.argmax(1), labels)
     if len(labels) == 0:
         raise ValueError("the validation split is empty: use a larger dataset or change split")
-    loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
-    pred = probs.argmax(1)
     return {
-        "val_loss": loss,
+        "val_loss": float(-np.log(np.clip(picked, 1e-12, None)).mean()),
         "val_acc": float((pred == labels).mean()),
         "val_macro_f1": float(metrics.macro_f1(labels, pred, num_classes)),
+        "val_images": len(labels),
     }
 
 
@@ -211,9 +226,9 @@ def fit(
 
     After every epoch ``on_epoch_end(row, state)`` gets the history row and the resumable state
     (plain data); a caller reports and checkpoints there. ``log`` receives one progress line per
-    epoch (None: silent). Loaders whose dataset or sampler has
-    ``set_epoch`` (the augmenting datasets, ``DistributedSampler``) are told the epoch first, so
-    augmentation and shuffling differ per epoch yet repeat after a resume.
+    epoch (None: silent). Loaders whose dataset, sampler or batch sampler has ``set_epoch``
+    (the augmenting datasets, ``allcore.distributed.GlobalBatchSampler``) are told the epoch
+    first, so augmentation and shuffling differ per epoch yet repeat after a resume.
     """
     mixed_precision = MixedPrecision.resolve(device, recipe.mixed_precision)
     scaler = mixed_precision.scaler()
@@ -236,7 +251,8 @@ def fit(
     for epoch in range(start_epoch, recipe.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        for part in (getattr(train_loader, "dataset", None), getattr(train_loader, "sampler", None)):
+        for part in (getattr(train_loader, name, None)
+                     for name in ("dataset", "sampler", "batch_sampler")):
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         started, cpu_started = time.perf_counter(), time.process_time()

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from allcore import engine
+from allcore import distributed, engine
 from allcore.data import Sample
 from allcore.data_config import DataConfig
 from allcore.io import decode_rgb, read_bytes
@@ -143,16 +143,23 @@ def build_criterion(recipe: Recipe, train: torch.utils.data.Dataset, num_classes
 
 
 def build_loaders(datasets: dict[str, torch.utils.data.Dataset], recipe: Recipe,
-                  device: torch.device) -> tuple[torch.utils.data.DataLoader,
-                                                 torch.utils.data.DataLoader]:
-    """Shuffled training and ordered validation loaders. The last training batch is dropped when
-    there is more than one: a batch of one breaks BatchNorm."""
-    loader_args = {"batch_size": recipe.batch_size, "num_workers": recipe.num_workers,
-                   "pin_memory": device.type == "cuda"}
-    train = torch.utils.data.DataLoader(datasets["train"], shuffle=True,
-                                        drop_last=len(datasets["train"]) > recipe.batch_size,
-                                        **loader_args)
-    return train, torch.utils.data.DataLoader(datasets["val"], shuffle=False, **loader_args)
+                  device: torch.device, *, rank: int = 0,
+                  world_size: int = 1) -> tuple[torch.utils.data.DataLoader,
+                                                torch.utils.data.DataLoader]:
+    """Shuffled training and ordered validation loaders of rank ``rank`` of ``world_size``.
+
+    ``recipe.batch_size`` is the global batch: each rank loads its 1/N of every batch, in an
+    order seeded by the recipe's seed and the epoch (``allcore.distributed.GlobalBatchSampler``),
+    and 1/N of the validation images. The last training batch is dropped when there is more
+    than one: a batch of one breaks BatchNorm."""
+    train = datasets["train"]
+    loader_args = {"num_workers": recipe.num_workers, "pin_memory": device.type == "cuda"}
+    sampler = distributed.GlobalBatchSampler(
+        len(train), recipe.batch_size, rank=rank, world_size=world_size, seed=recipe.seed,
+        drop_last=len(train) > recipe.batch_size)
+    return (torch.utils.data.DataLoader(train, batch_sampler=sampler, **loader_args),
+            torch.utils.data.DataLoader(distributed.shard(datasets["val"], rank, world_size),
+                                        batch_size=recipe.batch_size // world_size, **loader_args))
 
 
 def test_split_metrics(model: torch.nn.Module, manifest: SplitManifest, recipe: Recipe,

@@ -1,9 +1,11 @@
 """Ray Train fine-tuning: split once on the driver, train on N workers, export the best model.
 
 The driver discovers and splits the data (written as a manifest so a run is reproducible), then a
-``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker. Each epoch every worker
-reports metrics and rank 0 attaches a checkpoint; Ray keeps the best two by validation macro-F1
-plus the latest. A worker failure restarts the group from the latest checkpoint
+``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker. N workers train the model
+one would (``allcore.distributed``): the recipe's batch size and learning rate are the global
+ones, BatchNorm is synchronised, and each epoch's metrics are summed over all workers. Each
+epoch every worker reports them and rank 0 attaches a checkpoint; Ray keeps the best two by
+validation macro-F1 plus the latest. A worker failure restarts the group from the latest checkpoint
 (``FailureConfig``), and starting the same command again with the same ``--name`` resumes the
 same way, because Ray Train restores the run's checkpoint list from ``storage_path/name``.
 """
@@ -26,7 +28,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from allcore import celldata, engine, io, trust_fitting
+from allcore import celldata, distributed, engine, io, trust_fitting
 from allcore.artifact import ModelCard, save_artifact
 from allcore.data import discover_samples
 from allcore.labels import get_label_set
@@ -54,6 +56,10 @@ class TrainJob:
     use_gpu: bool = False
     max_failures: int = 2
     inject_failure_at_epoch: int | None = None  # tests only: fail once, to prove resumption
+
+    def __post_init__(self) -> None:
+        # here, on the driver, rather than inside every Ray worker and its retries
+        distributed.check_global_batch(self.recipe.batch_size, self.workers)
 
 
 def run_training(job: TrainJob) -> list[str]:
@@ -206,11 +212,11 @@ def train_loop_per_worker(config: dict) -> None:
     datasets = build_datasets(SplitManifest.read(config["split_manifest"]), recipe, label_set,
                               data_config)
     criterion = build_criterion(recipe, datasets["train"], label_set.num_classes, device)
-    train_loader, val_loader = build_loaders(datasets, recipe, device)
-    train_loader = ray.train.torch.prepare_data_loader(train_loader)
-    # every worker validates on the whole split: plateau LR, early stopping and the checkpoint
-    # score then agree across workers instead of each following its own shard
-    val_loader = ray.train.torch.prepare_data_loader(val_loader, add_dist_sampler=False)
+    # the recipe's batch is the global one: each worker loads its share of every batch and of
+    # the validation split (allcore.distributed), so Ray's DistributedSampler is not added
+    train_loader, val_loader = (
+        ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
+        for loader in build_loaders(datasets, recipe, device, rank=rank, world_size=world))
     model.to(device)
 
     state = _restore(model)
@@ -221,6 +227,10 @@ def train_loop_per_worker(config: dict) -> None:
         lr = _agreed_lr(engine.find_lr(model, criterion, train_loader, device, recipe)[0], world,
                         device)
         print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
+    if world > 1:
+        # after the LR finder: its steps end on each worker's own loss, a collective in every
+        # BatchNorm layer would not match
+        model = distributed.synchronize_batchnorm(model)
     model = ray.train.torch.prepare_model(model)
 
     def report(row: dict, checkpoint: dict) -> None:

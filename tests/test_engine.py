@@ -40,12 +40,14 @@ def test_train_one_epoch_steps_once_per_batch_and_learns():
     first = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
                                    mixed_precision, mixed_precision.scaler())
     assert CountingAdam.steps == len(loader)
+    assert first["train_steps"] == len(loader) and first["train_images"] == 24
     for _ in range(4):
         last = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), optimizer, loader, device,
                                       mixed_precision, mixed_precision.scaler())
     assert last["train_loss"] < first["train_loss"]
     result = engine.evaluate(model, loader, device, mixed_precision, num_classes=2)
-    assert set(result) == {"val_loss", "val_acc", "val_macro_f1"}
+    assert set(result) == {"val_loss", "val_acc", "val_macro_f1", "val_images"}
+    assert result["val_images"] == 24
 
 
 def _fit(model, recipe, **kw):
