@@ -12,8 +12,8 @@ wall time, tiles or fields per second, cells per second, peak RSS; the targets a
 of the slide over the fields, and peak RSS at the largest side over the smallest.
 
 ``all-idb`` lays the 2592 x 1944 ALL_IDB1 development fields of ``--data`` into one slide (0.1
-um/px: a 120 px ALL-IDB white cell is 12 um) and scores it, and the same fields as images, with
-the same models; per run: annotated blasts inside a found cell and inside a cell called blast
+um/px: a 120 px ALL-IDB white cell is 12 um) and scores it, and the same fields as images with
+``--mpp`` 0.1 (so both find and crop cells at that one scale), with the same models; per run: annotated blasts inside a found cell and inside a cell called blast
 (the field's ``.xyc`` centroids, shifted to slide coordinates for the slide), and the share of
 cells on healthy fields (``_0``) called blast. The field model does not make cell calls in
 ``--cell-model`` runs, so any field model will do. Results go to ``--out`` as JSON.
@@ -143,13 +143,14 @@ def all_idb(args: argparse.Namespace, work: Path) -> dict:
     margin = 500
     width, height, region = mosaic_region(fields, columns=columns, margin=margin)
     (work / "slide").mkdir()
-    write_pyramid_tiff(str(work / "slide" / "all-idb1-mosaic.tif"), width, height, region, mpp=ALL_IDB_MPP)
+    write_pyramid_tiff(str(work / "slide" / "all-idb1-mosaic.tif"), width, height, region, mpp=ALL_IDB_MPP,
+                       quality=95)  # the fields are JPEGs already: little second loss
     (work / "fields").mkdir()
     for field in kept:
         Path(work / "fields" / Path(field.uri).name).symlink_to(field.uri)
     runs = {"slide": score(args, work / "slide", work / "out-slide"),
-            "fields": score(args, work / "fields", work / "out-fields")}
-    results = {"fields": len(kept), "slide_side": [width, height]}
+            "fields": score(args, work / "fields", work / "out-fields", "--mpp", f"{ALL_IDB_MPP:g}")}
+    results = {"field_count": len(kept), "slide_side": [width, height]}
     for name, run in runs.items():
         rows = run.pop("rows")
         cells = rows[rows["row_kind"] == "cell"]

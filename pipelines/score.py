@@ -314,7 +314,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
         summary.slide_working_mpp = working_mpp
         log.info("slides are tiled at %.3f um/px (a %g um white cell %.0f px wide)", working_mpp,
                  slides.WHITE_CELL_DIAMETER_UM, slides.WHITE_CELL_DIAMETER_UM / working_mpp)
-        dataset = (dataset.flat_map(expand_input, fn_kwargs={
+        dataset = _without_cpus(dataset.flat_map(expand_input, num_cpus=0, fn_kwargs={
             "working_mpp": working_mpp, "mpp": config.mpp, "max_pixels": config.max_pixels})
             .repartition(target_num_rows_per_block=TILES_PER_BLOCK))
     return (
@@ -336,6 +336,17 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
                                                                      else cell_card.weights_sha256)})
         .iter_batches(batch_size=None, batch_format="pyarrow")
     )
+
+
+def _without_cpus(dataset):
+    """``dataset`` whose last operator (the slides' re-blocking) asks for no CPU, like the
+    expansion before it: the actor pool may hold every CPU of a node (``--actors 2,2`` on two
+    cores), and a task waiting for one would never feed it (the whole run hung). Both are light:
+    a slide's header, thumbnail and hash, then slicing tile rows. ``repartition`` takes no
+    resource arguments, so they are set on its logical operator (Ray 2.60's
+    ``StreamingRepartition.ray_remote_args``; tests/test_slides.py runs with every CPU held)."""
+    dataset._logical_plan.dag.ray_remote_args["num_cpus"] = 0  # the operator is frozen, its dict not
+    return dataset
 
 
 def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],

@@ -243,7 +243,7 @@ def test_slides_score_exactly_once_with_error_rows_and_outputs(tmp_path, ray_ses
     (archive / "broken.svs").write_bytes(b"not a slide")
     Image.fromarray(np.asarray(make_field(np.random.default_rng(2), 0, 224)[0])).save(archive / "field.jpg")
     config = ScoringConfig(model=tiny_artifact, input=str(archive), output=str(tmp_path / "out"),
-                           per_cell=True, cell_model=tiny_cell_artifact, actors=(1, 1),
+                           per_cell=True, cell_model=tiny_cell_artifact, actors=(2, 2),  # every CPU
                            commit_every=1, max_error_rate=1.0, max_review_rate=1.0)
 
     def crash(record: dict) -> None:
