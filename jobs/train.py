@@ -25,12 +25,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", type=absolute_location, default="runs", help="local folder or s3:// prefix (default: runs)")
     parser.add_argument("--name", help="run name; the same name resumes an interrupted run "
                         "(default: the recipe name)")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="Ray Train workers (default 1); they train the model one worker would: "
+                        "each takes batch-size/N images of every batch, the learning rate stays "
+                        "the recipe's, BatchNorm is synchronised")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
     parser.add_argument("--input-size", type=int, help="override the recipe's input size")
-    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size: the "
+                        "global batch of one optimizer step, all workers together (a multiple of "
+                        "--workers)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any recipe field, e.g. --set lr=3e-4 --set augment.hflip=0.5")
     return parser.parse_args(argv)

@@ -311,7 +311,11 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
         split_manifest_sha256=manifest.sha256, cell_crop=cell_crop,
         metrics={"best_epoch": best_row["epoch"],
                  "best_val": {k: best_row[k] for k in ("val_loss", "val_acc", "val_macro_f1")},
-                 "test": test_metrics},
+                 "test": test_metrics,
+                 # how the recipe's (global) batch was shared; the metrics count every image
+                 "distributed": {"workers": job.workers, "global_batch_size": recipe.batch_size,
+                                 "worker_batch_size": recipe.batch_size // job.workers,
+                                 "synchronized_batchnorm": job.workers > 1}},
     )
     artifact_uri = io.join(fold_dir, "model")
     save_artifact(artifact_uri, model, card)

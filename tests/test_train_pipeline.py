@@ -61,6 +61,27 @@ def test_interrupted_run_resumes_when_started_again_with_the_same_name(ray_sessi
     assert [row["resumed_at_epoch"] for row in _history(tmp_path, "again")] == [0, 0, 2]
 
 
+def test_two_workers_share_every_batch_and_report_the_whole_split(ray_session, archive, tmp_path):
+    """The Ray wiring of allcore.distributed (tests/test_distributed.py has the equivalence): the
+    recipe's batch of 8 is shared by two workers, so an epoch takes as many steps as one worker's
+    and its metrics count the whole training and validation split."""
+    from pipelines.train import run_training
+
+    [uri] = run_training(_job(archive, tmp_path, "two", workers=2))
+    manifest = SplitManifest.read(str(tmp_path / "two" / "split_manifest.csv"))
+    train, val = len(manifest.subset("train")), len(manifest.subset("val"))
+    assert {(row["train_steps"], row["train_images"], row["val_images"])
+            for row in _history(tmp_path, "two")} == {(train // 8, train // 8 * 8, val)}
+    _, card = load_artifact(uri)
+    assert card.metrics["distributed"] == {"workers": 2, "global_batch_size": 8,
+                                           "worker_batch_size": 4, "synchronized_batchnorm": True}
+
+
+def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray_starts(archive, tmp_path):
+    with pytest.raises(ValueError, match="multiple of --workers"):
+        _job(archive, tmp_path, "odd", workers=3)
+
+
 @pytest.fixture(scope="module")
 def binary_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
