@@ -1,4 +1,5 @@
-"""`ray job submit` against a `ray start --head` on loopback, with Ray 2.60 token auth."""
+"""`ray job submit` against a `ray start --head` on loopback, with Ray 2.60 token auth, as the
+README writes it: the job names the project's interpreter and trains on two workers."""
 
 import os
 import shutil
@@ -46,9 +47,9 @@ def test_train_job_through_ray_job_submit(tmp_path):
     own_ports = [f"--{flag}={_free_port()}" for flag in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
         "metrics-export-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    # the job's `python` is whatever the head's PATH finds first: this virtualenv
-    env = {**os.environ, "RAY_AUTH_MODE": "token",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    # no virtualenv on PATH: the README's command names its interpreter (a bare `python` would be
+    # whatever the head's PATH finds first)
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
     head_log = tmp_path / "ray-head.log"
     ray_temp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # AF_UNIX socket paths must stay short
     # --block keeps the head in this process tree: terminating it stops only this cluster
@@ -61,7 +62,8 @@ def test_train_job_through_ray_job_submit(tmp_path):
         _wait_for(dashboard, head, head_log)
         out = tmp_path / "runs"
         command = [RAY, "job", "submit", "--address", f"http://127.0.0.1:{dashboard}",
-                   "--working-dir", str(REPO), "--", "python", "jobs/train.py", "--recipe", "demo",
+                   "--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--recipe", "demo",
+                   "--workers", "2",
                    "--data", str(archive), "--output", str(out), "--name", "submitted",
                    "--epochs", "1", "--input-size", "32", "--set", "pretrained=false"]
         for _ in range(10):  # the dashboard answers before its job agent is ready
