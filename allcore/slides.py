@@ -433,8 +433,8 @@ def read_tile(reader: SlideReader, scale: SlideScale, read_box: tuple[int, int, 
     level_size = (max(1, round((x1 - x0) * f / d)), max(1, round((y1 - y0) * f / d)))
     pixels = reader.read_region((round(x0 * f), round(y0 * f)), scale.level, level_size)
     img = Image.fromarray(pixels)
-    if img.size != (x1 - x0, y1 - y0):
-        img = img.resize((x1 - x0, y1 - y0), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if img.size != (x1 - x0, y1 - y0):  # resampled as the cell model's training crops were
+        img = img.resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return img
 
 

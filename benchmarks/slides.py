@@ -155,6 +155,7 @@ def all_idb(args: argparse.Namespace, work: Path) -> dict:
         rows = run.pop("rows")
         cells = rows[rows["row_kind"] == "cell"]
         found = called = blasts = healthy_cells = healthy_blasts = 0
+        abstained = float((cells["call"] == "abstain").mean()) if len(cells) else 0.0
         for i, field in enumerate(kept):
             fx, fy = mosaic_offset(i, columns=columns, margin=margin, field_size=(2592, 1944))
             if name == "slide":
@@ -170,7 +171,7 @@ def all_idb(args: argparse.Namespace, work: Path) -> dict:
             else:
                 healthy_cells += len(own)
                 healthy_blasts += int((own["call"] == "blast").sum())
-        results[name] = {**run, "cells": len(cells), "blasts": blasts,
+        results[name] = {**run, "cells": len(cells), "blasts": blasts, "cells_abstained": abstained,
                          "blasts_in_a_cell": found / max(blasts, 1),
                          "blasts_in_a_cell_called_blast": called / max(blasts, 1),
                          "healthy_cells": healthy_cells,
@@ -179,6 +180,7 @@ def all_idb(args: argparse.Namespace, work: Path) -> dict:
         print(f"{name:>7}: {r['cells']} cells, blasts in a cell {r['blasts_in_a_cell']:.3f}, "
               f"in a cell called blast {r['blasts_in_a_cell_called_blast']:.3f} (n={blasts}); "
               f"healthy cells called blast {r['healthy_cells_called_blast']:.3f} (n={healthy_cells}); "
+              f"cells abstained {abstained:.3f}; "
               f"{r['seconds']:.0f} s, peak RSS {r['peak_rss_mb']:,.0f} MB")
     return results
 

@@ -116,6 +116,7 @@ def prepare_batch(batch: dict[str, np.ndarray], *, data_config: dict, max_pixels
                 "status": OK, "error": "", "cell_count": -1, "tile_count": -1, "note": "", "cell_area": -1,
                 "circularity": math.nan, "nucleus_cell_ratio": math.nan, "box": (0, 0, 0, 0),
                 "centroid": (math.nan, math.nan), "mpp": math.nan, "core_depth": math.nan,
+                "source_cell_diameter_px": math.nan,
                 "pixels": None, **{name: math.nan for name in (*measurements, *QC_COLUMNS)}}
         if batch["slide_id"][i]:
             rows += _slide_rows(str(uri), int(batch["tile_index"][i]), TileSpec.from_json(batch["tile_spec"][i]),
@@ -200,7 +201,10 @@ def _slide_rows(uri: str, tile_index: int, spec: TileSpec, base: dict, *, cfg: D
                      "error_kind": spec.error_kind}]
         return [{**row, "row_kind": SLIDE, "box": (0, 0, *spec.slide_size), "tile_count": spec.tile_count,
                  "note": "" if spec.tile_count else "no smear found on the slide's thumbnail"}]
-    row = {**row, "row_kind": TILE,
+    # a white cell's width in the pixels the tile was read from: what its cells' review compares
+    # with the cell model's resolution (a field's is estimated by image QC instead)
+    row = {**row, "row_kind": TILE, "source_cell_diameter_px": slides.WHITE_CELL_DIAMETER_UM / (
+        spec.mpp * spec.level_downsample),
            "note": slides.DENSE_NOTE if spec.tissue_fraction >= slides.DENSE_TISSUE_FRACTION else ""}
     try:
         pixels = slides.read_tile(slides.cached_slide(uri), spec.scale, spec.read)
@@ -248,7 +252,7 @@ def _columns(batch: dict[str, np.ndarray], rows: list[dict], cfg: DataConfig,
     out.update({k: np.array([r[k] for r in rows], np.int32) for k in ("cell_count", "tile_count", "cell_area")})
     out.update({k: np.array([r[k] for r in rows], np.float32)
                 for k in ("circularity", "nucleus_cell_ratio", "mpp", *measurements, *QC_COLUMNS)})
-    out["core_depth"] = np.array([r["core_depth"] for r in rows], np.float64)
+    out.update({k: np.array([r[k] for r in rows], np.float64) for k in ("core_depth", "source_cell_diameter_px")})
     out.update({f"centroid_{k}": np.array([r["centroid"][j] for r in rows], np.float64)
                 for j, k in enumerate("xy")})
     out.update({f"box_{k}": np.array([r["box"][j] for r in rows], np.int32)

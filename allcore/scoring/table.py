@@ -225,13 +225,15 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
     images = list(zip(uris, rows.numbers("tile_index").tolist()))  # a field, or a slide's tile
     qc = {name: rows.numbers(name) for name in QC_COLUMNS}
     ood = rows.numbers("ood_score")
+    # a slide tile's cell size is known from its pixel size; a field's is estimated by image QC
+    known = rows.numbers("source_cell_diameter_px")
     field_reviews: dict[tuple, Review] = {}
     field_diameters: dict[tuple, float] = {}  # the field's white-cell size, for its cells' review
     out: list[Review | None] = []
     for i, (good, kind, image, p) in enumerate(zip(rows.ok, kinds, images, blast)):
         call = None if p is None else probability_call(p)
         if kind in IMAGE_KINDS:
-            field_diameters[image] = float(qc["qc_cell_diameter_px"][i])
+            field_diameters[image] = float(known[i] if known[i] > 0 else qc["qc_cell_diameter_px"][i])
         if not good:
             review = None
         elif kind == SLIDE:  # rows are sorted: its tiles came first
@@ -439,7 +441,8 @@ def _model_facts(card) -> dict:
 # where a scored table has none of them (rows prepared before slides, or for one uploaded field).
 SLIDE_SCORED_COLUMNS = {"slide_id": (pa.string(), ""), "tile_index": (pa.int64(), -1),
                         "tile_count": (pa.int64(), -1), "centroid_x": (pa.float64(), math.nan),
-                        "centroid_y": (pa.float64(), math.nan), "mpp": (pa.float32(), math.nan)}
+                        "centroid_y": (pa.float64(), math.nan), "mpp": (pa.float32(), math.nan),
+                        "source_cell_diameter_px": (pa.float64(), math.nan)}
 
 
 def build_output_table(scored: pa.Table, *, run_id: str, scored_at: dt.datetime,
