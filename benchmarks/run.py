@@ -316,25 +316,17 @@ def child_score(spec: dict) -> dict:
     return {"images": summary.ok, "seconds": summary.seconds}
 
 
-def _train_images(spec: dict, recipe) -> int:
-    """Images one epoch touches: the training split (less a dropped last batch) plus validation."""
-    from allcore.splits import SplitManifest
-
-    manifest = SplitManifest.read(spec["split_manifest"])
-    train, val = len(manifest.subset("train")), len(manifest.subset("val"))
-    return train - (train % recipe.batch_size if train > recipe.batch_size else 0) + val
-
-
-def _train_result(spec: dict, recipe, history: list[dict]) -> dict:
-    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing), and
+def _train_result(history: list[dict]) -> dict:
+    """Images, wall seconds and CPU seconds of the epochs (``engine.fit``'s own timing and its
+    count of the images an epoch touched, training plus validation, over all workers), and
     images/s of the epochs after the first (``later_images_per_s``): the first also holds the
     start-up of its data loader's processes and, under Ray Train, of Ray's actors beside it."""
-    per_epoch = _train_images(spec, recipe)
+    images = [row["train_images"] + row["val_images"] for row in history]
     later = [row["epoch_seconds"] for row in history[1:]]
-    return {"images": per_epoch * len(history),
+    return {"images": sum(images),
             "seconds": sum(row["epoch_seconds"] for row in history),
             "cpu_seconds": sum(row["epoch_cpu_seconds"] for row in history),
-            "later_images_per_s": per_epoch * len(later) / sum(later) if later else math.nan}
+            "later_images_per_s": sum(images[1:]) / sum(later) if later else math.nan}
 
 
 def child_ray_train(spec: dict) -> dict:
@@ -347,7 +339,7 @@ def child_ray_train(spec: dict) -> dict:
     artifact = run_training(TrainJob(recipe=recipe, data=spec["images"], output=spec["output"],
                                      name="bench", split_manifest=spec["split_manifest"]))[0]
     history = json.loads((Path(artifact) / "history.json").read_text())
-    return _train_result(spec, recipe, history)
+    return _train_result(history)
 
 
 def child_plain_train(spec: dict) -> dict:
@@ -377,7 +369,7 @@ def child_plain_train(spec: dict) -> dict:
                                                 device),
                          *build_loaders(datasets, recipe, device), device, recipe,
                          num_classes=label_set.num_classes)
-    return _train_result(spec, recipe, history)
+    return _train_result(history)
 
 
 CHILDREN = {"baseline": child_baseline, "score": child_score, "ray_train": child_ray_train,
