@@ -104,7 +104,9 @@ class Predictor:
         by_cell_model = np.zeros(n, bool)
         if self.cell_model is not None:
             by_cell_model = ok & (np.asarray(batch["row_kind"]) == CELL)
-        by_field_model = ok & ~by_cell_model & (np.asarray(batch["row_kind"]) != SLIDE)  # no pixels
+        if "row_kind" in batch:  # a slide row has no pixels to score
+            ok &= np.asarray(batch["row_kind"]) != SLIDE
+        by_field_model = ok & ~by_cell_model
         classes = self.field_model.classes
         probs = np.full((n, len(classes)), np.nan, np.float32)
         out["ood_score"] = np.full(n, np.nan, np.float32)
