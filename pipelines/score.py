@@ -52,7 +52,7 @@ from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
 from allcore.scoring.summary import RunSummary, write_specimen_summary
 from allcore.scoring.table import INPUT_KINDS, blast_classes, build_output_table, card_summary
-from allcore.scoring.tiles import expand_input, finish_slides, write_slide_outputs
+from allcore.scoring.tiles import expand_input, finish_slides, run_working_mpp, write_slide_outputs
 from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
@@ -308,9 +308,7 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     batch_size = None if finder else config.batch_size
     dataset = ray.data.from_arrow_refs(blocks)
     if may_hold_slides:
-        working_mpp = slides.working_mpp(max(
-            (finder or CellFinderConfig()).working_diameter_px,
-            0 if cell_card is None else CellCropGeometry.from_card(cell_card).pixels_per_cell_diameter))
+        working_mpp = run_working_mpp(finder, cell_card)
         summary.slide_working_mpp = working_mpp
         log.info("slides are tiled at %.3f um/px (a %g um white cell %.0f px wide)", working_mpp,
                  slides.WHITE_CELL_DIAMETER_UM, slides.WHITE_CELL_DIAMETER_UM / working_mpp)
@@ -320,9 +318,8 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
     return (
         dataset
         .map_batches(prepare_batch, batch_size=batch_size,
-                     fn_kwargs={**prepare_kwargs(card, max_pixels=config.max_pixels,
-                                                 cell_finder=finder, cell_card=cell_card),
-                                "mpp": config.mpp})
+                     fn_kwargs=prepare_kwargs(card, max_pixels=config.max_pixels,
+                                              cell_finder=finder, cell_card=cell_card, mpp=config.mpp))
         .map_batches(Predictor, batch_size=batch_size, num_gpus=num_gpus,
                      compute=ray.data.ActorPoolStrategy(min_size=config.actors[0],
                                                         max_size=config.actors[1]),

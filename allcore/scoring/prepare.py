@@ -62,14 +62,15 @@ class CellModelInput:
 
 
 def prepare_kwargs(card, *, max_pixels: int = MAX_PIXELS,
-                   cell_finder: CellFinderConfig | None = None, cell_card=None) -> dict:
+                   cell_finder: CellFinderConfig | None = None, cell_card=None,
+                   mpp: float | None = None) -> dict:
     """``prepare_batch`` keyword arguments for a model card (and a cell model's card): scoring
     preprocesses exactly as each model was evaluated in training (the card's data config,
     scale-bar masking included; the cell card's crop geometry)."""
     cell_model = None if cell_card is None else CellModelInput(
         CellCropGeometry.from_card(cell_card), cell_card.data_config_obj().to_dict())
     return {"data_config": card.data_config_obj().to_dict(), "max_pixels": max_pixels,
-            "cell_finder": cell_finder, "cell_model": cell_model}
+            "cell_finder": cell_finder, "cell_model": cell_model, "mpp": mpp}
 
 
 def load_image(uri: str, *, max_pixels: int = MAX_PIXELS

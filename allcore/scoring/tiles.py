@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from allcore import slides
+from allcore.celldata import CellCropGeometry
+from allcore.cells import CellFinderConfig
 from allcore.io import CORRUPT, NO_PIXEL_SIZE, UNREADABLE, write_atomic
 from allcore.scoring.table import CELL, SLIDE, TILE
 
@@ -87,9 +89,13 @@ class TileSpec:
         return cls(**values)
 
 
-def may_hold_slides(uris) -> bool:
-    """Whether the pipeline needs its expansion stage: some listed name may be a slide."""
-    return any(slides.is_slide_name(u) for u in uris)
+def run_working_mpp(cell_finder, cell_card=None) -> float:
+    """The um/px a run tiles its slides at: the finer of the cell finder's working resolution
+    and the cell model's (``pixels_per_cell_diameter`` of its crop geometry), so neither sees a
+    cell enlarged."""
+    finder_px = (cell_finder or CellFinderConfig()).working_diameter_px
+    model_px = 0.0 if cell_card is None else CellCropGeometry.from_card(cell_card).pixels_per_cell_diameter
+    return slides.working_mpp(max(finder_px, model_px))
 
 
 def expand_input(row: dict, *, working_mpp: float, mpp: float | None = None,
