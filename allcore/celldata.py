@@ -35,7 +35,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from allcore import io as aio
-from allcore.cells import CellFinderConfig, find_cells, padded_square
+from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter, padded_square
 from allcore.splits import SplitManifest
 
 Box = tuple[int, int, int, int]
@@ -52,7 +52,16 @@ FIELD_BLOCK = 5  # contiguous field numbers grouped together (acquisition sessio
 DUPLICATE_RADIUS = 0.5  # cells closer than this many diameters to a kept crop's centre are the same cell
 BLAST_EXCLUSION_RADIUS = 0.75  # found cells this close to a blast centroid are not "not blast"
 MANIFEST_FILE = "cells.csv"
-MANIFEST_COLUMNS = ("path", "label", "group", "source_fields", "field_label", "origin", "x", "y")
+MANIFEST_COLUMNS = ("path", "label", "group", "source_fields", "field_label", "origin", "x", "y", "lab")
+# The laboratories whose cells a model can be trained and tested on (docs/CELLS.md, "Transfer").
+ALL_IDB, BCCD, TALEQANI = "ALL-IDB", "BCCD", "Taleqani"
+TALEQANI_CLASSES = {"Benign": "not_blast", "Early": "blast", "Pre": "blast", "Pro": "blast"}
+# Taleqani labels belong to fields: Benign fields show hematogones (benign B-lymphoid
+# precursors), the others ALL blasts, so a found cell inherits its field's label (a weak label:
+# an ALL field's odd lymphocyte or neutrophil is called a blast too).
+TALEQANI_EVERY = 16  # every 16th field of each class: ~175 fields, ~1,800 cells (weak labels: enough)
+BCCD_BLOCK = 10  # BCCD image numbers grouped in blocks of 10 (neighbours come from one smear)
+DIAMETER_SAMPLE = 48  # fields per archive whose median white-cell diameter sets its crop scale
 _NAME = re.compile(r"Im(\d+)_([01])", re.IGNORECASE)
 
 
@@ -251,12 +260,13 @@ class CellCrops:
 
     manifest: str
     geometry: CellCropGeometry
-    cell_diameter_px: float
+    cell_diameter_px: float | dict[str, float]  # one archive's, or each laboratory's by name
+    source: str = ALL_IDB
 
     def card_entry(self) -> dict:
         """What the model card records: geometry, working resolution and the source scale."""
         return {**self.geometry.to_card(), "source_cell_diameter_px": self.cell_diameter_px,
-                "source": "ALL-IDB"}
+                "source": self.source}
 
 
 def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
@@ -273,11 +283,8 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
                 "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
                 "finder": asdict(CellFinderConfig(cell_diameter_px=cell_diameter_px)), "root": os.path.abspath(root),
                 "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
-    manifest_uri = aio.join(out_dir, MANIFEST_FILE)
-    settings_uri = aio.join(out_dir, "settings.json")
-    result = CellCrops(manifest_uri, geometry, cell_diameter_px)
-    if aio.exists(manifest_uri) and aio.exists(settings_uri) and \
-            json.loads(aio.read_bytes(settings_uri)) == settings:
+    result = CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, cell_diameter_px)
+    if _cached(out_dir, settings):
         return result
     field_list = _listed(root, "ALL_IDB1/im")
     crops = _listed(root, "ALL_IDB2/img")
@@ -289,22 +296,9 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
                or _crop_sources_by_matching(crops, fields, images))
     groups = _field_groups(field_list, [[f for f, _, _ in found] for found in sources.values()])
 
-    rows: list[dict] = []
+    writer = _CropWriter(out_dir, geometry, cell_diameter_px, lab=ALL_IDB)
+    add = writer.add
     kept: dict[str, list[tuple[float, float]]] = defaultdict(list)  # field -> centres already cut
-
-    def add(img: Image.Image, centre, label: str, *, name: str, group: str, source_fields: list[str],
-            field_label: int, origin: str) -> None:
-        relative = f"{origin}/{name}.png"
-        buffer = io.BytesIO()
-        # stored at source resolution (input_size = side in pixels: no resampling) so one
-        # prepared set serves any model input size; the model's transform resizes
-        native = CellCropGeometry(geometry.side_cell_diameters, geometry.side_px(cell_diameter_px))
-        cut_cell_crop(img, centre, cell_diameter_px=cell_diameter_px, geometry=native
-                      ).save(buffer, format="PNG")
-        aio.write_bytes(aio.join(out_dir, relative), buffer.getvalue())
-        rows.append({"path": relative, "label": label, "group": group,
-                     "source_fields": "|".join(source_fields), "field_label": field_label,
-                     "origin": origin, "x": round(centre[0], 1), "y": round(centre[1], 1)})
 
     for crop in crops:
         found = sources.get(crop.name, [])
@@ -338,13 +332,196 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
             add(img, centre, "not_blast", name=f"{field.name}-cell{i:03d}", origin="ALL_IDB1-found",
                 **common)
 
+    writer.finish(settings)
+    return result
+
+
+class _CropWriter:
+    """Writes one laboratory's crops (PNG, at source resolution: the crop side is
+    ``side_cell_diameters`` of that archive's cell diameter, so one prepared set serves any model
+    input size) and their manifest rows."""
+
+    def __init__(self, out_dir: str, geometry: CellCropGeometry, cell_diameter_px: float, *, lab: str):
+        self.out_dir, self.lab, self.rows = out_dir, lab, []
+        self.cell_diameter_px = cell_diameter_px
+        self.native = CellCropGeometry(geometry.side_cell_diameters, geometry.side_px(cell_diameter_px))
+
+    def add(self, img: Image.Image, centre, label: str, *, name: str, group: str,
+            source_fields: list[str], field_label: int, origin: str) -> None:
+        relative = f"{origin}/{name}.png"
+        buffer = io.BytesIO()
+        cut_cell_crop(img, centre, cell_diameter_px=self.cell_diameter_px, geometry=self.native
+                      ).save(buffer, format="PNG")
+        aio.write_bytes(aio.join(self.out_dir, relative), buffer.getvalue())
+        self.rows.append({"path": relative, "label": label, "group": group,
+                          "source_fields": "|".join(source_fields), "field_label": field_label,
+                          "origin": origin, "x": round(centre[0], 1), "y": round(centre[1], 1),
+                          "lab": self.lab})
+
+    def finish(self, settings: dict) -> None:
+        """The manifest, then the settings that make a later call reuse it."""
+        _write_manifest(aio.join(self.out_dir, MANIFEST_FILE), self.rows)
+        aio.write_bytes(aio.join(self.out_dir, "settings.json"), json.dumps(settings, indent=2).encode())
+
+
+def _write_manifest(uri: str, rows: list[dict]) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    aio.write_bytes(manifest_uri, buffer.getvalue().encode())
-    aio.write_bytes(settings_uri, json.dumps(settings, indent=2).encode())
-    return result
+    aio.write_bytes(uri, buffer.getvalue().encode())
+
+
+def _cached(out_dir: str, settings: dict) -> bool:
+    """True when ``out_dir`` holds crops prepared with exactly these settings."""
+    settings_uri = aio.join(out_dir, "settings.json")
+    return aio.exists(aio.join(out_dir, MANIFEST_FILE)) and aio.exists(settings_uri) and \
+        json.loads(aio.read_bytes(settings_uri)) == settings
+
+
+def _archive_diameter(images: list[Image.Image], where: str) -> float:
+    """The archive's one white-cell diameter, as a scoring run measures its own (the median of
+    ``DIAMETER_SAMPLE`` fields' estimates, evenly spaced), so training and scoring crops match."""
+    step = max(1, len(images) // DIAMETER_SAMPLE)
+    diameter = median_cell_diameter(images[::step])
+    if diameter is None:
+        raise ValueError(f"no white-cell stain in the fields of {where}: cannot set the crop scale")
+    return diameter
+
+
+# ------------------------------------------------------------------------------ BCCD layout
+
+def voc_boxes(xml: bytes, name: str = "WBC") -> list[Box]:
+    """Pascal VOC boxes of class ``name`` as (x0, y0, x1, y1), x1/y1 exclusive like the finder's."""
+    import xml.etree.ElementTree as ET
+
+    boxes = []
+    for obj in ET.fromstring(xml).findall("object"):
+        if obj.findtext("name") == name:
+            x0, y0, x1, y1 = (int(float(obj.findtext(f"bndbox/{k}"))) for k in ("xmin", "ymin", "xmax", "ymax"))
+            boxes.append((x0, y0, x1 + 1, y1 + 1))
+    return boxes
+
+
+def is_bccd_root(root: str) -> bool:
+    return aio.exists(aio.join(root, "JPEGImages")) and aio.exists(aio.join(root, "Annotations"))
+
+
+def prepare_bccd(root: str, out_dir: str, *, geometry: CellCropGeometry) -> CellCrops:
+    """Not-blast crops around every white-cell box people drew in BCCD (blood without
+    leukaemia: each of its white cells is a healthy cell, and one called blast is a false blast).
+    Crops are centred on the box and cut at the archive's one cell diameter (its fields' median
+    estimate), as scoring cuts them, not at each box's own size."""
+    images = sorted(aio.iter_image_files(aio.join(root, "JPEGImages")), key=lambda i: i.uri)
+    settings = {"lab": BCCD, "side_cell_diameters": geometry.side_cell_diameters,
+                "root": os.path.abspath(root), "fields": len(images), "block": BCCD_BLOCK}
+    if _cached(out_dir, settings):
+        return _reused(out_dir, geometry)
+    fields = [(info, aio.decode_rgb(aio.read_bytes(info.uri))) for info in images]
+    diameter = _archive_diameter([img for _, img in fields], root)
+    writer = _CropWriter(out_dir, geometry, diameter, lab=BCCD)
+    for info, img in fields:
+        stem = os.path.splitext(os.path.basename(info.uri))[0]
+        xml = aio.join(root, f"Annotations/{stem}.xml")
+        if not aio.exists(xml):
+            continue
+        number = int(re.findall(r"\d+", stem)[-1])
+        for i, box in enumerate(voc_boxes(aio.read_bytes(xml))):
+            writer.add(img, box_centre(box), "not_blast", name=f"{stem}-wbc{i}", origin="BCCD-WBC",
+                       group=f"BCCD:block-{number // BCCD_BLOCK:03d}", source_fields=[stem],
+                       field_label=0)
+    writer.finish({**settings, "cell_diameter_px": diameter})
+    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, BCCD)
+
+
+# ------------------------------------------------------------------------------ Taleqani layout
+
+def _taleqani_class_root(root: str) -> str | None:
+    """The folder holding Benign/Early/Pre/Pro (``root`` itself or its ``Original``)."""
+    for candidate in (root, aio.join(root, "Original")):
+        if all(aio.exists(aio.join(candidate, c)) for c in TALEQANI_CLASSES):
+            return candidate
+    return None
+
+
+def is_taleqani_root(root: str) -> bool:
+    return _taleqani_class_root(root) is not None
+
+
+def prepare_taleqani(root: str, out_dir: str, *, geometry: CellCropGeometry,
+                     every: int = TALEQANI_EVERY) -> CellCrops:
+    """Crops of every white cell the finder finds in every ``every``-th Taleqani field of each
+    class, labelled with the field's class (``TALEQANI_CLASSES``: weak labels). Groups are
+    blocks of 20 field numbers within a class, as the field splits use (neighbours are
+    near-duplicates)."""
+    classes = _taleqani_class_root(root)
+    if classes is None:
+        raise ValueError(f"{root} has no {'/'.join(TALEQANI_CLASSES)} class folders (nor an Original/ "
+                         "folder holding them)")
+    listed = {c: sorted(aio.iter_image_files(aio.join(classes, c)), key=lambda i: i.uri)[::every]
+              for c in TALEQANI_CLASSES}
+    settings = {"lab": TALEQANI, "side_cell_diameters": geometry.side_cell_diameters,
+                "root": os.path.abspath(root), "every": every,
+                "fields": {c: len(v) for c, v in listed.items()}}
+    if _cached(out_dir, settings):
+        return _reused(out_dir, geometry)
+    fields = [(c, info, aio.decode_rgb(aio.read_bytes(info.uri))) for c, infos in listed.items()
+              for info in infos]
+    diameter = _archive_diameter([img for _, _, img in fields], root)
+    writer = _CropWriter(out_dir, geometry, diameter, lab=TALEQANI)
+    finder = CellFinderConfig(cell_diameter_px=diameter)
+    for class_name, info, img in fields:
+        stem = os.path.splitext(os.path.basename(info.uri))[0]
+        number = int(re.findall(r"\d+", stem)[-1])
+        for i, cell in enumerate(find_cells(img, finder)):
+            writer.add(img, box_centre(cell.box), TALEQANI_CLASSES[class_name], name=f"{stem}-cell{i:02d}",
+                       origin=f"Taleqani-{class_name}", group=f"Taleqani:{class_name}/block-{number // 20:04d}",
+                       source_fields=[f"{class_name}/{stem}"],
+                       field_label=int(TALEQANI_CLASSES[class_name] == "blast"))
+    writer.finish({**settings, "cell_diameter_px": diameter})
+    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, TALEQANI)
+
+
+def _reused(out_dir: str, geometry: CellCropGeometry) -> CellCrops:
+    settings = json.loads(aio.read_bytes(aio.join(out_dir, "settings.json")))
+    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, float(settings["cell_diameter_px"]),
+                     settings["lab"])
+
+
+def lab_of_root(root: str) -> str | None:
+    """Which laboratory's layout ``root`` has (None: a plain class-folder tree or manifest)."""
+    for lab, recognised in ((ALL_IDB, is_all_idb_root), (BCCD, is_bccd_root), (TALEQANI, is_taleqani_root)):
+        if recognised(root):
+            return lab
+    return None
+
+
+def prepare_cell_crops(roots: list[str], out_dir: str, *, geometry: CellCropGeometry) -> CellCrops:
+    """Cell crops from one or more laboratories' roots (ALL-IDB, BCCD, Taleqani layouts), each
+    prepared into ``out_dir/<lab>/`` at its own archive's cell diameter, and one manifest over all
+    of them (``lab`` column): a model trained on several laboratories sees several stains,
+    cameras and magnifications (docs/CELLS.md, "Transfer")."""
+    prepare = {ALL_IDB: prepare_all_idb, BCCD: prepare_bccd, TALEQANI: prepare_taleqani}
+    parts = []
+    for root in roots:
+        lab = lab_of_root(root)
+        if lab is None:
+            raise ValueError(f"{root} is not laid out like ALL-IDB (ALL_IDB1/im, ALL_IDB2/img), "
+                             f"BCCD (JPEGImages + Annotations) or Taleqani ({'/'.join(TALEQANI_CLASSES)} "
+                             "class folders): pass one of those, or a cell manifest with --manifest")
+        parts.append(prepare[lab](root, aio.join(out_dir, lab), geometry=geometry))
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.source for p in parts}) < len(parts):
+        raise ValueError(f"two roots of the same laboratory in {roots}: pass each laboratory once")
+    rows = []
+    for part in parts:
+        table = pd.read_csv(io.BytesIO(aio.read_bytes(part.manifest)), keep_default_na=False)
+        table["path"] = [f"{part.source}/{path}" for path in table["path"]]
+        rows += table.to_dict("records")
+    _write_manifest(aio.join(out_dir, MANIFEST_FILE), rows)
+    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry,
+                     {p.source: p.cell_diameter_px for p in parts}, "+".join(p.source for p in parts))
 
 
 def _cell_label(y: int) -> str:

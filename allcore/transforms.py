@@ -7,12 +7,14 @@ training adds augmentations that draw every random number from a caller-given
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from allcore.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
                                  prepare_pil, preprocess_array, resample_filter,
@@ -22,6 +24,10 @@ from allcore.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, norma
 # cells, and torchvision's 8% lower bound often crops to red cells only.
 RANDOM_CROP_SCALE = (0.25, 1.0)
 RANDOM_CROP_RATIO = (3 / 4, 4 / 3)
+# HED stain jitter shifts each density by U(-d, d) times this: skimage's densities of stained
+# smear pixels lie at ~0.01-0.15 (ALL-IDB, BCCD, Taleqani), a tenth of the optical-density units
+# the scale factors were published in.
+HED_SHIFT_FRACTION = 0.1
 
 
 # --- pixel operations shared by augmentation and robustness tests ------------------------------
@@ -39,6 +45,35 @@ def add_gaussian_noise(
         return tensor01
     noise = torch.randn(tensor01.shape, generator=generator, dtype=tensor01.dtype, device=tensor01.device)
     return (tensor01 + noise * (sigma_pixels / 255.0)).clamp_(0.0, 1.0)
+
+
+def jitter_hed(rgb01: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """Stain jitter in haematoxylin-eosin-DAB space (Tellez et al. 2018, "Whole-slide mitosis
+    detection in H&E breast histology using PHH3 as a reference"): each stain's optical density
+    is multiplied by ``scale[c]`` and shifted by ``shift[c]``. Giemsa / May-Grunwald smears
+    separate into the same purple and pink channels, so a lab whose stain is bluer or paler lies
+    along these axes rather than along RGB brightness. ``rgb01`` is HxWx3 in [0, 1]."""
+    from skimage.color import hed2rgb, rgb2hed
+
+    hed = rgb2hed(rgb01)
+    return np.clip(hed2rgb(hed * scale + shift), 0.0, 1.0)
+
+
+def resample_down_up(img: Image.Image, factor: float) -> Image.Image:
+    """Shrink by ``factor`` (0 < factor <= 1) and enlarge back: the detail a lower-magnification
+    objective or camera leaves of a cell, at the same crop size."""
+    if factor >= 1.0:
+        return img
+    small = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img.resize(small, Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP).resize(
+        img.size, Image.Resampling.BILINEAR)
+
+
+def jpeg_round_trip(img: Image.Image, quality: int) -> Image.Image:
+    """Encode and decode as JPEG at ``quality``: the block artefacts of camera archives."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=int(quality))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 def desaturate_hsv(img: Image.Image) -> Image.Image:
@@ -107,6 +142,19 @@ def _factor_range(key: str, value: Any) -> tuple[float, float]:
     )
 
 
+def _fraction_range(key: str, value: Any) -> tuple[float, float]:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and 0 < value[0] <= value[1] <= 1:
+        return float(value[0]), float(value[1])
+    raise ValueError(f"augment {key!r} must be a range [min, max] with 0 < min <= max <= 1, got {value!r}")
+
+
+def _quality_range(key: str, value: Any) -> tuple[int, int]:
+    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value) and 1 <= value[0] <= value[1] <= 100:
+        return int(value[0]), int(value[1])
+    raise ValueError(f"augment {key!r} must be a range [min, max] of JPEG qualities in 1..100, got {value!r}")
+
+
 def _sigmas(key: str, value: Any) -> tuple[float, ...]:
     values = value if isinstance(value, (list, tuple)) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 for v in values):
@@ -132,6 +180,12 @@ class Augment:
     contrast: tuple[float, float] = (1.0, 1.0)  # factor range, blending with the mean grey
     gaussian_noise_sigma: tuple[float, ...] = ()  # one sigma (pixel units) drawn per image
     random_resized_crop: bool = False  # instead of resize + centre crop
+    # stain and optics, for images from other laboratories (docs/CELLS.md, "Transfer")
+    hed: float = 0.0  # stain jitter d: each H, E, D density scaled by U(1 - d, 1 + d), shifted by U(-d, d) x HED_SHIFT_FRACTION
+    gamma: tuple[float, float] = (1.0, 1.0)  # gamma factor range
+    blur: float = 0.0  # max Gaussian blur sigma in model-input pixels, uniform in [0, blur]
+    resolution: tuple[float, float] = (1.0, 1.0)  # shrink-and-enlarge factor range (optics, magnification)
+    jpeg: tuple[int, int] | None = None  # JPEG quality range; None: no re-encoding
 
     @classmethod
     def from_dict(cls, augment: dict[str, Any]) -> "Augment":
@@ -156,6 +210,11 @@ _AUGMENT_PARSERS = {
     "contrast": _factor_range,
     "gaussian_noise_sigma": _sigmas,
     "random_resized_crop": _flag,
+    "hed": _unit_interval,
+    "gamma": _factor_range,
+    "blur": _non_negative,
+    "resolution": _fraction_range,
+    "jpeg": _quality_range,
 }
 VALID_AUGMENT_KEYS = tuple(_AUGMENT_PARSERS)
 
@@ -171,8 +230,9 @@ def _randint(generator: torch.Generator, high: int) -> int:
 class TrainTransform:
     """PIL image + generator -> augmented, normalised float tensor CHW. Every random draw comes
     from the generator, so a (seed, image) pair always gives the same tensor, in any worker.
-    Order: scale-bar mask, crop/resize, affine, rot90, flips, brightness, contrast, noise,
-    normalise. With no augmentation it equals ``eval_transform(cfg)`` exactly."""
+    Order: scale-bar mask, crop/resize, optics (resolution, blur, JPEG), affine, rot90, flips,
+    stain (HED), brightness, contrast, gamma, noise, normalise. With no augmentation it equals
+    ``eval_transform(cfg)`` exactly."""
 
     def __init__(self, cfg: DataConfig, augment: dict[str, Any]):
         validate(cfg)
@@ -187,6 +247,7 @@ class TrainTransform:
             img = self._random_resized_crop(img, generator)
         else:
             img = resize_centre_crop(img, self.cfg)
+        img = self._optics(img, generator)
         TF = _torchvision_functional()
         x = self._affine(torch.from_numpy(to_unit_chw(img)), generator)
         if aug.rotate90:
@@ -195,14 +256,33 @@ class TrainTransform:
             x = x.flip(-1)
         if aug.vflip and _uniform(generator) < aug.vflip:
             x = x.flip(-2)
+        if aug.hed:
+            scale = np.array([_uniform(generator, 1 - aug.hed, 1 + aug.hed) for _ in range(3)])
+            shift = np.array([_uniform(generator, -aug.hed, aug.hed) for _ in range(3)]) * HED_SHIFT_FRACTION
+            x = torch.from_numpy(jitter_hed(x.permute(1, 2, 0).numpy().astype(np.float64), scale, shift)
+                                 ).permute(2, 0, 1).to(torch.float32)
         if aug.brightness != (1.0, 1.0):
             x = TF.adjust_brightness(x, _uniform(generator, *aug.brightness))
         if aug.contrast != (1.0, 1.0):
             x = TF.adjust_contrast(x, _uniform(generator, *aug.contrast))
+        if aug.gamma != (1.0, 1.0):
+            x = x.clamp(0.0, 1.0) ** _uniform(generator, *aug.gamma)
         if aug.gaussian_noise_sigma:
             sigma = aug.gaussian_noise_sigma[_randint(generator, len(aug.gaussian_noise_sigma))]
             x = add_gaussian_noise(x, sigma, generator)
         return torch.from_numpy(normalise_array(x.contiguous().numpy(), self.cfg))
+
+    def _optics(self, img: Image.Image, generator: torch.Generator) -> Image.Image:
+        """What another microscope and camera do to the same cell: less resolution, defocus,
+        compression. Applied at the model's input size, where scoring sees the cell too."""
+        aug = self.augment
+        if aug.resolution != (1.0, 1.0):
+            img = resample_down_up(img, _uniform(generator, *aug.resolution))
+        if aug.blur:
+            img = img.filter(ImageFilter.GaussianBlur(_uniform(generator, 0.0, aug.blur)))
+        if aug.jpeg:
+            img = jpeg_round_trip(img, round(_uniform(generator, aug.jpeg[0], aug.jpeg[1])))
+        return img
 
     def _random_resized_crop(self, img: Image.Image, generator: torch.Generator) -> Image.Image:
         width, height = img.size

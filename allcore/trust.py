@@ -37,6 +37,8 @@ IN_DISTRIBUTION_FLAG_RATE = 0.02  # share of validation images above the OOD thr
 QC_QUANTILES = (0.005, 0.995)  # training-data range of each QC statistic ...
 QC_MARGIN = 0.25  # ... widened by this share of its width on each side
 BLAST_THRESHOLD = 0.5  # calibrated blast probability at and above which the call is "blast"
+MAX_FALSE_BLAST_RATE = 0.02  # a cell model's blast threshold: at most this share of val not-blasts above it
+BLAST_UNCERTAIN = "blast uncertain"  # a cell between BLAST_THRESHOLD and its model's blast threshold
 MAX_CELL_ENLARGEMENT = 1.5  # cell crops enlarged more than this get "cell size differs"
 CELL_SIZE_DIFFERS = "cell size differs"
 
@@ -54,7 +56,7 @@ QC_CHECKS: dict[str, tuple[str | None, str | None]] = {
     "qc_cell_diameter_fraction": (CELL_SIZE_DIFFERS, CELL_SIZE_DIFFERS),
 }
 OUT_OF_DISTRIBUTION = "out of distribution"
-REVIEW_REASONS = (OUT_OF_DISTRIBUTION,) + tuple(dict.fromkeys(
+REVIEW_REASONS = (OUT_OF_DISTRIBUTION, BLAST_UNCERTAIN) + tuple(dict.fromkeys(
     reason for pair in QC_CHECKS.values() for reason in pair if reason))
 CALLS = ("blast", "not blast", "abstain")
 NO_TRUST_CHECKS = "no trust checks in model card"  # review_reason of rows scored without them
@@ -87,6 +89,18 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 # ----------------------------------------------------------------------------- OOD detectors
 # Each detector: fit(features, labels, logits) -> detector; score(features, logits) -> higher is
 # further from the training data; tensors()/params() to store it; from_stored(tensors, params).
+
+def fit_blast_threshold(blast_probability: np.ndarray, is_blast: np.ndarray,
+                        max_false_blast_rate: float = MAX_FALSE_BLAST_RATE) -> float:
+    """The lowest calibrated blast probability (never below ``BLAST_THRESHOLD``) at and above which
+    at most ``max_false_blast_rate`` of the not-blast cells lie: a lab acts on a cell called
+    blast, so a false blast costs more than a blast sent to review."""
+    negatives = np.sort(np.asarray(blast_probability, float)[~np.asarray(is_blast, bool)])[::-1]
+    allowed = int(np.floor(max_false_blast_rate * len(negatives)))
+    if allowed >= len(negatives):
+        return BLAST_THRESHOLD
+    return float(max(BLAST_THRESHOLD, np.nextafter(negatives[allowed], np.inf)))
+
 
 def _unit_rows(features: np.ndarray) -> np.ndarray:
     features = np.asarray(features, dtype=np.float32)
@@ -224,6 +238,7 @@ class Trust:
     ood_threshold: float
     qc_reference: dict[str, dict[str, float]]
     detector: object = None
+    blast_threshold: float = BLAST_THRESHOLD  # a cell model's: fit_blast_threshold
 
     def ood_scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
         return self.detector.score(np.asarray(features), np.asarray(logits))
@@ -268,6 +283,19 @@ def review_row(qc: Mapping[str, float], ood_score: float, blast_probability: flo
     return Review(False, None, probability_call(blast_probability))
 
 
+def cell_call(ood_score: float, blast_probability: float, trust: Trust | Mapping) -> Review:
+    """A cell model's decision on one crop: out of its distribution -> abstain; a calibrated
+    blast probability at or above its ``blast_threshold`` -> blast; between ``BLAST_THRESHOLD``
+    and that threshold -> abstain (``BLAST_UNCERTAIN``: likely a blast, not sure enough to act on);
+    below -> not blast."""
+    if isinstance(trust, Mapping):
+        trust = trust_from_card_section(trust)
+    review = review_row({}, ood_score, blast_probability, trust)
+    if review.needs_review or not BLAST_THRESHOLD <= blast_probability < trust.blast_threshold:
+        return review
+    return Review(True, BLAST_UNCERTAIN, "abstain")
+
+
 def review_cell(ood_score: float, blast_probability: float, trust: Trust | Mapping, *,
                 cell_diameter_px: float, pixels_per_cell_diameter: float) -> Review:
     """The review decision of one cell row scored by a cell model: its OOD score on the crop
@@ -276,7 +304,7 @@ def review_cell(ood_score: float, blast_probability: float, trust: Trust | Mappi
     the field's pixels are enlarged, and an enlarged crop lacks the detail the model learned from
     (e.g. 224 px Taleqani fields, 27 px cells, before a cell model trained on 120 px ALL-IDB
     cells), so above ``MAX_CELL_ENLARGEMENT`` the row needs review. A NaN diameter is not judged."""
-    review = review_row({}, ood_score, blast_probability, trust)
+    review = cell_call(ood_score, blast_probability, trust)
     if not cell_diameter_px * MAX_CELL_ENLARGEMENT < pixels_per_cell_diameter:
         return review
     reasons = [r for r in (review.review_reason, CELL_SIZE_DIFFERS) if r]
@@ -312,6 +340,7 @@ def trust_from_card_section(section: Mapping) -> Trust:
     stale = stale_qc_checks(section)
     return Trust(temperature=float(section["temperature"]), ood_method=section["ood"]["method"],
                  ood_threshold=float(section["ood"]["threshold"]),
+                 blast_threshold=float(section.get("blast_threshold", BLAST_THRESHOLD)),
                  qc_reference={k: dict(v) for k, v in section["qc_reference"].items() if k not in stale})
 
 

@@ -19,17 +19,21 @@ from allcore.data_config import preprocess_array
 from allcore.metrics import expected_calibration_error
 from allcore.models import features_and_logits
 from allcore.qc import QC_COLUMNS, image_qc
-from allcore.trust import (IN_DISTRIBUTION_FLAG_RATE, OOD_METHOD, QC_MARGIN, QC_QUANTILES,
-                           TRUST_FILE, TRUST_VERSION, negative_log_likelihood, calibrated_probabilities,
-                           fit_ood_detector, fit_temperature, qc_reference, write_trust_file)
+from allcore.labels import get_label_set
+from allcore.trust import (IN_DISTRIBUTION_FLAG_RATE, MAX_FALSE_BLAST_RATE, OOD_METHOD, QC_MARGIN,
+                           QC_QUANTILES, TRUST_FILE, TRUST_VERSION, calibrated_probabilities,
+                           fit_blast_threshold, fit_ood_detector, fit_temperature,
+                           negative_log_likelihood, qc_reference, write_trust_file)
 
 
 def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
               train_qc: Sequence[Mapping[str, float]], method: str = OOD_METHOD,
-              flag_rate: float = IN_DISTRIBUTION_FLAG_RATE) -> tuple[dict, dict[str, np.ndarray]]:
+              flag_rate: float = IN_DISTRIBUTION_FLAG_RATE,
+              blast_columns: Sequence[int] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Fit temperature, OOD detector and QC ranges. ``train``/``val`` hold ``features``,
-    ``logits`` and ``labels`` arrays. Returns the card's ``trust`` section (without the file
-    hash) and the detector's tensors for ``TRUST_FILE``."""
+    ``logits`` and ``labels`` arrays. With ``blast_columns`` (a cell model's blast classes) it
+    also fits the blast threshold on val (``allcore.trust.fit_blast_threshold``). Returns the
+    card's ``trust`` section (without the file hash) and the detector's tensors for ``TRUST_FILE``."""
     if not 0 < flag_rate < 1:
         raise ValueError(f"flag_rate must be in (0, 1), got {flag_rate}")
     temperature = fit_temperature(val["logits"], val["labels"])
@@ -55,6 +59,11 @@ def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
         "qc_quantiles": list(QC_QUANTILES), "qc_margin": QC_MARGIN,
         "qc_columns": dict(QC_COLUMNS),
     }
+    if blast_columns is not None:
+        blast = calibrated_probabilities(val["logits"], temperature)[:, list(blast_columns)].sum(1)
+        section["blast_threshold"] = fit_blast_threshold(blast, np.isin(val["labels"], blast_columns))
+        section["blast_threshold_fit"] = {"split": "val", "max_false_blast_rate": MAX_FALSE_BLAST_RATE,
+                                          "n_not_blast": int((~np.isin(val["labels"], blast_columns)).sum())}
     return section, detector.tensors()
 
 
@@ -105,8 +114,10 @@ def attach_trust(artifact_uri: str, manifest, *, method: str = OOD_METHOD,
     model, card = load_artifact(artifact_uri)
     train = score_samples(model, manifest.subset("train"), card.classes)
     val = score_samples(model, manifest.subset("val"), card.classes, with_qc=False)
+    blast_columns = ([card.classes.index(c) for c in get_label_set(card.label_set).blast_classes]
+                     if card.cell_crop else None)  # field models keep the 0.5 call (their rows' review is QC + OOD)
     section, tensors = fit_trust(train=train.arrays(), val=val.arrays(), train_qc=train.qc,
-                                 method=method, flag_rate=flag_rate)
+                                 method=method, flag_rate=flag_rate, blast_columns=blast_columns)
     section["ood"]["sha256"] = write_trust_file(artifact_uri, tensors)
     # the fields save_artifact derives from the model are left for it to fill again
     save_artifact(artifact_uri, model, replace(card, trust=section, model_name="", model_kwargs={},

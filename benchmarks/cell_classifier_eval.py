@@ -95,9 +95,9 @@ def with_validation(manifest: SplitManifest) -> SplitManifest:
                          for r in manifest.rows)
 
 
-def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
-    """Train on the fold's train split, keep the epoch with the lowest validation loss, and
-    return the test split's blast probabilities, labels and paths."""
+def train_cell_model(recipe, label_set, manifest) -> tuple[torch.nn.Module, dict]:
+    """Train on the manifest's train split and return the model of the epoch with the lowest
+    validation loss, with the fit's history."""
     torch.manual_seed(recipe.seed)
     model = create_model(recipe.model, num_classes=label_set.num_classes,
                          pretrained=recipe.pretrained, input_size=recipe.input_size)
@@ -107,23 +107,35 @@ def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, lis
     weights = (class_weights(targets_of(data["train"]), label_set.num_classes)
                if recipe.balance == "class_weights" else None)
     criterion = torch.nn.CrossEntropyLoss(weight=weights)
-    loader = lambda ds, shuffle: torch.utils.data.DataLoader(  # noqa: E731
-        ds, batch_size=recipe.batch_size, shuffle=shuffle, drop_last=shuffle and len(ds) > recipe.batch_size)
-    device = torch.device("cpu")
     best = {"val_loss": np.inf}
 
     def keep_best(row: dict, state: dict) -> None:
         if row["val_loss"] < best["val_loss"]:
             best.update(val_loss=row["val_loss"], weights=copy.deepcopy(model.state_dict()))
 
-    history = engine.fit(model, criterion, loader(data["train"], True), loader(data["val"], False),
-                         device, recipe, num_classes=label_set.num_classes, on_epoch_end=keep_best,
+    history = engine.fit(model, criterion, _loader(data["train"], recipe, True),
+                         _loader(data["val"], recipe, False), torch.device("cpu"), recipe,
+                         num_classes=label_set.num_classes, on_epoch_end=keep_best,
                          log=lambda line: print(f"  {line}", flush=True))
     model.load_state_dict(best["weights"])
-    precision = engine.MixedPrecision.resolve(device, False)
-    probs, labels = engine.predict(model, loader(data["test"], False), device, precision)
+    return model, history
+
+
+def _loader(dataset, recipe, shuffle: bool) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=shuffle,
+                                       drop_last=shuffle and len(dataset) > recipe.batch_size)
+
+
+def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, list[str], dict]:
+    """Train on the fold's train split (``train_cell_model``) and return the test split's blast
+    probabilities, labels and paths."""
+    model, history = train_cell_model(recipe, label_set, manifest)
+    test = build_datasets(manifest, recipe, label_set, model.data_config)["test"]
+    device = torch.device("cpu")
+    probs, labels = engine.predict(model, _loader(test, recipe, False), device,
+                                   engine.MixedPrecision.resolve(device, False))
     blast = [label_set.index(c) for c in label_set.blast_classes]
-    return probs[:, blast].sum(1), labels, [s.path for s in data["test"].samples], {"history": history}
+    return probs[:, blast].sum(1), labels, [s.path for s in test.samples], {"history": history}
 
 
 def sensitivity_at_specificity(y: np.ndarray, score: np.ndarray, specificity: float) -> float:

@@ -28,7 +28,6 @@ import argparse
 import os
 import sys
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass, replace
 from multiprocessing import Pool
 from pathlib import Path
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from allcore import celldata  # noqa: E402
 from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
 from cell_finder_vs_segmented import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
@@ -58,13 +58,8 @@ def box_iou(a, b) -> float:
 
 
 def voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[int, int, int, int]]:
-    """Boxes of class ``name`` as (x0, y0, x1, y1), x1/y1 exclusive like the finder's."""
-    boxes = []
-    for obj in ET.parse(xml_path).findall("object"):
-        if obj.findtext("name") == name:
-            x0, y0, x1, y1 = (int(float(obj.findtext(f"bndbox/{k}"))) for k in ("xmin", "ymin", "xmax", "ymax"))
-            boxes.append((x0, y0, x1 + 1, y1 + 1))
-    return boxes
+    """Boxes of class ``name`` in a Pascal VOC file (``allcore.celldata.voc_boxes``)."""
+    return celldata.voc_boxes(xml_path.read_bytes(), name)
 
 
 def matched_pairs(truth: list, found: list) -> int:

@@ -185,3 +185,62 @@ def test_blast_label_set_marks_its_blast_class():
     blast = get_label_set("blast")
     assert blast.blast_classes == ("blast",) and blast.to_class("1") == "blast"
     assert blast.to_class("0") == "not_blast"
+
+
+def _write_bccd(root: Path) -> int:
+    """A BCCD-like tree: fields with their white cells as Pascal VOC WBC boxes (and RBC noise)."""
+    rng = np.random.default_rng(5)
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "Annotations").mkdir()
+    count = 0
+    for number in range(4):
+        img, boxes = make_field(rng, 1, SIZE, scale_bar=False)
+        img.save(root / f"JPEGImages/BloodImage_{number:05d}.jpg", quality=95)
+        objects = "".join(f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                          f"<xmax>{b[2] - 1}</xmax><ymax>{b[3] - 1}</ymax></bndbox></object>"
+                          for name, b in [*(("WBC", b) for b in boxes), ("RBC", (1, 1, 20, 20))])
+        (root / f"Annotations/BloodImage_{number:05d}.xml").write_text(f"<annotation>{objects}</annotation>")
+        count += len(boxes)
+    return count
+
+
+def _write_taleqani(root: Path) -> dict[str, int]:
+    rng = np.random.default_rng(6)
+    fields = {}
+    for index, name in enumerate(celldata.TALEQANI_CLASSES):
+        (root / "Original" / name).mkdir(parents=True)
+        for number in range(1, 3):
+            make_field(rng, index, 224)[0].save(root / f"Original/{name}/WBC-{name}-{number:03d}.jpg")
+        fields[name] = 2
+    return fields
+
+
+def test_bccd_and_taleqani_crops_join_all_idb_in_one_manifest(prepared, tmp_path):
+    wbc = _write_bccd(tmp_path / "bccd")
+    _write_taleqani(tmp_path / "taleqani")
+    assert celldata.lab_of_root(str(tmp_path / "bccd")) == celldata.BCCD
+    assert celldata.lab_of_root(str(tmp_path / "taleqani")) == celldata.TALEQANI
+    assert celldata.lab_of_root(str(prepared[0])) == celldata.ALL_IDB
+    cells = celldata.prepare_cell_crops(
+        [str(prepared[0]), str(tmp_path / "bccd"), str(tmp_path / "taleqani")], str(tmp_path / "crops"),
+        geometry=GEOMETRY)
+    table = celldata.read_cell_manifest(cells.manifest)
+    by_lab = table.groupby("lab")
+    assert set(by_lab.groups) == {celldata.ALL_IDB, celldata.BCCD, celldata.TALEQANI}
+    bccd = table[table.lab == celldata.BCCD]
+    assert len(bccd) == wbc and set(bccd.label) == {"not_blast"}  # every drawn WBC box, no RBC
+    taleqani = table[table.lab == celldata.TALEQANI]
+    assert set(taleqani[taleqani.origin == "Taleqani-Benign"].label) == {"not_blast"}
+    assert set(taleqani[taleqani.origin != "Taleqani-Benign"].label) == {"blast"}
+    assert not set(taleqani.group) & set(bccd.group)  # groups never join two laboratories
+    # each laboratory is cut at its own archive's diameter: 2 diameters wide, whatever the field size
+    diameters = cells.cell_diameter_px
+    assert 50 < diameters[celldata.BCCD] < 120 and 20 < diameters[celldata.TALEQANI] < 70  # 448 vs 224 px fields
+    for lab, rows in by_lab:
+        side = {Image.open(p).size for p in rows.path}
+        expected = GEOMETRY.side_px(diameters[lab])  # ALL-IDB: its archive value, 120 px
+        assert side == {(expected, expected)}, lab
+    samples = discover_samples(cells.manifest, get_label_set("blast"))
+    assert len(samples) == len(table)
+    with pytest.raises(ValueError, match="not laid out like"):
+        celldata.prepare_cell_crops([str(tmp_path)], str(tmp_path / "other"), geometry=GEOMETRY)

@@ -24,6 +24,7 @@ from allcore.transforms import (
     add_gaussian_noise,
     desaturate_hsv,
     eval_transform,
+    jitter_hed,
     train_transform,
 )
 
@@ -271,8 +272,45 @@ def test_random_resized_crop_outputs_input_size_and_varies():
 ALL_RANDOM = {
     "hflip": 0.5, "vflip": 0.5, "rotation": 45, "rotate90": True, "shear": 3, "zoom": [0.8, 1.0],
     "shift": 0.1, "brightness": [0.4, 0.8], "contrast": 0.2, "gaussian_noise_sigma": [3, 9],
-    "random_resized_crop": True,
+    "random_resized_crop": True, "hed": 0.2, "gamma": [0.8, 1.25], "blur": 1.0,
+    "resolution": [0.4, 1.0], "jpeg": [40, 95],
 }
+
+
+def _smear_crop(size: int = 64) -> Image.Image:
+    """A purple disc (a stained nucleus) on a pink background, with fine stripes as detail."""
+    pixels = np.full((size, size, 3), (226, 196, 206), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 4) ** 2
+    pixels[disc] = (110, 60, 150)
+    pixels[disc & (xx % 2 == 0)] = (70, 30, 120)
+    return Image.fromarray(pixels)
+
+
+def test_stain_jitter_changes_the_stain_not_the_shapes():
+    img = _smear_crop()
+    base = augmented({}, img, cfg=UNIT64)
+    disc = torch.from_numpy(np.asarray(img)[..., 0] < 150)
+    jittered = [augmented({"hed": 0.3}, img, seed, cfg=UNIT64) for seed in range(6)]
+    assert all(not torch.allclose(x, base, atol=0.02) for x in jittered)
+    for x in jittered:  # the nucleus stays darker than the background in every draw
+        assert x.mean(0)[disc].mean() < x.mean(0)[~disc].mean() - 0.1
+    # a zero jitter is no jitter (skimage's round trip alone is exact to a grey level)
+    torch.testing.assert_close(augmented({"hed": 0.0}, img, cfg=UNIT64), base, atol=0, rtol=0)
+    assert jitter_hed(np.asarray(img) / 255.0, np.ones(3), np.zeros(3)) == pytest.approx(np.asarray(img) / 255.0, abs=2e-3)
+
+
+def test_optics_augmentations_remove_detail_as_a_weaker_lens_would():
+    img = _smear_crop()
+    detail = lambda x: (x[:, :, 1:] - x[:, :, :-1]).abs().mean().item()  # noqa: E731
+    base = detail(augmented({}, img, cfg=UNIT64))
+    assert detail(augmented({"resolution": [0.3, 0.3]}, img, cfg=UNIT64)) < 0.6 * base
+    assert detail(augmented({"blur": 2.0}, img, seed=1, cfg=UNIT64)) < base
+    assert torch.equal(augmented({"resolution": [1.0, 1.0]}, img, cfg=UNIT64), augmented({}, img, cfg=UNIT64))
+    jpeg = augmented({"jpeg": [10, 10]}, img, cfg=UNIT64)
+    assert 0 < (jpeg - augmented({}, img, cfg=UNIT64)).abs().mean() < 0.1
+    brighter = augmented({"gamma": [0.5, 0.5]}, img, cfg=UNIT64)
+    assert brighter.mean() > augmented({}, img, cfg=UNIT64).mean()
 
 
 def test_same_seed_same_tensor_different_seed_different_tensor():
@@ -301,6 +339,10 @@ def test_unknown_augment_key_lists_valid_keys():
         {"rotate90": 1},
         {"gaussian_noise_sigma": [-1]},
         {"brightness": 1.0},
+        {"hed": 1.5},
+        {"resolution": [0.5, 1.5]},
+        {"jpeg": [90, 20]},
+        {"blur": -1},
     ],
 )
 def test_invalid_augment_values_raise_with_the_key(augment):

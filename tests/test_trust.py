@@ -127,3 +127,27 @@ def test_attach_trust_round_trips_through_the_artifact(tiny_artifact, tmp_path):
     (tmp_path / "model" / trust.TRUST_FILE).write_bytes(b"not the detector")
     with pytest.raises(ValueError, match="sha256"):
         trust.load_trust(artifact, card.trust)
+
+
+def test_blast_threshold_keeps_false_blasts_at_the_chosen_rate():
+    rng = np.random.default_rng(0)
+    not_blast, blast = rng.beta(2, 5, 1000), rng.beta(5, 2, 300)
+    p = np.concatenate([not_blast, blast])
+    is_blast = np.r_[np.zeros(1000, bool), np.ones(300, bool)]
+    threshold = trust.fit_blast_threshold(p, is_blast, 0.02)
+    assert np.mean(not_blast >= threshold) <= 0.02
+    assert np.mean(not_blast >= threshold - 1e-3) > 0.02 - 1e-3  # the lowest such threshold
+    assert trust.fit_blast_threshold(np.r_[0.1, 0.2, 0.9], np.r_[False, False, True]) == trust.BLAST_THRESHOLD
+    assert trust.fit_blast_threshold(np.r_[0.1, 0.7, 0.9], np.r_[False, False, True], 0.0) > 0.7
+
+
+def test_cell_call_sends_uncertain_blasts_to_review():
+    section = {**_section(), "blast_threshold": 0.8}
+    assert trust.cell_call(1.0, 0.9, section) == trust.Review(False, None, "blast")
+    assert trust.cell_call(1.0, 0.6, section) == trust.Review(True, trust.BLAST_UNCERTAIN, "abstain")
+    assert trust.cell_call(1.0, 0.3, section) == trust.Review(False, None, "not blast")
+    assert trust.cell_call(3.0, 0.9, section) == trust.Review(True, "out of distribution", "abstain")
+    # a card fitted before the blast threshold existed keeps the plain 0.5 call
+    assert trust.cell_call(1.0, 0.6, _section()).call == "blast"
+    small = trust.review_cell(1.0, 0.6, section, cell_diameter_px=10, pixels_per_cell_diameter=48)
+    assert small.review_reason == f"{trust.BLAST_UNCERTAIN}; {trust.CELL_SIZE_DIFFERS}"
