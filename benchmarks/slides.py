@@ -1,15 +1,19 @@
 """Whole-slide scoring: speed and memory against fields, and slide calls against field calls.
 
-    python benchmarks/slides.py perf --model FIELD_MODEL --cell-model CELL_MODEL [--sides 10000,20000,40000]
+    python benchmarks/slides.py perf [--model FIELD_MODEL --cell-model CELL_MODEL] [--sides 10000,20000,40000]
     python benchmarks/slides.py all-idb --model FIELD_MODEL --cell-model CELL_MODEL --data ../shared/data
 
 ``perf`` generates synthetic slides (``allcore.synthetic``: 448 px fields on glass, 0.15 um/px,
 a few dozen distinct fields repeated) of each side and scores each with ``jobs/score.py
---per-cell`` as a new process, sampling the RSS of its whole tree (driver, Ray's daemons,
-workers) every 0.2 s; at 20,000 px it also scores the same fields as separate JPEG images
+--per-cell`` as a new process, sampling every 0.2 s the RSS of the driver (that process), of each
+Ray worker (the actors and tasks; the largest one and their sum) and of the whole tree (with
+Ray's daemons); at 20,000 px it also scores the same fields as separate JPEG images
 (``--cell-diameter`` at the slide's cell size, so both find cells at one scale). Printed per run:
-wall time, tiles or fields per second, cells per second, peak RSS; the targets are ratios: cells/s
-of the slide over the fields, and peak RSS at the largest side over the smallest.
+wall time, tiles or fields per second, cells per second, peak RSS, the load average; the targets
+are ratios: cells/s of the slide over the fields, and peak RSS at the largest side over the
+smallest. Without ``--model``/``--cell-model`` it scores with random models of the shipped
+recipes' shapes (MobileNetV2: the field model at 256 px as s000, the cell model at 128 px crops
+two cell diameters wide as cell_blast): speed does not depend on what the weights learnt.
 
 ``all-idb`` lays the 2592 x 1944 ALL_IDB1 development fields of ``--data`` into one slide (0.1
 um/px: a 120 px ALL-IDB white cell is 12 um) and scores it, and the same fields as images with
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -47,26 +52,76 @@ ALL_IDB_MPP = 0.1  # 120 px ALL-IDB white cells are 12 um
 DISTINCT_FIELDS = 36
 
 
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # named like workers, but daemons
+
+
+def rss_by_role(root) -> dict[str, int]:
+    """Bytes resident now: the driver (``root``), its Ray workers (processes named ``ray::...``
+    by Ray, less its agents: the largest one and their sum) and the whole tree."""
+    import psutil
+
+    try:
+        driver, children = root.memory_info().rss, root.children(recursive=True)
+    except psutil.NoSuchProcess:
+        return {}
+    workers = []
+    for process in children:
+        try:
+            if process.name().startswith("ray::") and process.name() not in RAY_AGENTS:
+                workers.append(process.memory_info().rss)
+        except psutil.NoSuchProcess:  # a worker that exited between listing and reading
+            pass
+    return {"driver": driver, "largest_worker": max(workers, default=0), "workers": sum(workers),
+            "tree": _tree_rss(root)}
+
+
 def score(models: argparse.Namespace, inputs: Path, out: Path, *extra: str) -> dict:
-    """``jobs/score.py --per-cell`` in its own process: wall seconds, peak RSS of its tree, rows."""
+    """``jobs/score.py --per-cell`` in its own process: wall seconds, peak RSS (MB) of the
+    driver, the largest worker, all workers and the tree (each its own peak), the load average
+    at the end, rows."""
     import psutil
 
     command = [sys.executable, str(REPO / "jobs" / "score.py"), "--model", models.model,
                "--cell-model", models.cell_model, "--per-cell", "--input", str(inputs),
                "--output", str(out), "--actors", f"{models.actors},{models.actors}",
                "--max-review-rate", "1", "--max-error-rate", "1", *extra]
-    started, peak = time.perf_counter(), 0
+    started, peaks = time.perf_counter(), {}
     with open(out.with_suffix(".log"), "w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=log)
         root = psutil.Process(process.pid)
         while process.poll() is None:
-            peak = max(peak, _tree_rss(root))
+            for role, rss in rss_by_role(root).items():
+                peaks[role] = max(peaks.get(role, 0), rss)
             time.sleep(RSS_SAMPLE_SECONDS)
     seconds = time.perf_counter() - started
     if process.returncode not in (0, 3):
         raise RuntimeError(f"{' '.join(command)} exited {process.returncode}; see {out.with_suffix('.log')}")
     rows = pq.ParquetDataset(sorted((out / "predictions").rglob("*.parquet"))).read().to_pandas()
-    return {"seconds": seconds, "peak_rss_mb": peak / 2 ** 20, "rows": rows}
+    return {"seconds": seconds, **{f"peak_rss_{role}_mb": v / 2 ** 20 for role, v in peaks.items()},
+            "load_average_1min": os.getloadavg()[0], "rows": rows}
+
+
+def random_artifacts(work: Path) -> tuple[str, str]:
+    """(field model, cell model) artifacts with random weights, shaped as ``perf``'s docstring
+    says."""
+    import torch
+
+    from allcore.artifact import ModelCard, save_artifact
+    from allcore.celldata import CellCropGeometry
+    from allcore.labels import get_label_set
+    from allcore.models import create_model
+
+    torch.manual_seed(0)
+    made = []
+    for name, label_set, input_size, cell_crop in (
+            ("field", "all4", 256, {}),
+            ("cell", "blast", 128, CellCropGeometry(side_cell_diameters=2.0, input_size=128).to_card())):
+        classes = list(get_label_set(label_set).classes)
+        model = create_model("mobilenet_v2", num_classes=len(classes), input_size=input_size).eval()
+        card = ModelCard(classes=classes, label_set=label_set, model_version="benchmark-random",
+                         cell_crop=cell_crop)
+        made.append(save_artifact(str(work / f"{name}-model"), model, card))
+    return made[0], made[1]
 
 
 def synthetic_fields(seed: int = 0) -> list[np.ndarray]:
@@ -76,6 +131,8 @@ def synthetic_fields(seed: int = 0) -> list[np.ndarray]:
 
 
 def perf(args: argparse.Namespace, work: Path) -> dict:
+    if args.model is None or args.cell_model is None:
+        args.model, args.cell_model = random_artifacts(work)
     distinct = synthetic_fields()
     results = {}
     for side in (int(s) for s in args.sides.split(",")):
@@ -105,14 +162,18 @@ def perf(args: argparse.Namespace, work: Path) -> dict:
         units = r.get("tiles", r.get("fields"))
         r.update(units_per_s=units / r["seconds"], cells_per_s=r["cells"] / r["seconds"])
         print(f"{name:>14}: {r['seconds']:7.1f} s, {units:6d} {'tiles' if 'tiles' in r else 'fields'} "
-              f"({r['units_per_s']:.2f}/s), {r['cells']:6d} cells ({r['cells_per_s']:.1f}/s), "
-              f"peak RSS {r['peak_rss_mb']:,.0f} MB")
+              f"({r['units_per_s']:.2f}/s), {r['cells']:6d} cells ({r['cells_per_s']:.1f}/s); peak RSS "
+              f"driver {r['peak_rss_driver_mb']:,.0f} MB, largest worker {r['peak_rss_largest_worker_mb']:,.0f} MB, "
+              f"workers {r['peak_rss_workers_mb']:,.0f} MB, tree {r['peak_rss_tree_mb']:,.0f} MB; "
+              f"load average {r['load_average_1min']:.1f}", flush=True)
     if "slide 20000" in results and "fields 20000" in results:
         results["cells_per_s_slide_over_fields"] = (results["slide 20000"]["cells_per_s"]
                                                     / results["fields 20000"]["cells_per_s"])
     slide_runs = [v for k, v in results.items() if k.startswith("slide")]
     if len(slide_runs) > 1:
-        results["peak_rss_largest_over_smallest"] = slide_runs[-1]["peak_rss_mb"] / slide_runs[0]["peak_rss_mb"]
+        results["peak_rss_largest_over_smallest"] = {
+            role: slide_runs[-1][f"peak_rss_{role}_mb"] / slide_runs[0][f"peak_rss_{role}_mb"]
+            for role in ("driver", "largest_worker", "workers", "tree")}
     return results
 
 
@@ -188,13 +249,15 @@ def all_idb(args: argparse.Namespace, work: Path) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=("perf", "all-idb"))
-    parser.add_argument("--model", required=True, help="field model artifact")
-    parser.add_argument("--cell-model", required=True, help="cell model artifact")
+    parser.add_argument("--model", help="field model artifact (perf: random when left out)")
+    parser.add_argument("--cell-model", help="cell model artifact (perf: random when left out)")
     parser.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--sides", default="10000,20000,40000", help="perf: slide sides in px")
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--out", help="results as JSON")
     args = parser.parse_args(argv)
+    if args.what == "all-idb" and (args.model is None or args.cell_model is None):
+        parser.error("all-idb compares calls: give the --model and --cell-model to judge")
     with tempfile.TemporaryDirectory(prefix="allcore-slides-") as tmp:
         results = (perf if args.what == "perf" else all_idb)(args, Path(tmp))
     if args.out:
