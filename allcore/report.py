@@ -1,4 +1,4 @@
-"""A self-contained HTML evaluation report with plots.
+"""A self-contained HTML evaluation report with plots, and a scoring run's report page.
 
 The report is built only from the JSON-ready dict of ``allcore.metrics.classification_report``
 (plus optional training history, noise table and model card), so it can be regenerated later
@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import html
 import json
+import urllib.parse
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,7 @@ th:first-child, td:first-child { text-align: left; }
 thead th { background: #f0f0f0; }
 .note { background: #fff4d6; border-left: 4px solid #e0a800; padding: .6em 1em; }
 .figures img { max-width: 100%; margin: .5em 0; border: 1px solid #eee; }
+.slide img { max-width: 100%; border: 1px solid #eee; }
 """
 
 
@@ -60,6 +63,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _page(title: str, sections: list[str]) -> str:
+    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head>"
+            f"<body>{''.join(sections)}</body></html>\n")
 
 
 # ----------------------------------------------------------------------------- figures
@@ -292,9 +301,45 @@ def write_report(out_dir: str | Path, metrics: dict, *, history: list[dict] | No
     if model_card:
         sections += ["<h2>Model card</h2>", _model_card(model_card)]
     sections += ["<h2>Figures</h2>", f"<div class='figures'>{''.join(images)}</div>"]
-    page = (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>{_esc(title)}</title><style>{CSS}</style></head>"
-            f"<body>{''.join(sections)}</body></html>\n")
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    html_path.write_text(_page(title, sections), encoding="utf-8")
     return html_path
+
+
+# ----------------------------------------------------------------------------- scoring runs
+
+RUN_FACTS = [  # (RunSummary.to_dict() key, label)
+    ("listed", "inputs listed"), ("ok", "scored ok"), ("errors", "error rows"),
+    ("skipped", "skipped (already scored by these weights)"), ("balanced", "balanced"),
+    ("cells", "cell rows"), ("flagged", "flagged for review"), ("failed", "failed its checks"),
+    ("seconds", "seconds"),
+]
+
+
+def run_report_html(run: dict, slides: Sequence, *, root_href: str) -> str:
+    """A scoring run's report page: its accounting and, per slide it scored, the slide's overview
+    (the thumbnail with a dot per cell coloured by its call) linked to the slide's QuPath GeoJSON.
+
+    ``run`` is ``RunSummary.to_dict()``; ``slides`` are ``allcore.scoring.tiles.ScoredSlide``;
+    ``root_href`` is the output root relative to the page. The overviews are linked, not
+    embedded as the evaluation report's figures are: a nightly run may score hundreds of slides,
+    and the page stays readable wherever the output folder is copied whole.
+    """
+    def href(path: str) -> str:
+        return html.escape(f"{root_href}/{urllib.parse.quote(path)}", quote=True)
+
+    title = f"Scoring run {run['run_id']}"
+    sections = [f"<h1>{_esc(title)}</h1>", f"<p>Output: {_esc(run['output'])}</p>",
+                _table(["", "value"], [[label, run.get(key)] for key, label in RUN_FACTS])]
+    if slides:
+        sections += ["<h2>Slides</h2>",
+                     "<p>Each cell a dot at its centroid: red blast, green not blast, yellow "
+                     "abstain (needs a person). Click an overview for the slide's cells as a "
+                     "GeoJSON QuPath imports.</p>"]
+        for slide in slides:
+            sections.append(
+                f"<figure class='slide'><a href='{href(slide.geojson)}'><img src='{href(slide.overview)}' "
+                f"alt='overview of {_esc(slide.slide_id)}'></a><figcaption>{_esc(slide.slide_id)}: "
+                f"{_esc(slide.cells)} cells, {_esc(slide.blast)} called blast, {_esc(slide.abstain)} "
+                f"abstained; <a href='{href(slide.geojson)}'>GeoJSON (QuPath)</a></figcaption></figure>")
+    return _page(title, sections)

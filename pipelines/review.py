@@ -15,6 +15,8 @@ import base64
 import datetime as dt
 import hmac
 import os
+import posixpath
+import urllib.parse
 from importlib import resources
 
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
@@ -30,9 +32,12 @@ from allcore.review.corrections import Correction, CorrectionError, CorrectionSt
 from allcore.review.geojson import feature_collections
 from allcore.review.queue import ReviewQueue, box_of, queue_item
 from allcore.scoring.table import FIELD
+from allcore.scoring.tiles import slide_output, slide_output_names
 
 TOKEN_COOKIE = "allcore_review_token"
 CONTEXT_SIDE = 256  # side of the picture of a queued cell with its neighbourhood
+SLIDE_FILES = {"overview.png": (".png", "image/png"),  # a slide's files as the app serves them
+               "cells.geojson": (".geojson", "application/geo+json")}
 STATIC = resources.files("allcore.review") / "static"
 
 app = FastAPI(title="allcore review")
@@ -134,6 +139,29 @@ class ReviewApp:
         except (CorrectionError, KeyError) as exc:
             raise HTTPException(422, str(exc).strip("'\"")) from None
         return {"recorded": recorded, "correction_id": decision.correction_id}
+
+    @app.get("/api/slides")
+    def slides(self, request: Request) -> list[dict]:
+        """Every slide scored into the output: its overview (cells coloured by call) and GeoJSON."""
+        self._authorise(request)
+
+        def url(name: str, part: str) -> str:
+            return f"/api/slides/{urllib.parse.quote(name, safe='')}/{part}"
+        return [{"name": name, "overview": url(name, "overview.png"), "geojson": url(name, "cells.geojson")}
+                for name in slide_output_names(self.queue.store)]
+
+    @app.get("/api/slides/{name}/{part}")
+    def slide_file(self, request: Request, name: str, part: str) -> Response:
+        """One of a listed slide's files (only those: ``name`` never reaches a path unlisted)."""
+        self._authorise(request)
+        store = self.queue.store
+        if part not in SLIDE_FILES or name not in slide_output_names(store):
+            raise HTTPException(404, f"no slide {name!r} with a {part!r} in this output; reload the slides")
+        suffix, media_type = SLIDE_FILES[part]
+        data = store.fs.cat_file(posixpath.join(store.path, slide_output(name, suffix)))
+        disposition = f"attachment; filename*=UTF-8''{urllib.parse.quote(name + suffix)}"
+        return Response(data, media_type=media_type,
+                        headers={"Content-Disposition": disposition} if suffix == ".geojson" else None)
 
     @app.get("/api/geojson")
     def geojson(self, request: Request, source_uri: str) -> dict:

@@ -19,7 +19,8 @@ A whole-slide input is listed as one row like any file; when the listing names p
 row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few tiles a block so one
 slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
 (``CompleteInputs``), after counting each cell once (``finish_slides``), then writes the slide's
-GeoJSON and overview image (``write_slide_outputs``).
+GeoJSON and overview image (``write_slide_outputs``); the run's report page shows every slide it
+scored (``write_run_report``).
 
 On a CPU-only cluster Ray Data fuses prepare into the actor pool (same resources), so
 ``--actors`` also bounds decoding; with GPUs they stay separate and decoding overlaps inference.
@@ -50,7 +51,7 @@ from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
 from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
-from allcore.scoring.summary import RunSummary, write_specimen_summary
+from allcore.scoring.summary import RunSummary, write_run_report, write_specimen_summary
 from allcore.scoring.table import INPUT_KINDS, blast_classes, build_output_table, card_summary
 from allcore.scoring.tiles import expand_input, finish_slides, run_working_mpp, write_slide_outputs
 from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
@@ -113,6 +114,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
              summary.skipped)
     specimens: set[str] = set()
     run_files: list[str] = []
+    scored_slides = []  # ScoredSlide of each slide committed, for the run report
     if blocks:
         _quiet_ray(config.verbose)
         finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
@@ -135,8 +137,10 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
             summary.add_commit(record)
             summary.add_reviews(table)
             run_files.extend(store.uri(f["path"]) for f in record["files"])
-            for written in write_slide_outputs(store, rows, table):
-                log.info("slide cells -> %s", written)
+            for slide in write_slide_outputs(store, rows, table):
+                scored_slides.append(slide)
+                log.info("slide %s: %d cells -> %s, overview %s", slide.slide_id, slide.cells,
+                         store.uri(slide.geojson), store.uri(slide.overview))
             summary.seconds = time.perf_counter() - started
             specimens.update(s for s in table["specimen_id"].to_pylist() if s is not None)
             log.info("chunk %d committed: %s", record["chunk"], summary.progress())
@@ -161,6 +165,7 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
                  store.uri(f"_runs/{run_id}/drift.json"), 100 * drift["flagged_fraction"],
                  drift["reasons"] or "none")
     summary.seconds = time.perf_counter() - started
+    log.info("run report -> %s", write_run_report(store, run_id, summary.to_dict(), scored_slides))
     store.finish(run_id, summary.to_dict(), passed=not summary.failed)
     log.info(summary.line())
     return summary

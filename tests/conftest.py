@@ -226,3 +226,42 @@ def s3_server(tmp_path):
     (tmp_path / "s3" / "lab").mkdir(parents=True)
     with serving_s3(tmp_path / "s3") as env:
         yield env
+
+
+def score_slide(path: Path, field_model: str, cell_model: str, *, trust: dict | None = None,
+                run_id: str = "r-slide"):
+    """(scored, table) of one slide as a ``--per-cell --cell-model`` run makes them, without Ray:
+    its rows expanded, prepared and predicted in one batch, each cell kept once
+    (``finish_slides``), then the output table; ``trust`` becomes both models' trust section, so
+    rows get their review flags. ``scored`` still carries the slide row's thumbnail, which
+    ``write_slide_outputs`` draws on."""
+    import datetime as dt
+
+    import numpy as np
+    import pyarrow as pa
+
+    from allcore.artifact import read_card
+    from allcore.cells import CellFinderConfig
+    from allcore.labels import get_label_set
+    from allcore.scoring.predict import Predictor
+    from allcore.scoring.prepare import prepare_batch, prepare_kwargs
+    from allcore.scoring.table import build_output_table, card_summary
+    from allcore.scoring.tiles import expand_input, finish_slides, run_working_mpp
+
+    card, cell_card = read_card(field_model), read_card(cell_model)
+    finder = CellFinderConfig()
+    listed = {"source_uri": str(path), "source_size": path.stat().st_size, "source_mtime": "1",
+              "listing_error": "", "error_kind": ""}
+    rows = expand_input(listed, working_mpp=run_working_mpp(finder, cell_card), max_pixels=10**8)
+    batch = {k: np.array([r[k] for r in rows], dtype=object if isinstance(rows[0][k], str) else None)
+             for k in rows[0]}
+    prepared = prepare_batch(batch, **prepare_kwargs(card, cell_finder=finder, cell_card=cell_card))
+    scored = finish_slides(pa.table(Predictor(field_model, cell_artifact_uri=cell_model)(prepared)))
+    summary = card_summary(card, cell_card)
+    if trust is not None:
+        summary["trust"] = summary["cell_model"]["trust"] = trust
+    table = build_output_table(scored, run_id=run_id, scored_at=dt.datetime(2025, 5, 6, tzinfo=dt.timezone.utc),
+                               model_summary=summary, specimen_pattern=None,
+                               blast_classes=get_label_set("all4").blast_classes,
+                               cell_blast_classes=get_label_set("blast").blast_classes)
+    return scored, table

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from allcore.metrics import classification_report
-from allcore.report import write_report
+from allcore.report import run_report_html, write_report
+from allcore.scoring.summary import RunSummary
+from allcore.scoring.tiles import ScoredSlide
 
 CLASSES = ["Benign", "Early", "Pre", "Pro<b>"]  # a name with markup must come out escaped
 
@@ -85,3 +87,21 @@ def test_report_shows_calibration_ood_scores_and_the_corner_shortcut(tmp_path, m
     assert page.count("<img") == 6
     assert "0.9612" in page and "0.9433" in page and "trained with the corner masked" in page
     assert "out of distribution 3, blurred 1" in page and "0.1200 / 0.0300" in page
+
+
+def test_run_report_shows_each_slide_s_overview_linked_to_its_geojson():
+    run = RunSummary(run_id="20251201T000000Z-ab12", output="/data/out", listed=3, ok=2, errors=1,
+                     cells=57).to_dict()
+    slides = [ScoredSlide("case <7>", "case <7>-0123456789abcdef", cells=50, blast=4, abstain=1),
+              ScoredSlide("case-8", "case-8-fedcba9876543210", cells=7, blast=0, abstain=0)]
+    page = run_report_html(run, slides, root_href="../..")
+    images = re.findall(r"<img src='([^']+)'", page)
+    assert images == ["../../slides/case%20%3C7%3E-0123456789abcdef.png",
+                      "../../slides/case-8-fedcba9876543210.png"]
+    links = set(re.findall(r"<a href='([^']+)'", page))
+    assert links == {"../../slides/case%20%3C7%3E-0123456789abcdef.geojson",
+                     "../../slides/case-8-fedcba9876543210.geojson"}
+    assert "case &lt;7&gt;: 50 cells, 4 called blast, 1 abstained" in page and "case <7>" not in page
+    assert "20251201T000000Z-ab12" in page and "<td>error rows</td><td>1</td>" in page
+    without = run_report_html(run, [], root_href="../..")
+    assert "<img" not in without and "Slides" not in without

@@ -4,6 +4,7 @@ and the app itself in headless Chromium against Ray Serve on loopback."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import shutil
 import socket
@@ -31,8 +32,10 @@ from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import build_output_table, card_summary
-from allcore.synthetic import make_field
+from allcore.scoring.tiles import ScoredSlide, write_slide_outputs
+from allcore.synthetic import make_field, write_slide
 from allcore.training import ImageDataset
+from conftest import score_slide
 
 REPO = Path(__file__).resolve().parents[1]
 OOD_THRESHOLD = 1.0
@@ -69,9 +72,30 @@ def scored_output(root: Path, field_model: str, cell_model: str) -> Path:
     return out
 
 
+def add_scored_slide(out: Path, field_model: str, cell_model: str) -> ScoredSlide:
+    """A small synthetic slide scored into ``out`` the way a run scores one (``score_slide``),
+    committed as its own chunk, and its GeoJSON and overview written."""
+    path = out.parent / "slides" / "case-9.tif"
+    path.parent.mkdir()
+    write_slide(path, columns=2, rows=1, seed=4)
+    scored, table = score_slide(path, field_model, cell_model, run_id="r2")
+    store = OutputStore(str(out))
+    store.commit(table, run_id="r2", chunk=0, model_sha256=read_card(field_model).weights_sha256,
+                 scored_at=SCORED_AT)
+    [slide] = write_slide_outputs(store, scored, table)
+    return slide
+
+
 @pytest.fixture(scope="module")
-def output_root(tmp_path_factory, tiny_artifact, tiny_cell_artifact) -> Path:
-    return scored_output(tmp_path_factory.mktemp("review"), tiny_artifact, tiny_cell_artifact)
+def scored_slide(tmp_path_factory, tiny_artifact, tiny_cell_artifact) -> tuple[Path, ScoredSlide]:
+    """(output root, its slide): the review output with one scored slide beside the fields."""
+    out = scored_output(tmp_path_factory.mktemp("review"), tiny_artifact, tiny_cell_artifact)
+    return out, add_scored_slide(out, tiny_artifact, tiny_cell_artifact)
+
+
+@pytest.fixture(scope="module")
+def output_root(scored_slide) -> Path:
+    return scored_slide[0]
 
 
 def decision(queue: ReviewQueue, cell_id: str, label: str, correction_id: str) -> Correction:
@@ -319,3 +343,31 @@ def test_a_correction_made_in_the_queue_lands_in_the_corrections_table(app_url, 
     # read the ids in one script: the queue re-renders, so element handles found first go stale
     wait.until(lambda d: cell_id not in d.execute_script(
         "return [...document.querySelectorAll('.item')].map(e => e.dataset.cellId)"))
+
+
+@pytest.mark.slow
+def test_the_slides_tab_shows_each_slide_s_overview_and_links_its_geojson(app_url, browser, scored_slide, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as seen
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out, slide = scored_slide
+    browser.get(app_url + "/")
+    wait = WebDriverWait(browser, 60)
+    browser.find_element(By.ID, "tab-slides").click()
+    figure = wait.until(seen.visibility_of_element_located((By.CSS_SELECTOR, ".slide")))
+    assert figure.get_attribute("data-slide") == slide.name
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".slide")) == 1
+    wait.until(lambda d: d.execute_script("return document.querySelector('.slide img').naturalWidth") > 0)
+    shown = browser.execute_script("const i = document.querySelector('.slide img'); return [i.naturalWidth, i.naturalHeight]")
+    assert tuple(shown) == Image.open(out / slide.overview).size
+    screenshot(browser, tmp_path, "review_slides.png")
+    href = browser.find_element(By.CSS_SELECTOR, ".slide a.geojson").get_attribute("href")
+    served = browser.execute_async_script(
+        "fetch(arguments[0]).then(r => r.json()).then(arguments[arguments.length - 1])", href)
+    assert served == json.loads((out / slide.geojson).read_text())
+    assert served["type"] == "FeatureCollection" and len(served["features"]) == slide.cells > 0
+    unlisted = browser.execute_async_script(
+        "fetch(arguments[0]).then(r => arguments[arguments.length - 1](r.status))",
+        app_url + "/api/slides/..%2F_commits/cells.geojson")
+    assert unlisted == 404

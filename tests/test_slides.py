@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -226,6 +227,37 @@ def test_all_idb_fields_as_a_slide_give_their_blasts_at_slide_coordinates(tmp_pa
     assert abs(len(cells) - field_cells) <= 0.1 * field_cells
 
 
+def test_slide_geojson_is_qupath_detections_in_level0_pixels_with_probabilities_and_review_flag(
+        tmp_path, tiny_artifact, tiny_cell_artifact):
+    """The issue's shape: a FeatureCollection of 'detection' objects, classification {name,
+    color}, measurements a map of numbers holding the call's probabilities and the review flag,
+    each cell's box as a closed polygon in level-0 slide pixels."""
+    import jsonschema
+
+    from allcore.review.geojson import slide_feature_collection
+    from conftest import score_slide
+
+    path = tmp_path / "case-4.tif"
+    write_slide(path, columns=2, rows=2, seed=8)
+    width, height = slides.TiffSlideReader(str(path)).dimensions
+    trust = {"temperature": 1.0, "ood": {"method": "mahalanobis", "threshold": 1.0}, "qc_reference": {}}
+    _, table = score_slide(path, tiny_artifact, tiny_cell_artifact, trust=trust)
+    cells = table.to_pandas().query("row_kind == 'cell'").set_index("cell_id")
+    collection = slide_feature_collection(cells.reset_index())
+    jsonschema.validate(collection, QUPATH_DETECTIONS)
+    assert len(collection["features"]) == len(cells) > 0
+    for feature in collection["features"]:
+        cell = cells.loc[feature["id"]]
+        x0, y0, x1, y1 = (int(cell[f"box_{k}"]) for k in ("x0", "y0", "x1", "y1"))
+        assert feature["geometry"]["coordinates"] == [[[x0, y0], [x0, y1], [x1, y1], [x1, y0], [x0, y0]]]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height  # level 0, not the working scale
+        measurements = feature["properties"]["measurements"]
+        assert measurements["blast_probability"] == pytest.approx(cell["blast_probability"])
+        assert measurements["confidence"] == pytest.approx(cell["confidence"])
+        assert measurements["needs_review"] == float(cell["needs_review"])  # the flag, as 0/1
+        assert feature["properties"]["classification"]["name"] == cell["pred_label"]
+
+
 # ------------------------------------------------------------------ through the pipeline (Ray)
 
 @pytest.mark.slow
@@ -284,6 +316,14 @@ def test_slides_score_exactly_once_with_error_rows_and_outputs(tmp_path, ray_ses
     assert first["call"] in ("blast", "not blast") and first["needs_review"] is None  # (no trust)
     overview = Image.open(next((tmp_path / "out" / "slides").glob("case-1-*.png")))
     assert max(overview.size) == slides.THUMBNAIL_SIDE
+    # a run's report shows the slides it scored (the --mpp run: case-2 alone; the run before it
+    # none), each overview linked to its GeoJSON, by paths relative to the page
+    runs = tmp_path / "out" / "_runs"
+    links = re.findall(r"(?:src|href)='([^']+)'", (runs / with_mpp.run_id / "report.html").read_text())
+    assert sorted(Path(h).suffix for h in links) == [".geojson", ".geojson", ".png"]
+    assert all(Path(h).name.startswith("case-2-") and (runs / with_mpp.run_id / h).resolve().is_file()
+               for h in links)
+    assert "<img" not in (runs / again.run_id / "report.html").read_text()
 
 
 QUPATH_DETECTIONS = {  # what QuPath's GeoJSON import reads for a detection object

@@ -21,6 +21,7 @@ import duckdb
 import pyarrow as pa
 from scipy.stats import binomtest
 
+from allcore.io import write_atomic
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import SCHEMA_METADATA_KEY
 
@@ -115,6 +116,22 @@ class RunSummary:
         return {**dataclasses.asdict(self), "scored": self.scored, "balanced": self.balanced,
                 "error_rate": self.error_rate, "failed": self.failed,
                 "review_rate": self.review_rate, "review_rate_exceeded": self.review_rate_exceeded}
+
+
+RUN_REPORT = "report.html"  # beside the run's summary.json
+
+
+def write_run_report(store: OutputStore, run_id: str, accounting: dict, slides: Sequence) -> str:
+    """``_runs/<run_id>/report.html``, the page a person opens after a run: its accounting and
+    each slide it scored as its overview linked to its GeoJSON (``allcore.report.run_report_html``;
+    ``slides`` are the ``ScoredSlide`` of ``allcore.scoring.tiles.write_slide_outputs``).
+    Returns its uri."""
+    from allcore.report import run_report_html  # matplotlib, as the drift plot: only when writing
+
+    relative = f"_runs/{run_id}/{RUN_REPORT}"
+    page = run_report_html(accounting, slides, root_href="../..")  # the output root, from the page
+    write_atomic(store.fs, f"{store.path}/{relative}", page.encode())
+    return store.uri(relative)
 
 
 def wilson_interval(successes: int, trials: int) -> tuple[float, float]:

@@ -161,12 +161,48 @@ def finish_slides(rows: pa.Table) -> pa.Table:
     return rows.filter(pa.array(keep))
 
 
-def write_slide_outputs(store, scored: pa.Table, table: pa.Table) -> list[str]:
+SLIDE_OUTPUTS = "slides"  # folder of the per-slide GeoJSON and overview, under the output root
+
+
+@dataclass(frozen=True)
+class ScoredSlide:
+    """A slide whose files ``write_slide_outputs`` wrote: ``<SLIDE_OUTPUTS>/<name>.geojson`` and
+    ``.png`` under the output root, ``name`` being ``<slide_id>-<sha256[:16]>`` (the hash keeps
+    two slides of one file name apart), and how its cells were called."""
+
+    slide_id: str
+    name: str
+    cells: int
+    blast: int
+    abstain: int
+
+    @property
+    def geojson(self) -> str:
+        return slide_output(self.name, ".geojson")
+
+    @property
+    def overview(self) -> str:
+        return slide_output(self.name, ".png")
+
+
+def slide_output(name: str, suffix: str) -> str:
+    """Path of a slide's GeoJSON (``.geojson``) or overview (``.png``), relative to the root."""
+    return f"{SLIDE_OUTPUTS}/{name}{suffix}"
+
+
+def slide_output_names(store) -> list[str]:
+    """Names of the slides with both files under ``store``'s root, sorted. The overview is
+    written after the GeoJSON, so a slide listed by its overview has both."""
+    overviews = store.fs.glob(posixpath.join(store.path, slide_output("*", ".png")))
+    return sorted(posixpath.basename(p)[:-len(".png")] for p in overviews)
+
+
+def write_slide_outputs(store, scored: pa.Table, table: pa.Table) -> list[ScoredSlide]:
     """Per slide scored ok in ``table`` (a committed chunk; ``scored`` its rows before the output
-    columns, which still carry the slide row's thumbnail): ``slides/<slide_id>-<sha16>.geojson``,
-    its cells for QuPath (``allcore.review.geojson.slide_feature_collection``), and
-    ``slides/<slide_id>-<sha16>.png``, the thumbnail with every cell coloured by its call.
-    Written after the chunk is committed, whole or not at all; returns their uris."""
+    columns, which still carry the slide row's thumbnail): its GeoJSON, the cells for QuPath
+    (``allcore.review.geojson.slide_feature_collection``), and its overview, the thumbnail with
+    every cell coloured by its call (``ScoredSlide`` says where). Written after the chunk is
+    committed, whole or not at all, the overview last."""
     from PIL import Image
 
     from allcore.overlay import png_bytes, slide_overview
@@ -182,12 +218,15 @@ def write_slide_outputs(store, scored: pa.Table, table: pa.Table) -> list[str]:
     written = []
     for uri, rows in frame.groupby("source_uri", sort=True):
         spec, cells = specs[uri], rows[rows["row_kind"] == CELL]
-        stem = f"slides/{rows['slide_id'].iloc[0]}-{spec.sha256[:16]}"
+        calls = cells["call"].where(cells["call"].notna(), None)
+        slide = ScoredSlide(slide_id=rows["slide_id"].iloc[0],
+                            name=f"{rows['slide_id'].iloc[0]}-{spec.sha256[:16]}", cells=len(cells),
+                            blast=int((calls == "blast").sum()), abstain=int((calls == "abstain").sum()))
         collection = slide_feature_collection(cells)
         thumbnail = Image.open(io.BytesIO(base64.b64decode(spec.thumbnail_png)))
-        overview = slide_overview(thumbnail, spec.slide_size, list(zip(
-            cells["centroid_x"], cells["centroid_y"], cells["call"].where(cells["call"].notna(), None))))
-        for suffix, data in ((".geojson", json.dumps(collection).encode()), (".png", png_bytes(overview))):
-            write_atomic(store.fs, posixpath.join(store.path, stem + suffix), data)
-            written.append(store.uri(stem + suffix))
+        overview = slide_overview(thumbnail, spec.slide_size,
+                                  list(zip(cells["centroid_x"], cells["centroid_y"], calls)))
+        for path, data in ((slide.geojson, json.dumps(collection).encode()), (slide.overview, png_bytes(overview))):
+            write_atomic(store.fs, posixpath.join(store.path, path), data)
+        written.append(slide)
     return written

@@ -4,14 +4,16 @@ const $ = (id) => document.getElementById(id);
 const percent = (p) => (p === null || p === undefined ? "n/a" : (100 * p).toFixed(1) + " %");
 
 function show(tab) {
-  for (const name of ["analyse", "queue"]) {
+  for (const name of ["analyse", "queue", "slides"]) {
     $(name).hidden = name !== tab;
     $("tab-" + name).classList.toggle("active", name === tab);
   }
   if (tab === "queue") loadSpecimens();
+  if (tab === "slides") loadSlides();
 }
 $("tab-analyse").onclick = () => show("analyse");
 $("tab-queue").onclick = () => show("queue");
+$("tab-slides").onclick = () => show("slides");
 
 async function errorText(response) {
   try {
@@ -146,4 +148,25 @@ async function decide(cellId, label, correctionId, specimen) {
   $("queue-message").textContent = "Recorded " + label + " for " + cellId + ".";
   await loadQueue(specimen);
   loadSpecimens();
+}
+
+// ------------------------------------------------------------------ slides
+async function loadSlides() {
+  const response = await fetch("/api/slides");
+  if (!response.ok) { $("slides-message").textContent = await errorText(response); return; }
+  const list = $("slide-list");
+  list.innerHTML = "";
+  const slides = await response.json();
+  if (!slides.length) list.textContent = "No slide has been scored into this output.";
+  for (const slide of slides) {
+    const figure = Object.assign(document.createElement("figure"), { className: "slide" });
+    figure.dataset.slide = slide.name;
+    const overview = Object.assign(document.createElement("img"), { src: slide.overview, alt: "overview of " + slide.name });
+    const geojson = Object.assign(document.createElement("a"), { href: slide.geojson, className: "geojson",
+                                                                 textContent: "GeoJSON for QuPath" });
+    const caption = document.createElement("figcaption");
+    caption.append(slide.name + " - ", geojson);
+    figure.append(overview, caption);
+    list.append(figure);
+  }
 }
