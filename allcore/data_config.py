@@ -35,6 +35,9 @@ class DataConfig:
     # Taleqani images. Part of the data config so that training, evaluation and scoring of a
     # model all read it from the one place its card keeps it (set by the recipe's mask_corner).
     mask_corner: bool = False
+    # Colour normalisation of every image, last before the model (``normalise_stain``): "none",
+    # "reinhard" (CIELAB mean and spread matched to REINHARD_TARGET) or "grey" (lightness only).
+    stain_normalise: str = "none"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -48,6 +51,7 @@ class DataConfig:
             interpolation=str(d.get("interpolation", "bilinear")),
             crop_pct=float(d.get("crop_pct", 1.0)),
             mask_corner=bool(d.get("mask_corner", False)),
+            stain_normalise=str(d.get("stain_normalise", "none")),
         )
 
 
@@ -77,8 +81,39 @@ def resample_filter(cfg: DataConfig) -> Image.Resampling:
     return _RESAMPLE[cfg.interpolation]
 
 
+STAIN_NORMALISATIONS = ("none", "reinhard", "grey")
+# Reinhard et al. 2001 ("Color transfer between images"), as most stain-normalisation code applies
+# it: in CIELAB (not the paper's l-alpha-beta), each channel moved to a target mean and standard
+# deviation. The target is the median over the cell crops of ALL-IDB, BCCD and Taleqani here
+# (docs/CELLS.md, "Transfer"): a smear between the three, not any one laboratory's.
+REINHARD_TARGET = {"mean": (72.0, 9.0, -8.0), "std": (13.0, 14.0, 17.0)}
+
+
+def normalise_stain(unit_chw: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """The data config's colour normalisation of a float CHW image in [0, 1] (same layout out).
+    Per image: a laboratory's stain, camera white balance and exposure shift every pixel alike,
+    so matching each image's colour statistics to one target removes them while the shapes and
+    the contrast between nucleus and cytoplasm remain."""
+    if cfg.stain_normalise == "none":
+        return unit_chw
+    from skimage.color import lab2rgb, rgb2lab
+
+    rgb = np.moveaxis(unit_chw, 0, -1).astype(np.float64)
+    if cfg.stain_normalise == "grey":
+        grey = rgb2lab(rgb)[..., :1] / 100.0
+        return np.ascontiguousarray(np.repeat(np.moveaxis(grey, -1, 0), 3, 0), dtype=np.float32)
+    lab = rgb2lab(rgb)
+    mean, std = lab.mean((0, 1)), lab.std((0, 1)) + 1e-6
+    lab = (lab - mean) / std * np.asarray(REINHARD_TARGET["std"]) + np.asarray(REINHARD_TARGET["mean"])
+    out = np.clip(lab2rgb(np.clip(lab, [0, -128, -128], [100, 127, 127])), 0.0, 1.0)
+    return np.ascontiguousarray(np.moveaxis(out, -1, 0), dtype=np.float32)
+
+
 def validate(cfg: DataConfig) -> None:
     resample_filter(cfg)
+    if cfg.stain_normalise not in STAIN_NORMALISATIONS:
+        raise ValueError(f"unknown stain_normalise {cfg.stain_normalise!r}; valid: "
+                         f"{', '.join(STAIN_NORMALISATIONS)}. Fix the recipe or the model's data config.")
     if not 0 < cfg.crop_pct <= 1:
         raise ValueError(f"crop_pct must be in (0, 1], got {cfg.crop_pct}")
     if cfg.input_size < 1:
@@ -159,12 +194,12 @@ def normalise_array(unit: np.ndarray, cfg: DataConfig) -> np.ndarray:
 
 def unit_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:
     """Decode-side preprocessing before normalisation: RGB, scale-bar mask if ``cfg.mask_corner``, resize the
-    shorter side to ``round(input_size / crop_pct)``, centre-crop ``input_size``; float32 CHW
-    in [0, 1]. Noise for robustness tests is added at this stage, in pixel space."""
+    shorter side to ``round(input_size / crop_pct)``, centre-crop ``input_size``, colour
+    normalisation if ``cfg.stain_normalise``; float32 CHW in [0, 1]. Noise for robustness tests is added at this stage, in pixel space."""
     img = prepare_pil(img, cfg)
     if cfg.mask_corner:
         img = mask_scale_bar(img)
-    return to_unit_chw(resize_centre_crop(img, cfg))
+    return normalise_stain(to_unit_chw(resize_centre_crop(img, cfg)), cfg)
 
 
 def preprocess_array(img: Image.Image, cfg: DataConfig) -> np.ndarray:

@@ -350,7 +350,8 @@ for _index in EFFICIENTNET_LITE_FILES:
 
 def create_model(name: str, *, num_classes: int, pretrained: bool | str = False,
                  dropout: float = 0.2, input_size: int | None = None,
-                 l1_head: float | None = None, mask_corner: bool = False) -> Classifier:
+                 l1_head: float | None = None, mask_corner: bool = False,
+                 stain_normalise: str = "none") -> Classifier:
     """Build registered model ``name`` with a new ``num_classes`` head.
 
     pretrained: False (random init), True (resolve ImageNet weights, see module docstring), or a
@@ -358,14 +359,16 @@ def create_model(name: str, *, num_classes: int, pretrained: bool | str = False,
     input_size: overrides the weights' default input size (the recipe decides; vgg16_cnn sizes
         its head from it). l1_head: overrides the model's default L1 coefficient.
     mask_corner: the model sees images with the scale bar painted out (``DataConfig.mask_corner``;
-        the recipe decides, the model card keeps it).
+        the recipe decides, the model card keeps it). stain_normalise: likewise
+        (``DataConfig.stain_normalise``).
     """
     spec = get_model_spec(name)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2 (softmax over classes), got {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    data_config = replace(spec.weights.data_config, mask_corner=bool(mask_corner))
+    data_config = replace(spec.weights.data_config, mask_corner=bool(mask_corner),
+                          stain_normalise=stain_normalise)
     if input_size is not None:
         data_config = replace(data_config, input_size=int(input_size))
     l1_head = spec.l1_head if l1_head is None else float(l1_head)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from allcore.data_config import STAIN_NORMALISATIONS
+
 RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
 
 SCHEDULES = ("constant", "one_cycle", "plateau")
@@ -32,6 +34,7 @@ class Recipe:
     input_size: int | None = None  # None: the model's own input size (from its weights)
     cell_crop_side: float = 2.0  # cell crops (allcore.celldata): side in cell diameters
     mask_corner: bool = False  # hide the bottom-right scale bar (a class shortcut in Taleqani data)
+    stain_normalise: str = "none"  # colour normalisation before the model (allcore.data_config)
     augment: dict[str, Any] = field(default_factory=dict)
     balance: str = "none"
     optimizer: str = "adam"
@@ -58,6 +61,7 @@ class Recipe:
         _check_choice("schedule", self.schedule, SCHEDULES)
         _check_choice("balance", self.balance, BALANCING)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("stain_normalise", self.stain_normalise, STAIN_NORMALISATIONS)
         if len(self.split) != 3 or abs(sum(self.split) - 1.0) > 1e-6:
             raise ValueError(f"split must be three fractions summing to 1, got {self.split}")
         if self.epochs < 1 or self.batch_size < 1:

@@ -128,7 +128,7 @@ def build_model(recipe: Recipe, label_set: LabelSet) -> Classifier:
     """The recipe's model for the label set, with its body frozen when the recipe says so."""
     model = create_model(recipe.model, num_classes=label_set.num_classes,
                          pretrained=recipe.pretrained, input_size=recipe.input_size,
-                         mask_corner=recipe.mask_corner)
+                         mask_corner=recipe.mask_corner, stain_normalise=recipe.stain_normalise)
     if recipe.freeze_backbone:
         model.freeze_backbone()
     return model

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from allcore.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
-                                 prepare_pil, preprocess_array, resample_filter,
+                                 normalise_stain, prepare_pil, preprocess_array, resample_filter,
                                  resize_centre_crop, to_unit_chw, unit_array, validate)
 
 # random_resized_crop keeps at least a quarter of the field: a field holds a handful of white
@@ -231,7 +231,8 @@ class TrainTransform:
     """PIL image + generator -> augmented, normalised float tensor CHW. Every random draw comes
     from the generator, so a (seed, image) pair always gives the same tensor, in any worker.
     Order: scale-bar mask, crop/resize, optics (resolution, blur, JPEG), affine, rot90, flips,
-    stain (HED), brightness, contrast, gamma, noise, normalise. With no augmentation it equals
+    stain (HED), brightness, contrast, gamma, noise, stain normalisation (data config), normalise.
+    With no augmentation it equals
     ``eval_transform(cfg)`` exactly."""
 
     def __init__(self, cfg: DataConfig, augment: dict[str, Any]):
@@ -270,7 +271,9 @@ class TrainTransform:
         if aug.gaussian_noise_sigma:
             sigma = aug.gaussian_noise_sigma[_randint(generator, len(aug.gaussian_noise_sigma))]
             x = add_gaussian_noise(x, sigma, generator)
-        return torch.from_numpy(normalise_array(x.contiguous().numpy(), self.cfg))
+        # last, as at evaluation: the model learns normalised colours of augmented stains
+        x = normalise_stain(x.contiguous().numpy(), self.cfg)
+        return torch.from_numpy(normalise_array(x, self.cfg))
 
     def _optics(self, img: Image.Image, generator: torch.Generator) -> Image.Image:
         """What another microscope and camera do to the same cell: less resolution, defocus,

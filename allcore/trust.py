@@ -36,6 +36,8 @@ OOD_METHOD = "mahalanobis"  # docs/TRUST.md: best AUROC against other labs and c
 IN_DISTRIBUTION_FLAG_RATE = 0.02  # share of validation images above the OOD threshold
 QC_QUANTILES = (0.005, 0.995)  # training-data range of each QC statistic ...
 QC_MARGIN = 0.25  # ... widened by this share of its width on each side
+MAGNIFICATION_TOLERANCE = 1.6  # cell size (a field's magnification) within median / 1.6 .. median x 1.6
+SCALE_STATISTICS = ("qc_cell_diameter_fraction",)  # the QC statistics that measure magnification
 BLAST_THRESHOLD = 0.5  # calibrated blast probability at and above which the call is "blast"
 MAX_FALSE_BLAST_RATE = 0.02  # a cell model's blast threshold: at most this share of val not-blasts above it
 BLAST_UNCERTAIN = "blast uncertain"  # a cell between BLAST_THRESHOLD and its model's blast threshold
@@ -211,9 +213,16 @@ def fit_ood_detector(method: str, features: np.ndarray, labels: np.ndarray, logi
 # ----------------------------------------------------------------------------- QC reference
 
 def qc_reference(rows: Sequence[Mapping[str, float]], quantiles: tuple[float, float] = QC_QUANTILES,
-                 margin: float = QC_MARGIN) -> dict[str, dict[str, float]]:
+                 margin: float = QC_MARGIN,
+                 magnification_tolerance: float | None = MAGNIFICATION_TOLERANCE) -> dict[str, dict[str, float]]:
     """Accepted range of every checked QC statistic: the ``quantiles`` of the training images'
-    values widened by ``margin`` of their width on each side, plus the median for drift plots."""
+    values widened by ``margin`` of their width on each side, plus the median for drift plots.
+
+    Cell size (``SCALE_STATISTICS``) is also held within ``magnification_tolerance`` times its
+    median either way. A field imaged at another magnification scales every cell by the same
+    factor, and an additive band around a wide spread let a healthy field at half the training
+    magnification pass (its lymphocytes as small in the model's input as nothing it learnt, and
+    called Pro-B with confidence: docs/TRUST.md, "Magnification"). None: no such bound."""
     reference = {}
     for name in QC_CHECKS:
         values = np.array([row[name] for row in rows], dtype=np.float64)
@@ -221,9 +230,11 @@ def qc_reference(rows: Sequence[Mapping[str, float]], quantiles: tuple[float, fl
         if not len(values):
             continue
         low, high = np.quantile(values, quantiles)
-        pad = margin * (high - low)
-        reference[name] = {"low": float(low - pad), "high": float(high + pad),
-                           "median": float(np.median(values))}
+        pad, median = margin * (high - low), float(np.median(values))
+        low, high = low - pad, high + pad
+        if name in SCALE_STATISTICS and magnification_tolerance:
+            low, high = max(low, median / magnification_tolerance), min(high, median * magnification_tolerance)
+        reference[name] = {"low": float(low), "high": float(high), "median": median}
     return reference
 
 

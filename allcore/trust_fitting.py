@@ -16,12 +16,12 @@ import torch
 from allcore import io
 from allcore.artifact import load_artifact, save_artifact
 from allcore.data_config import preprocess_array
+from allcore.labels import get_label_set
 from allcore.metrics import expected_calibration_error
 from allcore.models import features_and_logits
 from allcore.qc import QC_COLUMNS, image_qc
-from allcore.labels import get_label_set
-from allcore.trust import (IN_DISTRIBUTION_FLAG_RATE, MAX_FALSE_BLAST_RATE, OOD_METHOD, QC_MARGIN,
-                           QC_QUANTILES, TRUST_FILE, TRUST_VERSION, calibrated_probabilities,
+from allcore.trust import (IN_DISTRIBUTION_FLAG_RATE, MAGNIFICATION_TOLERANCE, MAX_FALSE_BLAST_RATE,
+                           OOD_METHOD, QC_MARGIN, QC_QUANTILES, TRUST_FILE, TRUST_VERSION, calibrated_probabilities,
                            fit_blast_threshold, fit_ood_detector, fit_temperature,
                            negative_log_likelihood, qc_reference, write_trust_file)
 
@@ -57,6 +57,7 @@ def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
                 "n_train": int(len(train["labels"])), "file": TRUST_FILE},
         "qc_reference": qc_reference(train_qc),
         "qc_quantiles": list(QC_QUANTILES), "qc_margin": QC_MARGIN,
+        "qc_magnification_tolerance": MAGNIFICATION_TOLERANCE,
         "qc_columns": dict(QC_COLUMNS),
     }
     if blast_columns is not None:

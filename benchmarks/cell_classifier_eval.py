@@ -32,10 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from allcore import celldata, engine  # noqa: E402
 from allcore.data import discover_samples  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
-from allcore.models import create_model  # noqa: E402
 from allcore.recipes import load_recipe  # noqa: E402
 from allcore.splits import SplitManifest, kfold_samples  # noqa: E402
-from allcore.training import build_datasets, class_weights, targets_of  # noqa: E402
+from allcore.training import build_datasets, build_model, class_weights, targets_of  # noqa: E402
 
 TARGET_SPECIFICITY = 0.95
 
@@ -99,10 +98,7 @@ def train_cell_model(recipe, label_set, manifest) -> tuple[torch.nn.Module, dict
     """Train on the manifest's train split and return the model of the epoch with the lowest
     validation loss, with the fit's history."""
     torch.manual_seed(recipe.seed)
-    model = create_model(recipe.model, num_classes=label_set.num_classes,
-                         pretrained=recipe.pretrained, input_size=recipe.input_size)
-    if recipe.freeze_backbone:
-        model.freeze_backbone()
+    model = build_model(recipe, label_set)
     data = build_datasets(manifest, recipe, label_set, model.data_config)
     weights = (class_weights(targets_of(data["train"]), label_set.num_classes)
                if recipe.balance == "class_weights" else None)

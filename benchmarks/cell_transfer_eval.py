@@ -125,7 +125,7 @@ def lab_metrics(cells: dict, *, n: int) -> dict:
 
 def markdown_table(paths: list[str]) -> str:
     cell = lambda m: "n/a" if m is None else f"{m[0]:.3f} ({m[1]:.3f}-{m[2]:.3f})"  # noqa: E731
-    lines = ["| augment | held-out lab (trained on the other two) | cells (blast / healthy) | blast recall | "
+    lines = ["| input, colour, augment | held-out lab (trained on the other two) | cells (blast / healthy) | blast recall | "
              "healthy called blast | abstain (healthy / blast) | argmax: blast recall, healthy called blast | AUROC |",
              "|" + "---|" * 8]
     for path in paths:
@@ -135,7 +135,8 @@ def markdown_table(paths: list[str]) -> str:
             argmax = ", ".join("n/a" if m[k] is None else f"{m[k][0]:.3f}"
                                for k in ("blast_recall_argmax", "healthy_called_blast_argmax"))
             auroc = f"{m['auroc']:.3f}" if "auroc" in m else "n/a"
-            lines.append(f"| {result['augment']} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
+            recipe = result["recipe"]
+            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
                          f"| {cell(m['healthy_called_blast'])} | {abstain} | {argmax} | {auroc} |")
     return "\n".join(lines)
 

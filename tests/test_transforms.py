@@ -375,3 +375,28 @@ def test_real_fields_preprocess_and_scale_bar_mask_leaves_no_label_edge():
     with Image.open(paths[0]) as img:
         out = eval_transform(DataConfig(input_size=224, mask_corner=True))(img)
     assert out.shape == (3, 224, 224) and torch.isfinite(out).all()
+
+
+def test_reinhard_normalisation_matches_the_published_formula_and_removes_a_colour_cast():
+    from skimage.color import rgb2lab
+
+    from allcore.data_config import REINHARD_TARGET, normalise_stain
+
+    cfg = replace(UNIT64, stain_normalise="reinhard")
+    img = np.asarray(_smear_crop()).astype(np.float32) / 255
+    out = normalise_stain(np.moveaxis(img, -1, 0), cfg)
+    lab = rgb2lab(np.moveaxis(out, 0, -1).astype(np.float64))
+    # each CIELAB channel takes the target's mean and spread (to the rounding of the gamut clip)
+    assert lab.mean((0, 1)) == pytest.approx(REINHARD_TARGET["mean"], abs=1.5)
+    assert lab.std((0, 1)) == pytest.approx(REINHARD_TARGET["std"], rel=0.1)
+    # another laboratory's cast (bluer, darker) is taken out: both give nearly the same input
+    cast = np.clip(img * np.array([0.8, 0.85, 1.0], np.float32) + np.array([0, 0, 0.05], np.float32), 0, 1)
+    assert np.abs(normalise_stain(np.moveaxis(cast, -1, 0), cfg) - out).mean() < 0.02
+    assert np.abs(np.moveaxis(cast, -1, 0) - np.moveaxis(img, -1, 0)).mean() > 0.05
+    grey = normalise_stain(np.moveaxis(img, -1, 0), replace(UNIT64, stain_normalise="grey"))
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+    # training without augmentation still sees exactly what evaluation sees
+    torch.testing.assert_close(augmented({}, _smear_crop(), cfg=cfg), eval_transform(cfg)(_smear_crop()),
+                               atol=0, rtol=0)
+    with pytest.raises(ValueError, match="stain_normalise"):
+        eval_transform(replace(UNIT64, stain_normalise="macenko"))

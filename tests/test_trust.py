@@ -94,6 +94,23 @@ def test_qc_reference_widens_the_training_range():
     assert limits == {"low": -10.0, "high": 110.0, "median": 50.0}
 
 
+def test_cell_size_is_held_to_one_magnification():
+    """A wide spread of per-field estimates must not let a field at half the magnification pass."""
+    rng = np.random.default_rng(0)
+    fractions = 0.11 * np.exp(rng.normal(0, 0.15, 500))  # Taleqani-like: median 0.11, +-15%
+    rows = [{**{name: 1.0 for name in QC_COLUMNS}, "qc_cell_diameter_fraction": f} for f in fractions]
+    reference = trust.qc_reference(rows)
+    limits = reference["qc_cell_diameter_fraction"]
+    assert limits["low"] == pytest.approx(limits["median"] / trust.MAGNIFICATION_TOLERANCE)
+    assert limits["high"] == pytest.approx(limits["median"] * trust.MAGNIFICATION_TOLERANCE)
+    half = trust.qc_reasons({"qc_cell_diameter_fraction": 0.055}, reference)
+    assert half == [trust.CELL_SIZE_DIFFERS]
+    assert trust.qc_reasons({"qc_cell_diameter_fraction": 0.11}, reference) == []
+    assert np.mean([bool(trust.qc_reasons(r, reference)) for r in rows]) < 0.01
+    wide = trust.qc_reference(rows, magnification_tolerance=None)["qc_cell_diameter_fraction"]
+    assert wide["low"] < 0.055  # without the bound the half-magnification field passed
+
+
 def test_features_and_logits_match_the_model_forward(tiny_artifact):
     model, _ = load_artifact(tiny_artifact)
     pixels = torch.rand(2, 3, 64, 64)
