@@ -373,7 +373,9 @@ COLUMNS: tuple[Column, ...] = (
            "allcore.trust.REVIEW_REASONS (e.g. 'out of distribution; blurred'); "
            f"'{NO_TRUST_CHECKS}' when nothing could be checked; else null", _review_column(1)),
     Column("call", pa.string(), "what a lab may act on: 'blast' (blast_probability >= "
-           "allcore.trust.BLAST_THRESHOLD), 'not blast', or 'abstain' when the row needs review "
+           "allcore.trust.BLAST_THRESHOLD; cell rows of --cell-model runs: >= the cell model's "
+           "blast_threshold, fitted for <= 2% false blasts, with 'blast uncertain' review between "
+           "the two), 'not blast', or 'abstain' when the row needs review "
            "(null for error rows and label sets without blast classes)", _review_column(2)),
     Column("status", pa.string(), "'ok' or 'error'", lambda r: _as_listed(r, "status")),
     Column("error", pa.string(), "why the input could not be scored (null for ok rows)",
