@@ -8,6 +8,7 @@ imports torch. Training's seeded augmentations build on it in ``allcore.transfor
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -105,7 +106,9 @@ def normalise_stain(unit_chw: np.ndarray, cfg: DataConfig) -> np.ndarray:
     lab = rgb2lab(rgb)
     mean, std = lab.mean((0, 1)), lab.std((0, 1)) + 1e-6
     lab = (lab - mean) / std * np.asarray(REINHARD_TARGET["std"]) + np.asarray(REINHARD_TARGET["mean"])
-    out = np.clip(lab2rgb(np.clip(lab, [0, -128, -128], [100, 127, 127])), 0.0, 1.0)
+    with warnings.catch_warnings():  # colours outside sRGB are clipped, as intended
+        warnings.simplefilter("ignore", UserWarning)
+        out = np.clip(lab2rgb(np.clip(lab, [0, -128, -128], [100, 127, 127])), 0.0, 1.0)
     return np.ascontiguousarray(np.moveaxis(out, -1, 0), dtype=np.float32)
 
 
