@@ -256,8 +256,9 @@ def fit(
             if hasattr(part, "set_epoch"):
                 part.set_epoch(epoch)
         started, cpu_started = time.perf_counter(), time.process_time()
+        # workers: an elastic run (pipelines/train.py) goes on with fewer after losing a node
         row = {"epoch": epoch, "resumed_at_epoch": start_epoch,
-               "lr": optimizer.param_groups[0]["lr"]}
+               "workers": distributed.world()[1], "lr": optimizer.param_groups[0]["lr"]}
         row.update(train_one_epoch(model, criterion, optimizer, train_loader, device,
                                    mixed_precision, scaler, batch_scheduler))
         row.update(evaluate(model, val_loader, device, mixed_precision, num_classes))

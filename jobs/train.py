@@ -29,6 +29,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="Ray Train workers (default 1); they train the model one worker would: "
                         "each takes batch-size/N images of every batch, the learning rate stays "
                         "the recipe's, BatchNorm is synchronised")
+    parser.add_argument("--min-workers", type=int, help="elastic: when a node is lost, go on "
+                        "from the last checkpoint with as few as this many workers (and grow back "
+                        "to --workers when nodes return); the model is the same, the batch being "
+                        "global. Default: --workers, a fixed group, whose restart needs a "
+                        "replacement node")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     parser.add_argument("--epochs", type=int, help="override the recipe's epochs")
@@ -55,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     init_ray()
     job = TrainJob(recipe=recipe, data=args.data, output=args.output, name=args.name or recipe.name,
                    manifest=args.manifest, split_manifest=args.split_manifest,
-                   workers=args.workers, use_gpu=args.gpu, max_failures=args.max_failures)
+                   workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
+                   max_failures=args.max_failures)
     for uri in run_training(job):
         print(uri)
     return 0

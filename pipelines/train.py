@@ -8,6 +8,13 @@ epoch every worker reports them and rank 0 attaches a checkpoint; Ray keeps the 
 validation macro-F1 plus the latest. A worker failure restarts the group from the latest checkpoint
 (``FailureConfig``), and starting the same command again with the same ``--name`` resumes the
 same way, because Ray Train restores the run's checkpoint list from ``storage_path/name``.
+
+A lost node takes its workers with it. With a fixed group (``workers``) the restart needs as
+many workers as before, so it needs a replacement node; with ``min_workers`` the group is
+elastic (Ray Train's ``ScalingConfig(num_workers=(min, max))``): it restarts from the latest
+checkpoint with the workers the surviving nodes hold, and grows back when nodes return. Either
+size trains the same model, because the recipe's batch is the global one (``allcore.distributed``);
+each history row records how many workers trained that epoch.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import pyarrow.fs
 import ray
 import ray.train
 import ray.train.torch
@@ -53,13 +61,27 @@ class TrainJob:
     manifest: str | None = None  # CSV/Parquet of path,label[,group] instead of a folder tree
     split_manifest: str | None = None  # reuse an existing split instead of computing one
     workers: int = 1
+    min_workers: int | None = None  # elastic: go on with as few as this many after a node loss
     use_gpu: bool = False
     max_failures: int = 2
     inject_failure_at_epoch: int | None = None  # tests only: fail once, to prove resumption
 
     def __post_init__(self) -> None:
         # here, on the driver, rather than inside every Ray worker and its retries
-        distributed.check_global_batch(self.recipe.batch_size, self.workers)
+        if self.min_workers is not None and not 1 <= self.min_workers <= self.workers:
+            raise ValueError(f"--min-workers {self.min_workers} must be between 1 and --workers "
+                             f"{self.workers}")
+        for world_size in self.world_sizes():
+            distributed.check_global_batch(self.recipe.batch_size, world_size)
+
+    def world_sizes(self) -> range:
+        """Every number of workers the run may train with (one, unless elastic)."""
+        return range(self.workers if self.min_workers is None else self.min_workers,
+                     self.workers + 1)
+
+    def scaling_workers(self) -> int | tuple[int, int]:
+        """``ScalingConfig.num_workers``: a fixed count, or Ray Train's elastic (min, max)."""
+        return self.workers if self.min_workers is None else (self.min_workers, self.workers)
 
 
 def run_training(job: TrainJob) -> list[str]:
@@ -169,11 +191,11 @@ def _fit(job: TrainJob, name: str, manifest_uri: str,
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
             "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
         },
-        scaling_config=ScalingConfig(num_workers=job.workers, use_gpu=job.use_gpu,
+        scaling_config=ScalingConfig(num_workers=job.scaling_workers(), use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": _cpus_per_worker(job)}),
         run_config=RunConfig(
             name=name,
-            storage_path=_ray_storage_path(job.output),
+            **_ray_storage(job.output),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=job.max_failures),
@@ -193,9 +215,17 @@ def _cpus_per_worker(job: TrainJob) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)) // job.workers)
 
 
-def _ray_storage_path(output: str) -> str:
-    """Ray Train wants an absolute local path or a URI."""
-    return output if "://" in output else str(Path(output).resolve() / "ray")
+def _ray_storage(output: str) -> dict:
+    """Ray Train's ``storage_path`` (and filesystem) for ``output``. Checkpoints on s3:// go
+    through the project's own S3 filesystem (``allcore.io``), configured from the environment
+    like every other read and write of a job (``ALLCORE_S3_ENDPOINT_URL`` included), instead of
+    Ray Train's default, pyarrow's S3 client: the rclone S3 server of the tests refused its
+    uploads (INVALID_ACCESS_KEY_ID, even given the endpoint and keys explicitly)."""
+    if output.startswith("s3://"):
+        filesystem, path = io.filesystem(output)
+        return {"storage_path": path,
+                "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))}
+    return {"storage_path": output if "://" in output else str(Path(output).resolve() / "ray")}
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -82,6 +82,16 @@ def test_a_batch_that_does_not_split_over_the_workers_fails_before_ray_starts(ar
         _job(archive, tmp_path, "odd", workers=3)
 
 
+def test_an_elastic_group_needs_a_batch_that_splits_over_every_size_it_may_shrink_to(archive,
+                                                                                    tmp_path):
+    """--workers 4 --min-workers 2 may train with 2, 3 or 4 workers: 3 does not split 8."""
+    assert _job(archive, tmp_path, "elastic", workers=2, min_workers=1).scaling_workers() == (1, 2)
+    with pytest.raises(ValueError, match="over 3 workers"):
+        _job(archive, tmp_path, "elastic", workers=4, min_workers=2)
+    with pytest.raises(ValueError, match="between 1 and --workers"):
+        _job(archive, tmp_path, "elastic", workers=2, min_workers=3)
+
+
 @pytest.fixture(scope="module")
 def binary_archive(tmp_path_factory):
     root = tmp_path_factory.mktemp("binary")
