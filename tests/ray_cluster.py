@@ -116,9 +116,16 @@ class LocalRayCluster:
             time.sleep(1)
 
     def kill_node(self, name: str) -> None:
-        """What a lost machine does: every process of the node dies at once, nothing cleans up."""
+        """What a lost machine does: every process of the node dies at once, nothing cleans up.
+        Returns once the head counts the node dead (``add_node`` counts the nodes that joined)."""
+        alive_before = len(self.alive_nodes())
         os.killpg(self.nodes[name].pid, signal.SIGKILL)
         self.nodes.pop(name).wait(timeout=30)
+        deadline = time.time() + 90
+        while len(self.alive_nodes()) >= alive_before:
+            if time.time() > deadline:
+                pytest.fail(f"the head still counts node {name} alive 90 s after it was killed")
+            time.sleep(1)
 
     def stop_node(self, name: str) -> None:
         """Stop a node the way `ray stop` would stop it alone; kill what outlives that."""
