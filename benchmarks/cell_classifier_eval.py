@@ -40,23 +40,42 @@ TARGET_SPECIFICITY = 0.95
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="ALL-IDB root")
+    parser = cell_training_parser(__doc__, data_help="ALL-IDB root", input_size=128, bootstrap=2000)
+    parser.add_argument("--folds", type=int, default=5)
+    return checked_args(parser, argv)
+
+
+def cell_training_parser(doc: str, *, data_help: str, input_size: int, bootstrap: int) -> argparse.ArgumentParser:
+    """The options every cell-model benchmark takes (data, crop cache, recipe and its CPU budget,
+    output JSON or a table of earlier outputs)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", help=data_help)
     parser.add_argument("--cache", help="folder for the prepared crops (reused)")
     parser.add_argument("--recipe", default="cell_blast")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, help="cap on the recipe's epochs (CPU budget)")
-    parser.add_argument("--input-size", type=int, default=128)
+    parser.add_argument("--input-size", type=int, default=input_size)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--bootstrap", type=int, default=2000)
-    parser.add_argument("--out", help="write the out-of-fold scores and the metrics as JSON")
+    parser.add_argument("--bootstrap", type=int, default=bootstrap)
+    parser.add_argument("--out", help="write the scores and the metrics as JSON")
     parser.add_argument("--table", nargs="+", metavar="JSON",
                         help="print earlier --out results as a markdown table and exit")
+    return parser
+
+
+def checked_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.table and not (args.data and args.cache):
         parser.error("--data and --cache are required unless --table is given")
     return args
+
+
+def cell_recipe(args: argparse.Namespace):
+    """The recipe with the command line's overrides, input size and epoch cap (in-process data)."""
+    recipe = load_recipe(args.recipe).override([*args.set, f"input_size={args.input_size}", "num_workers=0"])
+    if args.epochs:
+        recipe = recipe.override([f"epochs={min(args.epochs, recipe.epochs)}"])
+    return recipe
 
 
 def _accuracy(oof: dict) -> float:
@@ -182,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(args.table))
         return 0
     torch.set_num_threads(args.threads)
-    overrides = [*args.set, f"input_size={args.input_size}", "num_workers=0"]
-    recipe = load_recipe(args.recipe).override(overrides)
-    if args.epochs:
-        recipe = recipe.override([f"epochs={min(args.epochs, recipe.epochs)}"])
+    recipe = cell_recipe(args)
     label_set = get_label_set(recipe.label_set)
     if not label_set.blast_classes:
         raise SystemExit(f"label set {label_set.name} marks no blast classes; add --set label_set=blast")

@@ -19,6 +19,7 @@ blast). Intervals: 95% bootstrap over source fields.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -33,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from allcore import celldata, trust  # noqa: E402
 from allcore.data import discover_samples  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
-from allcore.recipes import load_recipe  # noqa: E402
 from allcore.splits import SplitManifest, SplitRow, split_samples  # noqa: E402
 from allcore.trust_fitting import fit_trust, score_samples  # noqa: E402
-from cell_classifier_eval import field_bootstrap, train_cell_model  # noqa: E402  (benchmarks/)
+from cell_classifier_eval import (cell_recipe, cell_training_parser, checked_args,  # noqa: E402  (benchmarks/)
+                                  field_bootstrap, train_cell_model)
 
 LAB_FOLDERS = {celldata.ALL_IDB: "all-idb", celldata.BCCD: "bccd", celldata.TALEQANI: "all-taleqani"}
 # Augmentations added to the recipe's own for the ablation (allcore.transforms.Augment).
@@ -50,23 +51,11 @@ VAL_FRACTION = 0.15
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="folder holding all-idb/, bccd/ and all-taleqani/")
-    parser.add_argument("--cache", help="folder for the prepared crops (reused)")
-    parser.add_argument("--recipe", default="cell_blast")
-    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    parser = cell_training_parser(__doc__, data_help="folder holding all-idb/, bccd/ and all-taleqani/",
+                                  input_size=96, bootstrap=1000)
     parser.add_argument("--augment", choices=AUGMENTS, default="recipe")
-    parser.add_argument("--epochs", type=int, help="cap on the recipe's epochs (CPU budget)")
-    parser.add_argument("--input-size", type=int, default=96)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--held-out", nargs="+", choices=LAB_FOLDERS, default=list(LAB_FOLDERS))
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--out", help="write every held-out cell's scores and the metrics as JSON")
-    parser.add_argument("--table", nargs="+", metavar="JSON", help="print --out results as markdown and exit")
-    args = parser.parse_args(argv)
-    if not args.table and not (args.data and args.cache):
-        parser.error("--data and --cache are required unless --table is given")
-    return args
+    return checked_args(parser, argv)
 
 
 def fold_manifest(samples, labs: np.ndarray, held_out: str, seed: int) -> SplitManifest:
@@ -85,16 +74,12 @@ def run_fold(recipe, label_set, manifest: SplitManifest) -> dict:
     scored = {split: score_samples(model, manifest.subset(split), label_set.classes, with_qc=False)
               for split in ("train", "val", "test")}
     blast = [label_set.index(c) for c in label_set.blast_classes]
-    val_blast = lambda logits, t: trust.calibrated_probabilities(logits, t)[:, blast].sum(1)  # noqa: E731
     section, tensors = fit_trust(train=scored["train"].arrays(), val=scored["val"].arrays(), train_qc=[],
                                  blast_columns=blast)
-    fitted = trust.Trust(temperature=section["temperature"], ood_method=section["ood"]["method"],
-                         ood_threshold=section["ood"]["threshold"], qc_reference={},
-                         blast_threshold=section["blast_threshold"],
-                         detector=trust.OOD_DETECTORS[section["ood"]["method"]].from_stored(
-                             tensors, section["ood"]["params"]))
+    detector = trust.OOD_DETECTORS[section["ood"]["method"]].from_stored(tensors, section["ood"]["params"])
+    fitted = dataclasses.replace(trust.trust_from_card_section(section), detector=detector)
     test = scored["test"]
-    probability = val_blast(test.logits, fitted.temperature)
+    probability = trust.calibrated_probabilities(test.logits, fitted.temperature)[:, blast].sum(1)
     ood = fitted.ood_scores(test.features, test.logits)
     calls = [trust.cell_call(o, p, fitted).call for o, p in zip(ood, probability)]
     return {"paths": [s.path for s in manifest.subset("test")], "blast_probability": probability.tolist(),
@@ -147,10 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(args.table))
         return 0
     torch.set_num_threads(args.threads)
-    recipe = load_recipe(args.recipe).override([*args.set, f"input_size={args.input_size}", "num_workers=0"])
-    if args.epochs:
-        recipe = recipe.override([f"epochs={min(args.epochs, recipe.epochs)}"])
-    recipe = recipe.override([f"augment.{k}={json.dumps(v)}" for k, v in AUGMENTS[args.augment].items()])
+    recipe = cell_recipe(args).override([f"augment.{k}={json.dumps(v)}" for k, v in AUGMENTS[args.augment].items()])
     label_set = get_label_set(recipe.label_set)
     started = time.perf_counter()
     cells = celldata.prepare_cell_crops([str(Path(args.data) / f) for f in LAB_FOLDERS.values()], args.cache,

@@ -128,7 +128,8 @@ class LocalRayCluster:
             time.sleep(1)
 
     def stop_node(self, name: str) -> None:
-        """Stop a node the way `ray stop` would stop it alone; kill what outlives that."""
+        """Stop this node by its own process (SIGTERM to its `ray start --block`, which stops the
+        processes it started), then kill whatever of its process group outlives that."""
         node = self.nodes.pop(name)
         node.terminate()  # `ray start --block` stops the processes it started
         try:

@@ -72,13 +72,22 @@ $("upload-form").onsubmit = async (event) => {
 };
 
 // ------------------------------------------------------------------ review queue
-async function loadSpecimens() {
-  const response = await fetch("/api/specimens");
-  if (!response.ok) { $("queue-message").textContent = await errorText(response); return; }
-  const list = $("specimens");
+// Fetches a JSON list into the emptied element listId: the list and its items, or null after
+// writing the server's error into messageId. An empty list shows emptyText.
+async function fetchList(url, messageId, listId, emptyText) {
+  const response = await fetch(url);
+  if (!response.ok) { $(messageId).textContent = await errorText(response); return null; }
+  const list = $(listId);
   list.innerHTML = "";
-  const specimens = await response.json();
-  if (!specimens.length) list.textContent = "Nothing waits for review.";
+  const items = await response.json();
+  if (!items.length) list.textContent = emptyText;
+  return { list, items };
+}
+
+async function loadSpecimens() {
+  const fetched = await fetchList("/api/specimens", "queue-message", "specimens", "Nothing waits for review.");
+  if (!fetched) return;
+  const { list, items: specimens } = fetched;
   for (const s of specimens) {
     const item = document.createElement("li");
     item.textContent = s.specimen_id + " (" + s.fields + " fields, " + s.cells + " cells)";
@@ -152,12 +161,10 @@ async function decide(cellId, label, correctionId, specimen) {
 
 // ------------------------------------------------------------------ slides
 async function loadSlides() {
-  const response = await fetch("/api/slides");
-  if (!response.ok) { $("slides-message").textContent = await errorText(response); return; }
-  const list = $("slide-list");
-  list.innerHTML = "";
-  const slides = await response.json();
-  if (!slides.length) list.textContent = "No slide has been scored into this output.";
+  const fetched = await fetchList("/api/slides", "slides-message", "slide-list",
+                                  "No slide has been scored into this output.");
+  if (!fetched) return;
+  const { list, items: slides } = fetched;
   for (const slide of slides) {
     const figure = Object.assign(document.createElement("figure"), { className: "slide" });
     figure.dataset.slide = slide.name;
