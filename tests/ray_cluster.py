@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -51,8 +52,8 @@ class LocalRayCluster:
     """A head and worker nodes, each a `ray start --block` process in a process group of its own.
 
     ``env`` is what every node's processes (and so every job's driver and workers) see, as an
-    instance's environment would on a real cluster; Ray 2.60's token auth is on, so clients
-    get ``RAY_AUTH_MODE=token`` (``client_env``). Use as a context manager: leaving it stops
+    instance's environment would on a real cluster; Ray 2.60's token auth is on, with a token
+    made for this cluster (``RAY_AUTH_TOKEN``) that its nodes and the `ray` CLI calls share. Use as a context manager: leaving it stops
     every node still running.
     """
 
@@ -60,7 +61,11 @@ class LocalRayCluster:
         if not Path(RAY).exists():
             pytest.skip(f"no `ray` command beside {sys.executable} (pip install 'ray[default]')")
         self.logs = logs
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", **(env or {})}
+        # a token of its own (as `ray get-auth-token --generate` makes), never ~/.ray/auth_token:
+        # a fresh machine has none, and another cluster's must not open this one
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+                    **(env or {})}
+        self.env.pop("RAY_AUTH_TOKEN_PATH", None)
         self.env.pop("RAY_ADDRESS", None)
         self.nodes: dict[str, subprocess.Popen] = {}
         self._temp_dirs: list[str] = []

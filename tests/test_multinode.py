@@ -56,7 +56,7 @@ def test_two_nodes_train_and_score_and_survive_losing_a_node(tmp_path):
     train_data = tmp_path / "train"
     write_archive(train_data, label_set=get_label_set("all4"), per_class=8, size=64, seed=5)
     fields = write_archive(s3_root / "lab" / "smears", label_set=get_label_set("all4"),
-                           per_class=24, size=64, seed=6)  # the archive, served on S3
+                           per_class=32, size=64, seed=6)  # the archive, served on S3
     with serving_s3(s3_root) as s3_env, LocalRayCluster(tmp_path / "logs", s3_env) as cluster:
         cluster.start_head(num_cpus=1, env=QUICK_NODE_DEATH)
         cluster.add_node("worker-a", num_cpus=1)
@@ -89,12 +89,13 @@ def test_two_nodes_train_and_score_and_survive_losing_a_node(tmp_path):
         assert score.returncode == 0, score.stdout[-3000:] + score.stderr[-3000:]
         wait_until(lambda: committed_inputs(s3_root / "lab", "out") > 0, "the first commit",
                    cluster, "score")
-        cluster.kill_node("worker-b")
-        assert committed_inputs(s3_root / "lab", "out") < 96, "scoring ended before the node loss"
+        committed_before_the_loss = committed_inputs(s3_root / "lab", "out")
+        cluster.kill_node("worker-b")  # the head may finish the rest while it notices the loss
+        assert committed_before_the_loss < 128, "scoring ended before the node loss"
         cluster.add_node("worker-c", num_cpus=1)  # what an autoscaler does: replace the node
         log = cluster.wait_for_job("score")
         assert cluster.job_status("score") == "SUCCEEDED", log[-5000:]
-        assert "96 inputs = 96 ok + 0 errors + 0 skipped (balanced)" in log, log[-3000:]
+        assert "128 inputs = 128 ok + 0 errors + 0 skipped (balanced)" in log, log[-3000:]
     rows = pq.ParquetDataset(str(s3_root / "lab" / "out" / "predictions")).read(
         columns=["source_uri", "row_kind"]).to_pylist()
     expected = {f"s3://{Path(field.path).relative_to(s3_root)}" for field in fields}
