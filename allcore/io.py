@@ -7,6 +7,7 @@ turns into an error row instead of a crashed job.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import posixpath
@@ -23,6 +24,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # Whole-slide formats only OpenSlide reads (allcore.slides); pyramidal .tif(f) is listed above.
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 LISTED_EXTENSIONS = IMAGE_EXTENSIONS + OPENSLIDE_EXTENSIONS  # what a scoring listing picks up
+# DICOM-WSI: a slide is a folder of .dcm instances (one per level, label, overview). A listing
+# yields each folder holding .dcm files once, its uri ending in "/" (``is_folder_slide``): the
+# only listed input that is a folder. Its other files and its subfolders are listed as usual.
+DICOM_EXTENSION = ".dcm"
 # Decompression-bomb guard: the largest image decode_rgb accepts. 40 MP holds a whole-slide
 # field tile of a 100x objective; anything larger is refused with an error row, not an OOM.
 MAX_PIXELS = 40_000_000
@@ -48,6 +53,12 @@ def _s3_options() -> dict:
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options
+
+
+def storage_options(uri: str) -> dict:
+    """The fsspec options of ``uri``'s filesystem, for a library that opens paths itself
+    (wsidicom): s3's from the environment, none locally."""
+    return _s3_options() if str(uri).startswith("s3://") else {}
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -149,15 +160,81 @@ def _local_file_info(path: str, stat: os.stat_result) -> FileInfo:
 
 
 def stat_file(uri: str) -> FileInfo:
-    """FileInfo of one path, with the same change detector ``iter_image_files`` uses."""
+    """FileInfo of one path, with the same change detector ``iter_image_files`` uses (a folder
+    holding .dcm files: its DICOM-WSI entry, as a listing makes it)."""
     if uri.startswith("s3://"):
         fs, path = filesystem(uri)
-        return _s3_file_info(uri, fs.info(path))
+        info = fs.info(path)
+        if info.get("type") == "directory":
+            files = {posixpath.basename(e["name"].rstrip("/")): e for e in fs.ls(path, detail=True)
+                     if e["type"] == "file"}
+            if slide := _s3_folder_slide(path, files):
+                return slide
+        return _s3_file_info(uri, info)
+    if os.path.isdir(uri):
+        with os.scandir(uri) as it:
+            if slide := _local_folder_slide(uri.rstrip("/"), sorted(it, key=lambda e: e.name)):
+                return slide
     return _local_file_info(uri, os.stat(uri))
 
 
 def _is_image(name: str) -> bool:
     return name.lower().endswith(LISTED_EXTENSIONS) and not name.startswith(".")
+
+
+def _is_dicom(name: str) -> bool:
+    return name.lower().endswith(DICOM_EXTENSION) and not name.startswith(".")
+
+
+def is_folder_slide(uri: str) -> bool:
+    """Whether a listed ``uri`` is a DICOM-WSI folder (listings spell those with a final "/")."""
+    return str(uri).endswith("/")
+
+
+def _folder_slide_info(folder: str, members: list[tuple[str, int, str]]) -> FileInfo:
+    """The listing entry of a DICOM-WSI folder from its .dcm files' (name, size, mtime or
+    ETag): size their total; change detector a digest over every file's three, so it changes
+    when any instance is rewritten, added or removed, and the ledger scores the slide again."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, size, tag in sorted(members):
+        digest.update(f"{name}\x00{size}\x00{tag}\x00".encode("utf-8", "surrogateescape"))
+    return FileInfo(folder.rstrip("/") + "/", sum(size for _, size, _ in members),
+                    f"dicom:{len(members)}:{digest.hexdigest()}")
+
+
+def _local_folder_slide(path: str, entries: list[os.DirEntry]) -> FileInfo | None:
+    """The folder ``path`` as a DICOM-WSI slide when ``entries`` (its listing) hold .dcm
+    files; its listing error when one of them cannot be stat'ed; None when it holds none."""
+    members = []
+    for entry in entries:
+        if not _is_dicom(entry.name):
+            continue
+        try:
+            if not entry.is_file():
+                continue
+            stat = entry.stat()
+        except OSError as exc:
+            return _listing_error(path + "/", f"unlistable DICOM instance {printable_name(entry.name)}", exc)
+        members.append((entry.name, stat.st_size, str(stat.st_mtime_ns)))
+    if not members:
+        return None
+    return bad_name_entry(path + "/") or _folder_slide_info(path, members)
+
+
+def _s3_folder_slide(directory: str, files: dict[str, dict]) -> FileInfo | None:
+    members = [(name, int(info.get("size") or 0), str(info.get("ETag") or info.get("LastModified") or ""))
+               for name, info in files.items() if _is_dicom(name)]
+    return _folder_slide_info(f"s3://{directory}", members) if members else None
+
+
+def folder_slide_files(uri: str) -> list[str]:
+    """The .dcm files of the DICOM-WSI folder ``uri`` (local or s3://), sorted: the instances
+    its listing entry was made of."""
+    fs, path = filesystem(uri)
+    names = sorted(posixpath.basename(entry["name"].rstrip("/")) for entry in fs.ls(path, detail=True)
+                   if entry["type"] == "file")
+    return [join(uri.rstrip("/"), name) if uri.startswith("s3://") else os.path.join(path, name)
+            for name in names if _is_dicom(name)]
 
 
 def _listing_error(path: str, what: str, exc: OSError | None = None, *,
@@ -187,6 +264,8 @@ def _walk_local(path: str, visited: set[tuple[int, int]]) -> Iterator[FileInfo]:
     except OSError as exc:
         yield _listing_error(path, "unlistable folder: check its permissions", exc)
         return
+    if slide := _local_folder_slide(path, entries):
+        yield slide
     for entry in entries:
         if entry.name.startswith("."):
             continue
@@ -207,7 +286,8 @@ def _walk_local(path: str, visited: set[tuple[int, int]]) -> Iterator[FileInfo]:
 
 
 def iter_image_files(root: str) -> Iterator[FileInfo]:
-    """Image files under ``root``, recursively, in sorted (deterministic) order.
+    """Image files under ``root``, recursively, in sorted (deterministic) order, and each folder
+    holding .dcm files once, as one DICOM-WSI slide (``is_folder_slide``), before its files.
 
     Streams: a bucket with millions of objects is never held in one list locally; on s3 one
     directory level at a time. Locally, symlinks to directories are followed once per real
@@ -224,6 +304,8 @@ def iter_image_files(root: str) -> Iterator[FileInfo]:
         visible = sorted((name, info) for name, info in dirs.items() if not name.startswith("."))
         dirs.clear()  # walk is top-down: this sets which folders it descends into, and in what order
         dirs.update(visible)
+        if slide := _s3_folder_slide(directory, files):
+            yield slide
         for name in sorted(files):
             if _is_image(name):
                 yield _s3_file_info(f"s3://{directory}/{name}", files[name])

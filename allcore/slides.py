@@ -2,12 +2,14 @@
 into overlapping tiles at one physical scale, so that a slide is scored like many fields and every
 cell is counted once.
 
-Readers. ``open_slide`` picks one of two ``SlideReader`` implementations: ``TiffSlideReader``
+Readers. ``open_slide`` picks one of three ``SlideReader`` implementations: ``TiffSlideReader``
 (tifffile + zarr) for pyramidal / OME-TIFF, which reads only the tiles a region touches, also
 from ``s3://`` through fsspec range reads; ``OpenSlideReader`` for the vendor formats
 (Aperio .svs, Hamamatsu .ndpi, 3DHistech .mrxs, Leica .scn, Ventana .bif, ...),
 which OpenSlide must open from a local path: an ``s3://`` slide is copied once into a bounded
-local cache (``SlideCache``). Nothing here decodes a whole level 0.
+local cache (``SlideCache``); ``DicomSlideReader`` (wsidicom) for DICOM-WSI, a folder of .dcm
+instances listed as one input (``allcore.io.is_folder_slide``), which reads only the frames a
+region touches, on ``s3://`` too through fsspec. Nothing here decodes a whole level 0.
 
 Scale. Cells are found and classified at one physical scale (``working_mpp``), whatever the
 scanner: a slide at 0.25 um/px and one at 0.5 um/px are both resampled so a white cell of
@@ -45,7 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from allcore.io import OPENSLIDE_EXTENSIONS, filesystem
+from allcore.io import (OPENSLIDE_EXTENSIONS, filesystem, folder_slide_files, is_folder_slide,
+                        storage_options)
 
 TIFF_EXTENSIONS = (".tif", ".tiff")  # .ome.tif(f) included; a small flat TIFF stays a field
 SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS + TIFF_EXTENSIONS
@@ -63,10 +66,15 @@ MIN_TISSUE_FRACTION = 0.02  # a core with less smear than this on the thumbnail 
 DENSE_TISSUE_FRACTION = 0.97  # a core this covered is the smear's thick part: noted
 GLASS_OPTICAL_DENSITY = 0.15  # summed RGB optical density below which a pixel is bare glass
 PEN_OPTICAL_DENSITY = 2.4  # ... above which it is ink, a label or debris, not smear
+DICOM_S3_BLOCK_BYTES = 2 ** 20  # read-ahead of a DICOM-WSI instance on s3: a few frames
+DICOM_FRAME_CACHE_BYTES = 32 * 2 ** 20  # per open DICOM-WSI slide, decoded and encoded each
+# (wsidicom's default is 100 MB each): a tile touches at most ~40 frames of 256 px, ~8 MB, and
+# the frames its neighbours share with it are read just before or after
 SLIDE_CACHE_BYTES = int(os.environ.get("ALLCORE_SLIDE_CACHE_BYTES", 20 * 2 ** 30))
 DENSE_NOTE = "thick part of the smear: cells overlap, outside the readable monolayer"
 NO_MPP_ERROR = ("slide has no pixel size (um/px) in its metadata (openslide.mpp-x/y, TIFF "
-                "resolution tags or OME PhysicalSizeX/Y); pass --mpp UM_PER_PX for this archive")
+                "resolution tags, OME PhysicalSizeX/Y or DICOM PixelSpacing); pass --mpp UM_PER_PX "
+                "for this archive")
 
 
 class SlideError(ValueError):
@@ -75,14 +83,17 @@ class SlideError(ValueError):
 
 
 def is_slide_name(uri: str) -> bool:
-    """Whether ``uri`` may be a slide by its name alone (a .tif may still be a plain field)."""
-    return str(uri).lower().endswith(SLIDE_EXTENSIONS)
+    """Whether ``uri`` may be a slide by its name alone (a .tif may still be a plain field); a
+    listed DICOM-WSI folder (its uri ends in "/") is one."""
+    return str(uri).lower().endswith(SLIDE_EXTENSIONS) or is_folder_slide(uri)
 
 
 def slide_id(uri: str) -> str:
     """The specimen a slide is: its file name without the extension(s) (``case7.ome.tif`` ->
-    ``case7``)."""
-    name = posixpath.basename(str(uri).replace(os.sep, "/"))
+    ``case7``); a DICOM-WSI folder's name (``.../case7/`` -> ``case7``)."""
+    name = posixpath.basename(str(uri).replace(os.sep, "/").rstrip("/"))
+    if is_folder_slide(uri):
+        return name
     return re.sub(r"(\.ome)?\.[^.]+$", "", name, flags=re.IGNORECASE)
 
 
@@ -240,6 +251,76 @@ class OpenSlideReader(SlideReader):
         self._slide.close()
 
 
+class DicomSlideReader(SlideReader):
+    """DICOM-WSI through wsidicom: the VL Whole Slide Microscopy instances of one folder (its
+    .dcm files; on ``s3://`` opened through fsspec), the first pyramid's levels, label and
+    overview. A region reads only the frames it touches; the pixel size is the base level's
+    PixelSpacing."""
+
+    def __init__(self, uri: str):
+        from wsidicom import Settings, WsiDicom
+
+        files = folder_slide_files(uri)
+        if not files:
+            raise SlideError("no .dcm files in the DICOM-WSI folder; copy the slide's instances "
+                             "into it")
+        options = storage_options(uri)
+        if options:  # s3: a frame is tens of kB; s3fs's default read-ahead block is 50 MB
+            options = {**options, "default_block_size": DICOM_S3_BLOCK_BYTES}
+        try:
+            self._wsi = WsiDicom.open(files, file_options=options or None, settings=Settings(
+                decoded_frame_cache_size=DICOM_FRAME_CACHE_BYTES,
+                encoded_frame_cache_size=DICOM_FRAME_CACHE_BYTES))
+        except Exception as exc:  # wsidicom's own types, pydicom's, OSError
+            raise SlideError(f"no readable DICOM-WSI slide in the folder ({type(exc).__name__}: "
+                             f"{exc}); check that it holds every VL Whole Slide Microscopy "
+                             "instance (.dcm) of one slide, completely copied") from None
+        try:
+            self._levels = list(self._wsi.levels)
+            self.level_dimensions = tuple((int(lv.size.width), int(lv.size.height)) for lv in self._levels)
+            try:
+                spacing = self._wsi.mpp  # um/px despite the type's name
+                mpp = (float(spacing.width), float(spacing.height))
+            except Exception:  # no PixelSpacing: wsidicom raises instead of saying None
+                mpp = None
+            self.mpp = mpp if mpp and all(0 < v < 50 for v in mpp) else None
+        except Exception:
+            self._wsi.close()
+            raise
+
+    def read_region(self, location, level, size):
+        x0, y0 = (round(v / self.level_downsamples[level]) for v in location)
+        width, height = (int(v) for v in size)
+        level_width, level_height = self.level_dimensions[level]
+        out = np.full((height, width, 3), 255, np.uint8)  # beyond the slide: white glass
+        sx0, sy0 = max(x0, 0), max(y0, 0)
+        sx1, sy1 = min(x0 + width, level_width), min(y0 + height, level_height)
+        if sx1 > sx0 and sy1 > sy0:  # wsidicom refuses a region past the level's edge
+            try:
+                region = self._wsi.read_region((sx0, sy0), self._levels[level].level,
+                                               (sx1 - sx0, sy1 - sy0), as_array=True)
+            except OSError:  # the share or the store: may work next time
+                raise
+            except Exception as exc:  # a cut-off file (EOFError), a bad frame, ...
+                raise SlideError(f"unreadable DICOM-WSI frames at level {level} ({type(exc).__name__}: "
+                                 f"{exc}); an instance (.dcm) of the folder is damaged or was cut "
+                                 "off in transfer: re-copy the folder") from None
+            out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = np.asarray(region)[..., :3]
+        return out
+
+    def associated_images(self):
+        """The label and the overview (as OpenSlide's 'macro'), when the folder holds them."""
+        images = {}
+        for name, series, read in (("label", self._wsi.labels, self._wsi.read_label),
+                                   ("macro", self._wsi.overviews, self._wsi.read_overview)):
+            if series is not None and len(series):
+                images[name] = read().convert("RGB")
+        return images
+
+    def close(self):
+        self._wsi.close()
+
+
 class SlideCache:
     """Local copies of ``s3://`` slides for OpenSlide, which reads only from disk: one copy per
     (uri, size, ETag) in ``root``, the least recently used removed once the copies pass
@@ -299,6 +380,8 @@ def open_slide(uri: str) -> SlideReader:
     when it is no slide the readers know."""
     lower = str(uri).lower()
     try:
+        if is_folder_slide(uri):
+            return DicomSlideReader(uri)
         if lower.endswith(TIFF_EXTENSIONS):
             return TiffSlideReader(uri)
         if lower.endswith(OPENSLIDE_EXTENSIONS):
@@ -312,7 +395,8 @@ def open_slide(uri: str) -> SlideReader:
     except Exception as exc:  # tifffile, zarr and OpenSlide raise their own types for bad files
         raise SlideError(f"unreadable slide ({type(exc).__name__}: {exc}); check that the file is "
                          "a complete copy of a supported slide format") from None
-    raise SlideError(f"not a slide format: expected one of {', '.join(SLIDE_EXTENSIONS)}")
+    raise SlideError(f"not a slide format: expected one of {', '.join(SLIDE_EXTENSIONS)} or a "
+                     "DICOM-WSI folder of .dcm files")
 
 
 def cached_slide(uri: str) -> SlideReader:
@@ -475,12 +559,17 @@ def duplicate_cells(boxes: np.ndarray, tiles: np.ndarray, depths: np.ndarray) ->
 
 
 def sha256_of(uri: str, chunk: int = 8 * 2 ** 20) -> str:
-    """sha256 of a file's bytes, streamed (a slide is gigabytes)."""
+    """sha256 of a file's bytes, streamed (a slide is gigabytes); of a DICOM-WSI folder, of
+    each .dcm file's name and bytes in turn, sorted by name."""
     fs, path = filesystem(uri)
     digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for member in folder_slide_files(uri) if is_folder_slide(uri) else [uri]:
+        _, member_path = filesystem(member)
+        if member != uri:
+            digest.update(posixpath.basename(member_path).encode("utf-8", "surrogateescape") + b"\x00")
+        with fs.open(member_path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -517,3 +606,87 @@ def write_pyramid_tiff(path: str, width: int, height: int,
             extra = {"resolution": (1e4 / (mpp * factor),) * 2, "resolutionunit": "CENTIMETER"} if mpp else {}
             writer.write(level_tiles(factor), shape=(max(1, height // factor), max(1, width // factor), 3),
                          dtype=np.uint8, subfiletype=1 if k else 0, **extra, **options)
+
+
+def write_dicom_slide(folder: str, reader: SlideReader, *, slide_name: str = "slide", tile: int = 256,
+                      quality: int = 90, label: Image.Image | None = None,
+                      overview: Image.Image | None = None) -> list[str]:
+    """Write the pyramid of ``reader`` as a DICOM-WSI slide into ``folder`` (wsidicom: one VL
+    Whole Slide Microscopy instance per level, TILED_FULL, JPEG baseline frames of ``tile`` px
+    re-encoded from the reader's pixels at ``quality``), with ``label`` and ``overview``
+    instances when given, and the reader's pixel size as PixelSpacing. Returns the files
+    written. Memory stays at a few tiles: frames are read from ``reader`` one at a time. Through
+    wsidicom's extension points for other formats (``Source``, ``ImageData``), as wsidicomizer
+    converts; it makes the DICOM-WSI slides the tests read back."""
+    import copy
+
+    from pydicom.uid import JPEGBaseline8Bit, generate_uid
+    from wsidicom import WsiDicom
+    from wsidicom.codec import Encoder, JpegSettings
+    from wsidicom.geometry import Size, SizeMm
+    from wsidicom.instance import ImageData, NumpyImageData, WsiDataset, WsiInstance
+    from wsidicom.metadata import (Equipment, Image as ImageMetadata, ImageType, Label, Patient,
+                                   Pyramid, Series, Slide, SlideSample, Study, WsiMetadata)
+    from wsidicom.metadata.schema.dicom.wsi import WsiMetadataDicomSchema
+    from wsidicom.source import Source
+
+    encoder = Encoder.create_for_settings(JpegSettings(quality=quality))
+
+    class LevelImageData(ImageData):
+        def __init__(self, level: int):
+            super().__init__(encoder)
+            self._level, self._downsample = level, reader.level_downsamples[level]
+
+        transfer_syntax = property(lambda self: JPEGBaseline8Bit)
+        image_size = property(lambda self: Size(*reader.level_dimensions[self._level]))
+        tile_size = property(lambda self: Size(tile, tile))
+        pixel_spacing = property(lambda self: None if reader.mpp is None else SizeMm(
+            reader.mpp[0] * self._downsample / 1000, reader.mpp[1] * self._downsample / 1000))
+        imaged_size = property(lambda self: None)
+        samples_per_pixel = property(lambda self: 3)
+        photometric_interpretation = property(lambda self: "YBR_FULL_422")
+        bits = property(lambda self: 8)
+        image_coordinate_system = property(lambda self: None)
+        thread_safe = property(lambda self: False)
+        lossy_compression = property(lambda self: None)
+        transcoder = property(lambda self: None)
+
+        def get_decoded_tile(self, tile_point, z, path, cache=True):
+            return reader.read_region((round(tile_point.x * tile * self._downsample),
+                                       round(tile_point.y * tile * self._downsample)),
+                                      self._level, (tile, tile))
+
+        def get_encoded_tile(self, tile_point, z, path):
+            return self.encoder.encode(self.get_decoded_tile(tile_point, z, path))
+
+    metadata = WsiMetadata(
+        study=Study(uid=generate_uid()), series=Series(uid=generate_uid()), patient=Patient(),
+        equipment=Equipment(manufacturer="allcore", model_name="write_dicom_slide"),
+        slide=Slide(identifier=slide_name, samples=[SlideSample(identifier=slide_name, uid=generate_uid())]),
+        pyramid=Pyramid(image=ImageMetadata(), optical_paths=[], uid=generate_uid()), label=Label(),
+        frame_of_reference_uid=generate_uid(), dimension_organization_uids=[generate_uid()])
+    base = WsiMetadataDicomSchema().dump(metadata, ImageType.VOLUME)
+
+    def instance_base():
+        dataset = copy.deepcopy(base)
+        dataset.SOPInstanceUID = generate_uid()
+        return dataset
+
+    levels = [WsiInstance.create_instance(LevelImageData(k), instance_base(), ImageType.VOLUME, 0)
+              for k in range(len(reader.level_dimensions))]
+    labels = [] if label is None else [WsiInstance.create_label(label.convert("RGB"), instance_base())]
+    overviews = [] if overview is None else [WsiInstance.create_instance(
+        NumpyImageData.from_image(overview), instance_base(), ImageType.OVERVIEW)]
+
+    class ReaderSource(Source):
+        level_instances, label_instances, overview_instances = levels, labels, overviews
+        thumbnail_instances: list = []
+        annotation_instances: list = []
+        base_dataset = WsiDataset(base)
+
+        def close(self):
+            pass
+
+    os.makedirs(folder, exist_ok=True)
+    with WsiDicom(ReaderSource()) as wsi:
+        return [str(path) for path in wsi.save(folder, workers=1)]

@@ -14,10 +14,11 @@ turns every ``commit_every`` result rows into output rows and commits them
 scores again. The driver logs one progress line per commit (images done / total, rate, time
 left); Ray's own INFO logs and progress bars are off unless ``config.verbose``.
 
-A whole-slide input is listed as one row like any file; when the listing names possible slides
-(``allcore.slides.SLIDE_EXTENSIONS``) a ``flat_map`` stage turns each into its slide row and one
-row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few tiles a block so one
-slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
+A whole-slide input is listed as one row like any file (a DICOM-WSI slide, a folder of .dcm
+instances, as one row for the folder); when the listing names possible slides
+(``allcore.slides.SLIDE_EXTENSIONS``, DICOM-WSI folders) a ``flat_map`` stage turns each into
+its slide row and one row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few
+tiles a block so one slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
 (``CompleteInputs``), after counting each cell once (``finish_slides``), then writes the slide's
 GeoJSON and overview image (``write_slide_outputs``); the run's report page shows every slide it
 scored (``write_run_report``).

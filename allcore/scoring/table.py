@@ -315,7 +315,8 @@ COLUMNS: tuple[Column, ...] = (
            "a slide) or 'cell' (one per detected white cell, --per-cell runs only)",
            lambda r: _as_listed(r, "row_kind")),
     Column("slide_id", pa.string(), "the slide (specimen) a slide, tile or cell row of a "
-           "whole-slide input belongs to: its file name without extension; null for fields",
+           "whole-slide input belongs to: its file name without extension (a DICOM-WSI folder's "
+           "name); null for fields",
            lambda r: r.text("slide_id")),
     Column("tile_index", pa.int32(), "tile number within its slide, row by row over the tiles "
            "that show smear (tile rows and a slide's cell rows; else null)", ok_only=False),
