@@ -139,7 +139,12 @@ def _runs(rank: int, world_size: int, rendezvous: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("one-rank")
-    _runs(0, 1, "", str(out))
+    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+    try:
+        _runs(0, 1, "", str(out))
+    finally:  # this process goes on to run the other tests
+        torch.set_default_dtype(dtype)
+        torch.set_num_threads(threads)
     return out
 
 
