@@ -8,7 +8,9 @@ scoring reproduces the training crops exactly from the model card (``ModelCard.c
 
 Data preparation is its own step (run once per training run, cached under the run's output):
 :func:`prepare_all_idb` reads an ALL-IDB root and writes PNG crops plus a manifest
-(``path,label,group,...``) that ``allcore.data.discover_samples`` reads like any other manifest.
+(``path,label,group,...``) that ``allcore.data.discover_samples`` reads like any other manifest;
+:func:`prepare_cell_crops` does so for one or several laboratories' roots (ALL-IDB, BCCD,
+Taleqani layouts) into one manifest with a ``lab`` column (what ``jobs/train.py --data`` runs).
 Crops are written once rather than cut on demand because the sources are 2592 x 1944 JPEGs: the
 hot loop would otherwise decode a whole field for every 240 px crop in every epoch.
 
@@ -496,32 +498,50 @@ def lab_of_root(root: str) -> str | None:
     return None
 
 
-def prepare_cell_crops(roots: list[str], out_dir: str, *, geometry: CellCropGeometry) -> CellCrops:
-    """Cell crops from one or more laboratories' roots (ALL-IDB, BCCD, Taleqani layouts), each
-    prepared into ``out_dir/<lab>/`` at its own archive's cell diameter, and one manifest over all
-    of them (``lab`` column): a model trained on several laboratories sees several stains,
-    cameras and magnifications (docs/CELLS.md, "Transfer")."""
-    prepare = {ALL_IDB: prepare_all_idb, BCCD: prepare_bccd, TALEQANI: prepare_taleqani}
-    parts = []
+def labs_of_roots(roots: list[str]) -> list[str]:
+    """Each root's laboratory; refuses a root of no known layout and a laboratory given twice
+    (checked before any preparation, so a training command fails at once)."""
+    labs = []
     for root in roots:
         lab = lab_of_root(root)
         if lab is None:
             raise ValueError(f"{root} is not laid out like ALL-IDB (ALL_IDB1/im, ALL_IDB2/img), "
                              f"BCCD (JPEGImages + Annotations) or Taleqani ({'/'.join(TALEQANI_CLASSES)} "
-                             "class folders): pass one of those, or a cell manifest with --manifest")
-        parts.append(prepare[lab](root, aio.join(out_dir, lab), geometry=geometry))
-    if len(parts) == 1:
-        return parts[0]
-    if len({p.source for p in parts}) < len(parts):
-        raise ValueError(f"two roots of the same laboratory in {roots}: pass each laboratory once")
+                             "class folders, or an Original/ folder holding them): cell crops are "
+                             "cut from those layouts only (a crop manifest of your own trains "
+                             "alone: --data MANIFEST)")
+        labs.append(lab)
+    if len(set(labs)) < len(labs):
+        raise ValueError(f"two roots of the same laboratory in {list(roots)} ({', '.join(labs)}): "
+                         "pass each laboratory once")
+    return labs
+
+
+def prepare_cell_crops(roots: list[str], out_dir: str, *, geometry: CellCropGeometry) -> CellCrops:
+    """Cell crops from one or more laboratories' roots (ALL-IDB, BCCD, Taleqani layouts), each
+    prepared into ``out_dir/<lab>/`` at its own archive's cell diameter, and one manifest over all
+    of them, ``out_dir/cells.csv`` (``lab`` column; paths relative to it): a model trained on
+    several laboratories sees several stains, cameras and magnifications (docs/CELLS.md,
+    "Transfer"). ``cell_diameter_px`` is the one laboratory's diameter, or a dict by laboratory
+    when there are several."""
+    prepare = {ALL_IDB: prepare_all_idb, BCCD: prepare_bccd, TALEQANI: prepare_taleqani}
+    parts = [prepare[lab](root, aio.join(out_dir, lab), geometry=geometry)
+             for root, lab in zip(roots, labs_of_roots(roots))]
     rows = []
     for part in parts:
         table = pd.read_csv(io.BytesIO(aio.read_bytes(part.manifest)), keep_default_na=False)
         table["path"] = [f"{part.source}/{path}" for path in table["path"]]
         rows += table.to_dict("records")
     _write_manifest(aio.join(out_dir, MANIFEST_FILE), rows)
-    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry,
-                     {p.source: p.cell_diameter_px for p in parts}, "+".join(p.source for p in parts))
+    diameter = parts[0].cell_diameter_px if len(parts) == 1 else {p.source: p.cell_diameter_px for p in parts}
+    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, "+".join(p.source for p in parts))
+
+
+def crop_counts(cells_manifest: str) -> dict[str, dict[str, int]]:
+    """Crops per laboratory and label of a prepared manifest: {lab: {label: n}}."""
+    table = pd.read_csv(io.BytesIO(aio.read_bytes(cells_manifest)), keep_default_na=False)
+    return {lab: {label: int(n) for label, n in rows["label"].value_counts().sort_index().items()}
+            for lab, rows in table.groupby("lab", sort=True)}
 
 
 def _cell_label(y: int) -> str:
@@ -540,9 +560,14 @@ def field_leaks(split: SplitManifest, cells_manifest: str, *, held_out: str = "t
     """Source fields that have a crop in ``held_out`` and another in any other split: a leak.
 
     Independent of how the split was made: it reads which fields each crop came from (a crop of
-    overlapping fields names all of them), so it catches a split that ignored the groups."""
+    overlapping fields names all of them), so it catches a split that ignored the groups. In a
+    manifest of several laboratories a field is named ``lab:field`` (two archives may use the
+    same file names for different fields)."""
     table = read_cell_manifest(cells_manifest)
-    fields_of = {p: [f for f in s.split("|") if f] for p, s in zip(table["path"], table["source_fields"])}
+    several = "lab" in table.columns and table["lab"].nunique() > 1
+    labs = table["lab"] if several else [""] * len(table)
+    fields_of = {p: [f"{lab}:{f}" if lab else f for f in s.split("|") if f]
+                 for p, s, lab in zip(table["path"], table["source_fields"], labs)}
     seen: dict[bool, set[str]] = {True: set(), False: set()}
     for row in split.rows:
         seen[row.split == held_out].update(fields_of.get(row.path, []))

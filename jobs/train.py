@@ -1,6 +1,8 @@
 """Fine-tune a classifier with Ray Train following a named recipe.
 
     python jobs/train.py --recipe s000_mobilenet_v2_all4 --data ../shared/data/all-taleqani/Original
+    python jobs/train.py --recipe cell_blast --data ../shared/data/all-idb ../shared/data/bccd \
+        ../shared/data/all-taleqani/Original          # a cell model on three laboratories
     ray job submit --working-dir . -- python jobs/train.py --recipe ... --data ... --workers 2
 """
 
@@ -19,7 +21,10 @@ from allcore.io import absolute_location  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", required=True, help=f"one of {', '.join(list_recipes())} or a .toml path")
-    parser.add_argument("--data", type=absolute_location, required=True, help="folder-per-class tree or manifest (local or s3://)")
+    parser.add_argument("--data", type=absolute_location, required=True, nargs="+", metavar="ROOT",
+                        help="folder-per-class tree or manifest (local or s3://); an ALL-IDB or "
+                        "BCCD root trains on its cell crops; several roots, each an ALL-IDB, BCCD "
+                        "or Taleqani root, train a cell model on all their cell crops")
     parser.add_argument("--manifest", type=absolute_location, help="CSV/Parquet with path,label[,group] (paths relative to it)")
     parser.add_argument("--split-manifest", type=absolute_location, help="reuse this split instead of computing one")
     parser.add_argument("--output", type=absolute_location, default="runs", help="local folder or s3:// prefix (default: runs)")
@@ -57,11 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import init_ray
     from pipelines.train import TrainJob, run_training
 
+    try:  # checked before Ray starts
+        job = TrainJob(recipe=recipe, data=args.data[0], more_data=tuple(args.data[1:]),
+                       output=args.output, name=args.name or recipe.name,
+                       manifest=args.manifest, split_manifest=args.split_manifest,
+                       workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
+                       max_failures=args.max_failures)
+    except ValueError as error:
+        sys.exit(f"jobs/train.py: error: {error}")
     init_ray()
-    job = TrainJob(recipe=recipe, data=args.data, output=args.output, name=args.name or recipe.name,
-                   manifest=args.manifest, split_manifest=args.split_manifest,
-                   workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
-                   max_failures=args.max_failures)
     for uri in run_training(job):
         print(uri)
     return 0

@@ -55,7 +55,7 @@ class TrainJob:
     """One training command: what to train on, where results go, how many workers."""
 
     recipe: Recipe
-    data: str
+    data: str  # a class-folder tree, a manifest, or a laboratory's root (ALL-IDB, BCCD: cell crops)
     output: str  # local folder or s3:// prefix: Ray run storage, split manifest, artifacts
     name: str
     manifest: str | None = None  # CSV/Parquet of path,label[,group] instead of a folder tree
@@ -65,6 +65,9 @@ class TrainJob:
     use_gpu: bool = False
     max_failures: int = 2
     inject_failure_at_epoch: int | None = None  # tests only: fail once, to prove resumption
+    # further laboratories' roots after ``data`` (``--data ROOT ROOT ...``): then every root is an
+    # ALL-IDB, BCCD or Taleqani layout and the run trains a cell model on all their cell crops
+    more_data: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # here, on the driver, rather than inside every Ray worker and its retries
@@ -73,6 +76,19 @@ class TrainJob:
                              f"{self.workers}")
         for world_size in self.world_sizes():
             distributed.check_global_batch(self.recipe.batch_size, world_size)
+        if self.more_data:
+            if self.manifest:
+                raise ValueError("--manifest reads one --data root; several --data roots are "
+                                 "laboratories' roots whose cell crops training prepares itself")
+            try:
+                celldata.labs_of_roots(list(self.roots()))
+            except ValueError as error:
+                raise ValueError(f"several --data roots train a cell model on those "
+                                 f"laboratories' cell crops: {error}") from None
+
+    def roots(self) -> tuple[str, ...]:
+        """Every ``--data`` root, ``data`` first."""
+        return (self.data, *self.more_data)
 
     def world_sizes(self) -> range:
         """Every number of workers the run may train with (one, unless elastic)."""
@@ -95,7 +111,7 @@ def run_training(job: TrainJob) -> list[str]:
                      input_size=recipe.input_size)
     cells = _prepare_cells(job, run_dir)
     if cells is not None:
-        job = dataclasses.replace(job, data=cells.manifest, manifest=cells.manifest)
+        job = dataclasses.replace(job, data=cells.manifest, manifest=cells.manifest, more_data=())
     manifests = _split_manifests(job, label_set)
     artifacts = []
     tracking_uri = tracking.tracking_uri(job.output, job.name)  # one line when off, not one a fold
@@ -129,16 +145,35 @@ def _attach_trust(artifact_uri: str, manifest: SplitManifest, name: str) -> None
           f"threshold {ood['threshold']:.3g} flags {ood['val_flag_rate']:.1%} of val", flush=True)
 
 
+# A single root of these laboratories is cut into cell crops; a single Taleqani root stays a
+# field data set (its labels belong to fields: the field recipes train on it).
+CELL_ROOT_LABS = (celldata.ALL_IDB, celldata.BCCD)
+
+
+def _cell_roots(job: TrainJob) -> list[str] | None:
+    """The roots whose cell crops the run trains on: every root when there are several (each a
+    laboratory's layout, ``TrainJob`` checked), one ALL-IDB or BCCD root; None for field data."""
+    if job.manifest:
+        return None
+    if job.more_data:
+        return list(job.roots())
+    return [job.data] if celldata.lab_of_root(job.data) in CELL_ROOT_LABS else None
+
+
 def _prepare_cells(job: TrainJob, run_dir: str) -> celldata.CellCrops | None:
-    """Data preparation step for an ALL-IDB root: cut cell crops once into the run's folder."""
-    if job.manifest or not celldata.is_all_idb_root(job.data):
+    """Data preparation step for laboratories' roots: cut cell crops once into the run's folder
+    (``celldata.prepare_cell_crops``: each laboratory at its own archive's cell diameter)."""
+    roots = _cell_roots(job)
+    if roots is None:
         return None
     started = time.perf_counter()
     input_size = job.recipe.input_size or get_model_spec(job.recipe.model).weights.data_config.input_size
     geometry = celldata.CellCropGeometry(side_cell_diameters=job.recipe.cell_crop_side,
                                          input_size=input_size)
-    cells = celldata.prepare_all_idb(job.data, io.join(run_dir, "cell_crops"), geometry=geometry)
-    print(f"[allcore] ALL-IDB cell crops ready in {time.perf_counter() - started:.0f}s: "
+    cells = celldata.prepare_cell_crops(roots, io.join(run_dir, "cell_crops"), geometry=geometry)
+    counts = "; ".join(f"{lab}: " + ", ".join(f"{n} {label}" for label, n in labels.items())
+                       for lab, labels in celldata.crop_counts(cells.manifest).items())
+    print(f"[allcore] cell crops ready in {time.perf_counter() - started:.0f}s ({counts}): "
           f"{cells.manifest}", flush=True)
     return cells
 

@@ -18,45 +18,15 @@ from allcore.labels import get_label_set
 from allcore.models import create_model
 from allcore.splits import SplitManifest, SplitRow, split_samples
 from allcore.synthetic import make_field
+from cell_trees import DIAMETER, LEUKAEMIC, OVERLAPPING, write_all_idb, write_bccd, write_taleqani
 
-SIZE, DIAMETER = 448, 80.0  # synthetic white cells at size 448 are ~60-108 px across
 GEOMETRY = celldata.CellCropGeometry(side_cell_diameters=2.0, input_size=64)
-LEUKAEMIC, HEALTHY = (1, 2, 3, 4), (6, 7)
-OVERLAPPING = 12  # a healthy field that re-captures field 7 shifted: same cells, another block
-
-
-def _write_tree(root: Path) -> dict[str, list]:
-    rng = np.random.default_rng(0)
-    (root / "ALL_IDB1/im").mkdir(parents=True)
-    (root / "ALL_IDB1/xyc").mkdir(parents=True)
-    (root / "ALL_IDB2/img").mkdir(parents=True)
-    boxes = {}
-    for number in LEUKAEMIC + HEALTHY:
-        y = int(number in LEUKAEMIC)
-        img, cell_boxes = make_field(rng, 3 if y else 0, SIZE, scale_bar=False)
-        name = f"Im{number:03d}_{y}"
-        img.save(root / f"ALL_IDB1/im/{name}.jpg", quality=95)
-        if y:  # every white cell of a leukaemic synthetic field is a marked blast
-            lines = [f"{(b[0] + b[2]) / 2:.0f}\t{(b[1] + b[3]) / 2:.0f}" for b in cell_boxes]
-            (root / f"ALL_IDB1/xyc/{name}.xyc").write_text("\n".join(lines) + "\n")
-        boxes[name] = cell_boxes
-    seven = np.asarray(Image.open(root / "ALL_IDB1/im/Im007_0.jpg"))
-    Image.fromarray(np.roll(seven, (6, 9), axis=(0, 1))).save(
-        root / f"ALL_IDB1/im/Im{OVERLAPPING:03d}_0.jpg", quality=95)
-    # ALL_IDB2-style crops (128 px, centred on a cell) cut from fields 1 and 7
-    for crop_number, field in ((1, "Im001_1"), (20, "Im007_0")):
-        x0, y0, x1, y1 = boxes[field][0]
-        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-        field_img = Image.open(root / f"ALL_IDB1/im/{field}.jpg")
-        field_img.crop((cx - 64, cy - 64, cx + 64, cy + 64)).save(
-            root / f"ALL_IDB2/img/Im{crop_number:03d}_{field[-1]}.tif")
-    return boxes
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("all-idb")
-    boxes = _write_tree(root)
+    boxes = write_all_idb(root)
     cells = celldata.prepare_all_idb(str(root), str(root.parent / "crops"), geometry=GEOMETRY,
                                      cell_diameter_px=DIAMETER)
     return root, boxes, cells, celldata.read_cell_manifest(cells.manifest)
@@ -187,37 +157,9 @@ def test_blast_label_set_marks_its_blast_class():
     assert blast.to_class("0") == "not_blast"
 
 
-def _write_bccd(root: Path) -> int:
-    """A BCCD-like tree: fields with their white cells as Pascal VOC WBC boxes (and RBC noise)."""
-    rng = np.random.default_rng(5)
-    (root / "JPEGImages").mkdir(parents=True)
-    (root / "Annotations").mkdir()
-    count = 0
-    for number in range(4):
-        img, boxes = make_field(rng, 1, SIZE, scale_bar=False)
-        img.save(root / f"JPEGImages/BloodImage_{number:05d}.jpg", quality=95)
-        objects = "".join(f"<object><name>{name}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
-                          f"<xmax>{b[2] - 1}</xmax><ymax>{b[3] - 1}</ymax></bndbox></object>"
-                          for name, b in [*(("WBC", b) for b in boxes), ("RBC", (1, 1, 20, 20))])
-        (root / f"Annotations/BloodImage_{number:05d}.xml").write_text(f"<annotation>{objects}</annotation>")
-        count += len(boxes)
-    return count
-
-
-def _write_taleqani(root: Path) -> dict[str, int]:
-    rng = np.random.default_rng(6)
-    fields = {}
-    for index, name in enumerate(celldata.TALEQANI_CLASSES):
-        (root / "Original" / name).mkdir(parents=True)
-        for number in range(1, 3):
-            make_field(rng, index, 224)[0].save(root / f"Original/{name}/WBC-{name}-{number:03d}.jpg")
-        fields[name] = 2
-    return fields
-
-
 def test_bccd_and_taleqani_crops_join_all_idb_in_one_manifest(prepared, tmp_path):
-    wbc = _write_bccd(tmp_path / "bccd")
-    _write_taleqani(tmp_path / "taleqani")
+    wbc = write_bccd(tmp_path / "bccd")
+    write_taleqani(tmp_path / "taleqani")
     assert celldata.lab_of_root(str(tmp_path / "bccd")) == celldata.BCCD
     assert celldata.lab_of_root(str(tmp_path / "taleqani")) == celldata.TALEQANI
     assert celldata.lab_of_root(str(prepared[0])) == celldata.ALL_IDB
@@ -232,7 +174,7 @@ def test_bccd_and_taleqani_crops_join_all_idb_in_one_manifest(prepared, tmp_path
     taleqani = table[table.lab == celldata.TALEQANI]
     assert set(taleqani[taleqani.origin == "Taleqani-Benign"].label) == {"not_blast"}
     assert set(taleqani[taleqani.origin != "Taleqani-Benign"].label) == {"blast"}
-    assert not set(taleqani.group) & set(bccd.group)  # groups never join two laboratories
+    assert (table.groupby("group")["lab"].nunique() == 1).all()  # groups never join two laboratories
     # each laboratory is cut at its own archive's diameter: 2 diameters wide, whatever the field size
     diameters = cells.cell_diameter_px
     assert 50 < diameters[celldata.BCCD] < 120 and 20 < diameters[celldata.TALEQANI] < 70  # 448 vs 224 px fields
@@ -242,5 +184,33 @@ def test_bccd_and_taleqani_crops_join_all_idb_in_one_manifest(prepared, tmp_path
         assert side == {(expected, expected)}, lab
     samples = discover_samples(cells.manifest, get_label_set("blast"))
     assert len(samples) == len(table)
+    assert celldata.crop_counts(cells.manifest)[celldata.BCCD] == {"not_blast": wbc}
+    # the leakage guard reads the joined manifest: a grouped split passes, a BCCD crop moved
+    # away from its field's other crops is caught and named with its laboratory
+    celldata.check_no_field_leaks(split_samples(samples, fractions=(0.5, 0.0, 0.5), seed=1),
+                                  cells.manifest)
+    counts = bccd.source_fields.value_counts()
+    field = counts.index[0]
+    assert counts.iloc[0] >= 2, "the synthetic BCCD tree needs a field with two white cells"
+    rows = [SplitRow(p, label, g, "test" if f == field else "train")
+            for p, label, g, f in zip(table.path, table.label, table.group, table.source_fields)]
+    moved = int(np.flatnonzero(table.source_fields.to_numpy() == field)[0])
+    leaky = rows[:moved] + [dataclasses.replace(rows[moved], split="train")] + rows[moved + 1:]
+    assert celldata.field_leaks(SplitManifest(rows), cells.manifest) == []
+    assert celldata.field_leaks(SplitManifest(leaky), cells.manifest) == [f"{celldata.BCCD}:{field}"]
     with pytest.raises(ValueError, match="not laid out like"):
         celldata.prepare_cell_crops([str(tmp_path)], str(tmp_path / "other"), geometry=GEOMETRY)
+    with pytest.raises(ValueError, match="same laboratory"):
+        celldata.labs_of_roots([str(tmp_path / "bccd"), str(tmp_path / "bccd")])
+
+
+def test_one_root_is_prepared_into_the_joined_layout(prepared, tmp_path):
+    """One laboratory gives the same manifest place and card entry as several: ``cells.csv`` in
+    ``out_dir`` over ``out_dir/<lab>/``, its one diameter a number."""
+    cells = celldata.prepare_cell_crops([str(prepared[0])], str(tmp_path / "crops"), geometry=GEOMETRY)
+    assert cells.manifest == str(tmp_path / "crops" / celldata.MANIFEST_FILE)
+    assert cells.card_entry()["source_cell_diameter_px"] == celldata.ALL_IDB_CELL_DIAMETER_PX
+    assert cells.card_entry()["source"] == celldata.ALL_IDB
+    table = celldata.read_cell_manifest(cells.manifest)
+    assert set(table.lab) == {celldata.ALL_IDB} and all(Path(p).exists() for p in table.path)
+    assert all(Path(p).is_relative_to(tmp_path / "crops" / celldata.ALL_IDB) for p in table.path)

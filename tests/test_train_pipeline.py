@@ -1,14 +1,17 @@
-"""Ray Train end to end on a generated archive: export, failure recovery, resume by name."""
+"""Ray Train end to end on a generated archive: export, failure recovery, resume by name; a cell
+model on two laboratories' roots."""
 
 import json
 
 import pytest
 
+from allcore import celldata
 from allcore.artifact import load_artifact
 from allcore.labels import get_label_set
 from allcore.recipes import load_recipe
 from allcore.splits import SplitManifest
 from allcore.synthetic import write_archive
+from cell_trees import write_all_idb, write_bccd
 
 pytestmark = pytest.mark.slow
 
@@ -119,3 +122,53 @@ def test_published_recipe_runs_end_to_end(ray_session, binary_archive, tmp_path,
         tests = [set(s.path for s in SplitManifest.read(str(tmp_path / name / f"fold{k}" / "split_manifest.csv")).subset("test"))
                  for k in range(recipe.folds)]
         assert not tests[0] & tests[1], "k-fold test folds are disjoint"
+
+
+@pytest.fixture(scope="module")
+def two_labs(tmp_path_factory):
+    """Synthetic ALL-IDB and BCCD roots (BCCD: three groups of image numbers)."""
+    root = tmp_path_factory.mktemp("labs")
+    write_all_idb(root / "all-idb")
+    write_bccd(root / "bccd", numbers=(0, 1, 10, 11, 20, 21))
+    return root
+
+
+def test_a_cell_model_trains_on_two_laboratories(ray_session, two_labs, tmp_path):
+    """``--data ALL-IDB BCCD``: one crop set over both (each laboratory at its own diameter),
+    one split over it, and a card that names both with their source diameters."""
+    from pipelines.train import TrainJob, run_training
+
+    recipe = load_recipe("cell_blast").override(
+        ["pretrained=false", "input_size=32", "epochs=1", "batch_size=8", "num_workers=0"])
+    [uri] = run_training(TrainJob(recipe=recipe, data=str(two_labs / "all-idb"),
+                                  more_data=(str(two_labs / "bccd"),), output=str(tmp_path),
+                                  name="cells"))
+    _, card = load_artifact(uri)
+    assert card.cell_crop["source"] == f"{celldata.ALL_IDB}+{celldata.BCCD}"
+    diameters = card.cell_crop["source_cell_diameter_px"]
+    assert diameters[celldata.ALL_IDB] == celldata.ALL_IDB_CELL_DIAMETER_PX and diameters[celldata.BCCD] > 0
+    assert celldata.CellCropGeometry.from_card(card) == celldata.CellCropGeometry(2.0, 32)
+    crops = celldata.read_cell_manifest(str(tmp_path / "cells" / "cell_crops" / celldata.MANIFEST_FILE))
+    lab_of = dict(zip(crops.path, crops.lab))
+    split = SplitManifest.read(str(tmp_path / "cells" / "split_manifest.csv"))
+    assert card.split_manifest_sha256 == split.sha256 and len(split) == len(crops)
+    assert {lab_of[row.path] for row in split.rows} == {celldata.ALL_IDB, celldata.BCCD}
+    assert {lab_of[row.path] for row in split.rows if row.split == "train"} == {celldata.ALL_IDB, celldata.BCCD}
+
+
+def test_several_data_roots_must_be_laboratories_roots(two_labs, tmp_path, monkeypatch):
+    """A second --data root of no laboratory's layout (or with --manifest) fails before Ray starts,
+    naming the root and the layouts it may have."""
+    from jobs.train import main
+
+    monkeypatch.setattr("pipelines.init_ray", lambda *a, **k: pytest.fail("Ray started"))
+    (tmp_path / "fields" / "Benign").mkdir(parents=True)
+    common = ["--recipe", "cell_blast", "--output", str(tmp_path / "runs"), "--set", "pretrained=false"]
+    with pytest.raises(SystemExit) as failed:
+        main([*common, "--data", str(two_labs / "all-idb"), str(tmp_path / "fields")])
+    message = str(failed.value)
+    assert f"{tmp_path / 'fields'} is not laid out like ALL-IDB" in message
+    assert "BCCD (JPEGImages + Annotations)" in message and "Taleqani" in message
+    with pytest.raises(SystemExit, match="--manifest reads one --data root"):
+        main([*common, "--data", str(two_labs / "all-idb"), str(two_labs / "bccd"),
+              "--manifest", str(tmp_path / "cells.csv")])
