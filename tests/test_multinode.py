@@ -6,8 +6,6 @@ that replaces it, and every input still ends as exactly one row."""
 
 from __future__ import annotations
 
-import os
-
 import json
 import time
 from collections import Counter
@@ -21,13 +19,7 @@ from allcore.synthetic import write_archive
 from ray_cluster import LocalRayCluster
 from conftest import serving_s3
 
-pytestmark = [
-    pytest.mark.slow,
-    # Opt-in until it is shown stable: it failed 2 of its first 3 runs on the shared 2-core machine
-    # and adds ~4 minutes, which takes the suite past its 15-minute budget (issue 26, part 3 open).
-    pytest.mark.skipif(os.environ.get("ALLCORE_MULTINODE_TEST") != "1",
-                       reason="two-node cluster test: set ALLCORE_MULTINODE_TEST=1 to run it"),
-]
+pytestmark = pytest.mark.slow  # ~4 minutes on 2 cores
 # a node found dead within ~3 s of its last heartbeat, not Ray's default ~30 s (read by the GCS)
 QUICK_NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"}
 
