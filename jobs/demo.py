@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=absolute_location, default="demo_run", help="where everything is written")
     parser.add_argument("--per-class", type=int, default=40, help="sample images per class")
     parser.add_argument("--epochs", type=int, help="override the demo recipe's epochs")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and MLflow's own log lines too (default: "
+                        "the demo's and allcore's progress lines only)")
     args = parser.parse_args(argv)
 
     from allcore.evaluation import evaluate_artifact, select_samples
@@ -49,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def train(recipe, name: str) -> str:
         [uri] = run_training(TrainJob(recipe=recipe, data=str(archive), output=str(workdir / "runs"),
-                                      name=name))
+                                      name=name, verbose=args.verbose))
         return uri
 
-    init_ray()
+    init_ray(verbose=args.verbose)
     try:
         artifact = train(recipe, "demo")
     except WeightsUnavailableError as exc:  # raised on the driver, before Ray Train starts
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                   split_manifest=str(Path(artifact).parent / "split_manifest.csv"))
     summary = evaluate_artifact(artifact, test_samples, evaluation, n_boot=200)
     summary_run = run_scoring(ScoringConfig(model=artifact, input=str(archive),
-                                            output=str(workdir / "predictions")))
+                                            output=str(workdir / "predictions"),
+                                            verbose=args.verbose))
     print("\n[demo] done.")
     print(f"  model artifact : {artifact}")
     print(f"  report         : {evaluation / 'report.html'} "

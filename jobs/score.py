@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
                         "of inputs whose files do not say: whole slides without pixel-size "
                         "metadata (else their error row says so), and camera fields (then the "
                         "white-cell diameter follows from it instead of an estimate)")
-    parser.add_argument("--verbose", action="store_true", help="Ray's INFO logs and progress "
+    parser.add_argument("-v", "--verbose", action="store_true", help="Ray's INFO logs and progress "
                         "bars (default: one progress line per commit: images done / total, "
                         "rate, time left)")
     args = parser.parse_args(argv)

@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size: the "
                         "global batch of one optimizer step, all workers together (a multiple of "
                         "--workers)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="Ray's and MLflow's own log lines too (default: "
+                        "allcore's progress lines only; "
+                        "Ray's go to its session log files)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override any recipe field, e.g. --set lr=3e-4 --set augment.hflip=0.5")
     return parser.parse_args(argv)
@@ -67,10 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                        output=args.output, name=args.name or recipe.name,
                        manifest=args.manifest, split_manifest=args.split_manifest,
                        workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
-                       max_failures=args.max_failures)
+                       max_failures=args.max_failures, verbose=args.verbose)
     except ValueError as error:
         sys.exit(f"jobs/train.py: error: {error}")
-    init_ray()
+    init_ray(verbose=args.verbose)
     for uri in run_training(job):
         print(uri)
     return 0

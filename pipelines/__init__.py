@@ -45,17 +45,37 @@ IN_PROCESS_RAY_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
 
+# Loggers whose INFO and WARNING lines are for their own developers, not for someone running a
+# job (Ray's start-up and token-auth notes, Ray Train's worker-group and checkpoint lines, Ray
+# Data's progress-bar notice, MLflow's database migrations): on the console only at ERROR unless
+# verbose. Ray still writes its own logs to the session's log files.
+QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "mlflow", "alembic",
+                 # set by its own name: ray.init's LoggingConfig puts "ray" back at the workers'
+                 # level (WARNING) before it says that token auth is on
+                 "ray._private.authentication.authentication_token_setup")
+
 _started_here = False
 
 
-def init_ray(*, verbose: bool = True, **init_kwargs) -> None:
+def quiet_logs(verbose: bool) -> None:
+    """``QUIET_LOGGERS`` at ERROR on this process's console (INFO when ``verbose``); MLflow,
+    which sets its own level when imported, reads it from ``MLFLOW_LOGGING_LEVEL``."""
+    level = "INFO" if verbose else "ERROR"
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", level)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def init_ray(*, verbose: bool = False, **init_kwargs) -> None:
     """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS`` (or of a local ``ray start``), or
     start Ray in-process with ``IN_PROCESS_RAY_ENV`` (workers at the driver's priority, their
     numpy without huge pages, no telemetry) and without the dashboard, which dies with the job
     anyway and took 1.8 of the 4.6 s Ray took to start on 2 cores (docs/PERFORMANCE.md): for a
     dashboard, start a cluster (``ray start --head``, README) and run the job on it.
-    ``verbose=False`` keeps Ray's INFO start-up lines out of the driver log; ``init_kwargs`` go
-    to ``ray.init``."""
+    ``verbose=False`` keeps Ray's own log lines off the console (``quiet_logs``: the driver's,
+    and through ``ray.LoggingConfig`` those of Ray Train's and Ray Data's worker processes, whose
+    output reaches the driver), leaving the job's own progress lines; ``init_kwargs`` go to
+    ``ray.init``."""
     global _started_here
     if ray.is_initialized():
         return
@@ -66,7 +86,11 @@ def init_ray(*, verbose: bool = True, **init_kwargs) -> None:
         for name, value in IN_PROCESS_RAY_ENV.items():
             os.environ.setdefault(name, value)  # read by the processes ray.init starts
         init_kwargs.setdefault("include_dashboard", False)
-    ray.init(logging_level=logging.INFO if verbose else logging.WARNING, **init_kwargs)
+    quiet_logs(verbose)
+    if not verbose:
+        # workers keep WARNING: allcore's own warnings there (a damaged ONNX export cache) matter
+        init_kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
+    ray.init(logging_level=logging.INFO if verbose else logging.ERROR, **init_kwargs)
     _started_here = starts_here
 
 

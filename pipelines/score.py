@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from pipelines import init_ray
+from pipelines import init_ray, quiet_logs
 from allcore import slides
 from allcore.artifact import verified_card
 from allcore.celldata import CellCropGeometry
@@ -387,5 +387,4 @@ def _quiet_ray(verbose: bool) -> None:
     context.enable_progress_bars = verbose
     context.enable_operator_progress_bars = verbose
     context.enable_auto_log_stats = verbose
-    for name in ("ray", "ray.data"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    quiet_logs(verbose)

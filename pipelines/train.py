@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import tempfile
 import time
@@ -33,7 +34,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from allcore import celldata, distributed, engine, io, trust_fitting
@@ -65,6 +66,7 @@ class TrainJob:
     use_gpu: bool = False
     max_failures: int = 2
     inject_failure_at_epoch: int | None = None  # tests only: fail once, to prove resumption
+    verbose: bool = False  # Ray Train's own log lines (worker group, checkpoints) on the console
     # further laboratories' roots after ``data`` (``--data ROOT ROOT ...``): then every root is an
     # ALL-IDB, BCCD or Taleqani layout and the run trains a cell model on all their cell crops
     more_data: tuple[str, ...] = ()
@@ -224,6 +226,7 @@ def _fit(job: TrainJob, name: str, manifest_uri: str,
             "split_manifest": manifest_uri,
             "tracked": tracked,
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
+            "verbose": job.verbose,
             "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
         },
         scaling_config=ScalingConfig(num_workers=job.scaling_workers(), use_gpu=job.use_gpu,
@@ -234,6 +237,7 @@ def _fit(job: TrainJob, name: str, manifest_uri: str,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=2, checkpoint_score_attribute=BEST_METRIC, checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=job.max_failures),
+            logging_config=LoggingConfig(log_level="INFO" if job.verbose else "WARNING"),
             # progress lines reach the driver once through log_to_driver, not twice
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
@@ -267,6 +271,10 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker: plain PyTorch around ``allcore.engine``."""
     recipe = Recipe.from_dict(config["recipe"])
     label_set = get_label_set(recipe.label_set)
+    if not config["verbose"]:
+        # Ray Train's LoggingConfig level filters loggers named ray.train.*; its per-report line
+        # comes from a logger named by its file's path, which only the root level stops
+        logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
