@@ -53,8 +53,8 @@ class LocalRayCluster:
 
     ``env`` is what every node's processes (and so every job's driver and workers) see, as an
     instance's environment would on a real cluster; Ray 2.60's token auth is on, with a token
-    made for this cluster (``RAY_AUTH_TOKEN``) that its nodes and the `ray` CLI calls share. Use as a context manager: leaving it stops
-    every node still running.
+    made for this cluster (``RAY_AUTH_TOKEN``) that its nodes and the `ray` CLI calls share.
+    Use as a context manager: leaving it stops every node still running.
     """
 
     def __init__(self, logs: Path, env: dict[str, str] | None = None):
