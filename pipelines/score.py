@@ -77,7 +77,8 @@ def run_scoring(config: ScoringConfig, *,
     ``on_commit`` is called with each commit record right after it is written (the tests use it
     to kill a run between commits). With ``config.per_cell`` each input gives a field row and
     one row per white cell; an input's rows are committed together, and at the end the specimen
-    summary of the specimens this run scored is written beside the table.
+    summary of the specimens this run scored (and of those a killed run committed but did not
+    summarise) is written beside the table.
     """
     # both artifacts' weights checked against their cards on the driver, before the lock, the
     # listing or Ray: a tampered artifact ends here with one ArtifactIntegrityError line
@@ -113,7 +114,10 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
     blocks, sample, may_hold_slides = _list_todo(config, done, summary)
     log.info("listed %d inputs: %d to score, %d skipped", summary.listed, summary.to_score,
              summary.skipped)
-    specimens: set[str] = set()
+    # specimens a killed run committed but never summarised: this run summarises them too
+    killed = store.unsummarised_runs(ledger_key) if config.per_cell else {}
+    specimens: set[str] = store.column_values([f for files in killed.values() for f in files],
+                                              "specimen_id")
     run_files: list[str] = []
     scored_slides = []  # ScoredSlide of each slide committed, for the run report
     if blocks:
@@ -159,6 +163,10 @@ def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_ca
             classes=(card if cell_card is None else cell_card).classes,
             specimens=specimens, scored_date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}")
         log.info("specimen summary of %d specimens -> %s", len(specimens), written)
+        if killed:
+            store.mark_summarised(sorted(killed), run_id)
+            log.info("it covers the specimens of %d run(s) killed before their summary: %s",
+                     len(killed), ", ".join(sorted(killed)))
     if run_files:
         drift = write_drift_summary(store.uri(f"_runs/{run_id}"), run_files, card.trust,
                                     max_review_rate=config.max_review_rate)

@@ -226,6 +226,35 @@ def test_per_cell_run_balances_by_inputs_and_summary_matches_the_cell_rows(
     assert (again.listed, again.skipped, again.ok, again.cells) == (9, 9, 0, 0)
 
 
+def test_a_run_killed_before_its_summary_has_its_specimens_summarised_by_the_next(
+        tmp_path, ray_session, tiny_artifact):
+    """A kill after the first commit leaves that chunk's specimens committed (every rerun skips
+    their inputs) and unsummarised: the resumed run summarises them with its own, once."""
+    from pipelines.score import run_scoring
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    # one input a specimen: the killed run's first commit holds a whole specimen
+    write_archive(inputs, label_set=get_label_set("all4"), per_class=1, size=ARCHIVE_SIZE)
+    config = ScoringConfig(model=tiny_artifact, input=str(inputs), output=str(out), batch_size=1,
+                           actors=(1, 1), commit_every=1, per_cell=True)
+
+    def kill(record: dict) -> None:
+        raise KeyboardInterrupt("simulated kill after the first commit")
+
+    with pytest.raises(KeyboardInterrupt):
+        run_scoring(config, on_commit=kill)
+    assert not (out / "specimen_summary").exists()
+    [killed] = {json.loads(p.read_text())["run_id"] for p in (out / "_commits").glob("*.json")}
+    resumed = run_scoring(config)
+    assert resumed.skipped >= 1 and resumed.balanced
+    [written] = (out / "specimen_summary").rglob("*.parquet")
+    assert written.name == f"part-{resumed.run_id}.parquet"
+    assert set(pq.read_table(written)["specimen_id"].to_pylist()) == {"Benign", "Early", "Pre", "Pro"}
+    assert (out / "_runs" / killed / "specimens_summarised_by").read_text() == resumed.run_id
+    again = run_scoring(config)  # nothing new, nobody left to summarise
+    assert again.skipped == 4 and len(list((out / "specimen_summary").rglob("*.parquet"))) == 1
+
+
 def test_cell_model_classifies_the_cell_rows_from_its_own_crops(tmp_path, tiny_artifact,
                                                                 tiny_cell_artifact):
     """With a cell model, cell rows carry its call on the crop its card's geometry cuts at the

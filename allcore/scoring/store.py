@@ -13,6 +13,7 @@ ledger of a model is read from those 16-byte keys, not from the records. Layout 
     <out>/_commits/<run_id>-<chunk>.json                          files, row counts, ledger file
     <out>/_ledger/<model_sha256>/<run_id>-<chunk>.parquet         digests of the chunk's inputs
     <out>/_runs/<run_id>/{config.json, summary.json, _SUCCESS}
+    <out>/_runs/<run_id>/specimens_summarised_by                  a killed run's, by the one after
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from allcore.scoring.table import CELL, ERROR, FIELD, INPUT_KINDS, OK, SLIDE, TI
 
 WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
 DIGEST = pa.binary(16)  # input_digest, as stored in the ledger files
+SUMMARISED_BY = "specimens_summarised_by"  # in a killed run's _runs/<run_id>/ (unsummarised_runs)
 LEDGER_FILES_PER_READ = 256  # fetched concurrently (s3fs), parsed, then their bytes dropped
 
 
@@ -389,6 +391,32 @@ class OutputStore:
         (or wrote ``manifest.json``, before this release)."""
         path = self._p("_runs", run_id, "summary.json")
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def unsummarised_runs(self, model_sha256: str) -> dict[str, list[str]]:
+        """Runs of ``model_sha256`` that committed chunks and then died before their end (no
+        ``summary.json``), whose specimens no later run has summarised: run id -> their table
+        files (relative). A run writes its specimen summary after its last commit, so a kill in
+        between leaves those specimens committed, skipped by every rerun, and unsummarised."""
+        ended = {posixpath.basename(posixpath.dirname(path)) for name in ("summary.json", SUMMARISED_BY)
+                 for path in self.fs.glob(self._p("_runs", "*", name))}
+        runs: dict[str, list[str]] = {}
+        for record in self.commit_records():
+            if record.get("model_sha256") == model_sha256 and record["run_id"] not in ended:
+                runs.setdefault(record["run_id"], []).extend(f["path"] for f in record["files"])
+        return runs
+
+    def mark_summarised(self, run_ids: list[str], by_run_id: str) -> None:
+        """Say that ``by_run_id``'s specimen summary covers these killed runs' specimens."""
+        for run_id in run_ids:
+            write_atomic(self.fs, self._p("_runs", run_id, SUMMARISED_BY), by_run_id.encode())
+
+    def column_values(self, relative_paths: list[str], column: str) -> set:
+        """The distinct non-null values of ``column`` in these published table files."""
+        values = set()
+        for path in relative_paths:
+            values.update(pq.read_table(self._p(path), columns=[column],
+                                        filesystem=self.fs)[column].drop_null().to_pylist())
+        return values
 
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
