@@ -316,6 +316,10 @@ def find_lr(
     """LR range test (Smith 2015, as fastai's ``lr_find``): raise the rate exponentially for a few
     batches and pick the rate of steepest loss descent. The model's weights are restored after.
 
+    With several ranks, ``model`` is the distributed one (DDP, BatchNorm over all ranks) and the
+    loader gives each rank its share of every global batch: the steps and the recorded loss are
+    the global batch's, so N workers find the rate one worker finds.
+
     Returns the suggested learning rate and the (lr, smoothed loss) curve for plotting.
     """
     saved = copy.deepcopy(unwrap(model).state_dict())
@@ -336,7 +340,11 @@ def find_lr(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            value = loss.item()
+            # the loss of the whole global batch: every rank follows the same curve, stops at the
+            # same step and suggests the same rate, the one a single worker would
+            total, count = distributed.all_sum([loss.item() * target.shape[0], target.shape[0]],
+                                               device)
+            value = total / count
             smoothed = value if smoothed is None else 0.7 * smoothed + 0.3 * value
             curve.append((start_lr * factor, smoothed))
             best = min(best, smoothed)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -293,18 +292,15 @@ def train_loop_per_worker(config: dict) -> None:
     model.to(device)
 
     state = _restore(model)
+    if world > 1:
+        model = distributed.synchronize_batchnorm(model)
+    model = ray.train.torch.prepare_model(model)
     lr = recipe.lr
     if state is not None:
         lr = state["lr"]
     elif recipe.lr_finder:
-        lr = _agreed_lr(engine.find_lr(model, criterion, train_loader, device, recipe)[0], world,
-                        device)
+        lr = engine.find_lr(model, criterion, train_loader, device, recipe)[0]
         print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
-    if world > 1:
-        # after the LR finder: its steps end on each worker's own loss, a collective in every
-        # BatchNorm layer would not match
-        model = distributed.synchronize_batchnorm(model)
-    model = ray.train.torch.prepare_model(model)
 
     def report(row: dict, checkpoint: dict) -> None:
         _report(row, rank, {**checkpoint, "data_config": data_config.to_dict()})
@@ -325,15 +321,6 @@ def _restore(model: torch.nn.Module) -> dict | None:
         state = load_state(directory)
     model.load_state_dict(state["model"])
     return state
-
-
-def _agreed_lr(lr: float, world: int, device: torch.device) -> float:
-    """Workers see different shards; they train with the geometric mean of their suggestions."""
-    if world == 1:
-        return lr
-    value = torch.tensor([math.log(lr)], dtype=torch.float64, device=device)  # NCCL needs CUDA
-    torch.distributed.all_reduce(value)
-    return float(math.exp(value.item() / world))
 
 
 def _report(row: dict, rank: int, state: dict) -> None:

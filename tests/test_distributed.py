@@ -135,6 +135,11 @@ def _runs(rank: int, world_size: int, rendezvous: str, out: str) -> None:
     torch.save({"history": history, "train": datasets["train"].loaded,
                 "val": datasets["val"].loaded[0]}, f"{out}/fit{rank}.pt")  # never set_epoch
 
+    model = _distributed(_model(FIT.model, pretrained=True), world_size)
+    suggestion, curve = engine.find_lr(model, torch.nn.CrossEntropyLoss(), train, device, FIT,
+                                       num_steps=12)
+    torch.save({"lr": suggestion, "curve": curve}, f"{out}/lr{rank}.pt")
+
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
@@ -185,6 +190,19 @@ def test_two_workers_train_the_one_worker_model(one_rank, two_ranks):
     for key in ("train_loss", "val_loss", "val_acc"):
         assert [row[key] for row in two] == pytest.approx([row[key] for row in one], rel=1e-6), key
     assert one[-1]["val_acc"] > 0.8, "the comparison needs a model that learned"
+
+
+def test_two_workers_find_the_one_worker_learning_rate(one_rank, two_ranks):
+    """The LR range test steps on the global batch and records its loss: both ranks follow the
+    one-rank curve and suggest its rate (no averaging of per-shard guesses)."""
+    one = torch.load(one_rank / "lr0.pt")
+    ranks = [torch.load(two_ranks / f"lr{rank}.pt") for rank in (0, 1)]
+    for two in ranks:
+        assert [lr for lr, _ in two["curve"]] == pytest.approx([lr for lr, _ in one["curve"]])
+        assert [loss for _, loss in two["curve"]] == pytest.approx(
+            [loss for _, loss in one["curve"]], rel=1e-6)
+        assert two["lr"] == pytest.approx(one["lr"], rel=1e-9)
+    assert len(one["curve"]) >= 3
 
 
 def test_each_image_is_seen_once_an_epoch_across_ranks(one_rank, two_ranks):
