@@ -113,9 +113,11 @@ def with_validation(manifest: SplitManifest) -> SplitManifest:
                          for r in manifest.rows)
 
 
-def train_cell_model(recipe, label_set, manifest) -> tuple[torch.nn.Module, dict]:
+def train_cell_model(recipe, label_set, manifest, *,
+                     sample_weights: np.ndarray | None = None) -> tuple[torch.nn.Module, dict]:
     """Train on the manifest's train split and return the model of the epoch with the lowest
-    validation loss, with the fit's history."""
+    validation loss, with the fit's history. ``sample_weights`` (one per train image) draws each
+    epoch's images with replacement in proportion to them instead of shuffling."""
     torch.manual_seed(recipe.seed)
     model = build_model(recipe, label_set)
     data = build_datasets(manifest, recipe, label_set, model.data_config)
@@ -128,7 +130,7 @@ def train_cell_model(recipe, label_set, manifest) -> tuple[torch.nn.Module, dict
         if row["val_loss"] < best["val_loss"]:
             best.update(val_loss=row["val_loss"], weights=copy.deepcopy(model.state_dict()))
 
-    history = engine.fit(model, criterion, _loader(data["train"], recipe, True),
+    history = engine.fit(model, criterion, _loader(data["train"], recipe, True, sample_weights),
                          _loader(data["val"], recipe, False), torch.device("cpu"), recipe,
                          num_classes=label_set.num_classes, on_epoch_end=keep_best,
                          log=lambda line: print(f"  {line}", flush=True))
@@ -136,9 +138,16 @@ def train_cell_model(recipe, label_set, manifest) -> tuple[torch.nn.Module, dict
     return model, history
 
 
-def _loader(dataset, recipe, shuffle: bool) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=shuffle,
-                                       drop_last=shuffle and len(dataset) > recipe.batch_size)
+def _loader(dataset, recipe, shuffle: bool,
+            sample_weights: np.ndarray | None = None) -> torch.utils.data.DataLoader:
+    drop_last = shuffle and len(dataset) > recipe.batch_size
+    if sample_weights is None:
+        return torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, shuffle=shuffle,
+                                           drop_last=drop_last)
+    sampler = torch.utils.data.WeightedRandomSampler(
+        sample_weights.tolist(), len(dataset), generator=torch.Generator().manual_seed(recipe.seed))
+    return torch.utils.data.DataLoader(dataset, batch_size=recipe.batch_size, sampler=sampler,
+                                       drop_last=drop_last)
 
 
 def train_fold(recipe, label_set, manifest) -> tuple[np.ndarray, np.ndarray, list[str], dict]:

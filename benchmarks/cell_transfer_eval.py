@@ -23,6 +23,7 @@ import dataclasses
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   input_size=96, bootstrap=1000)
     parser.add_argument("--augment", choices=AUGMENTS, default="recipe")
     parser.add_argument("--held-out", nargs="+", choices=LAB_FOLDERS, default=list(LAB_FOLDERS))
+    parser.add_argument("--balance-labs", action="store_true",
+                        help="draw training crops so every (laboratory, label) pair weighs the "
+                             "same, instead of shuffling: the label cannot be read off the lab")
     return checked_args(parser, argv)
 
 
@@ -68,9 +72,19 @@ def fold_manifest(samples, labs: np.ndarray, held_out: str, seed: int) -> SplitM
     return SplitManifest([*inner.rows, *test])
 
 
-def run_fold(recipe, label_set, manifest: SplitManifest) -> dict:
-    """Train, fit trust on the training laboratories' val split, and call every test cell."""
-    model, history = train_cell_model(recipe, label_set, manifest)
+def lab_label_weights(samples, labs: list[str]) -> np.ndarray:
+    """One weight a crop, 1 / (crops of its laboratory and label): each pair weighs the same."""
+    keys = [(lab, s.label) for s, lab in zip(samples, labs)]
+    counts = Counter(keys)
+    return np.array([1.0 / counts[key] for key in keys])
+
+
+def run_fold(recipe, label_set, manifest: SplitManifest, lab_of: dict[str, str] | None = None) -> dict:
+    """Train, fit trust on the training laboratories' val split, and call every test cell
+    (``lab_of``, path -> laboratory: train with ``lab_label_weights``)."""
+    train = manifest.subset("train")
+    weights = None if lab_of is None else lab_label_weights(train, [lab_of[s.path] for s in train])
+    model, history = train_cell_model(recipe, label_set, manifest, sample_weights=weights)
     scored = {split: score_samples(model, manifest.subset(split), label_set.classes, with_qc=False)
               for split in ("train", "val", "test")}
     blast = [label_set.index(c) for c in label_set.blast_classes]
@@ -121,7 +135,7 @@ def markdown_table(paths: list[str]) -> str:
                                for k in ("blast_recall_argmax", "healthy_called_blast_argmax"))
             auroc = f"{m['auroc']:.3f}" if "auroc" in m else "n/a"
             recipe = result["recipe"]
-            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
+            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']}{', lab-balanced' if result.get('balance_labs') else ''} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
                          f"| {cell(m['healthy_called_blast'])} | {abstain} | {argmax} | {auroc} |")
     return "\n".join(lines)
 
@@ -140,12 +154,14 @@ def main(argv: list[str] | None = None) -> int:
     table = celldata.read_cell_manifest(cells.manifest)
     samples = discover_samples(cells.manifest, label_set)
     labs = table.set_index("path").loc[[s.path for s in samples], "lab"].to_numpy()
-    result = {"recipe": recipe.to_dict(), "augment": args.augment, "crop_geometry": cells.card_entry(),
+    result = {"recipe": recipe.to_dict(), "augment": args.augment, "balance_labs": args.balance_labs,
+              "crop_geometry": cells.card_entry(),
               "folds": {}, "metrics": {}}
     for held_out in args.held_out:
         manifest = fold_manifest(samples, labs, held_out, recipe.seed)
         print(f"[held out {held_out}] {manifest.counts()}", flush=True)
-        fold = run_fold(recipe, label_set, manifest)
+        fold = run_fold(recipe, label_set, manifest,
+                        dict(zip((s.path for s in samples), labs)) if args.balance_labs else None)
         rows = table.set_index("path").loc[fold["paths"]]
         fold.update(y=(rows["label"] == "blast").astype(int).tolist(),
                     healthy=((rows["label"] == "not_blast") & (rows["field_label"] == 0)).tolist(),
