@@ -19,6 +19,7 @@ blast). Intervals: 95% bootstrap over source fields.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import sys
@@ -32,8 +33,9 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import celldata, trust  # noqa: E402
+from allcore import celldata, io, trust  # noqa: E402
 from allcore.data import discover_samples  # noqa: E402
+from allcore.data_config import preprocess_array  # noqa: E402
 from allcore.labels import get_label_set  # noqa: E402
 from allcore.splits import SplitManifest, SplitRow, split_samples  # noqa: E402
 from allcore.trust_fitting import fit_trust, score_samples  # noqa: E402
@@ -56,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                   input_size=96, bootstrap=1000)
     parser.add_argument("--augment", choices=AUGMENTS, default="recipe")
     parser.add_argument("--held-out", nargs="+", choices=LAB_FOLDERS, default=list(LAB_FOLDERS))
+    parser.add_argument("--adapt-batchnorm", action="store_true",
+                        help="before scoring the held-out laboratory, re-estimate every BatchNorm "
+                             "layer's statistics on its crops (AdaBN; no labels used)")
     parser.add_argument("--balance-labs", action="store_true",
                         help="draw training crops so every (laboratory, label) pair weighs the "
                              "same, instead of shuffling: the label cannot be read off the lab")
@@ -79,13 +84,34 @@ def lab_label_weights(samples, labs: list[str]) -> np.ndarray:
     return np.array([1.0 / counts[key] for key in keys])
 
 
-def run_fold(recipe, label_set, manifest: SplitManifest, lab_of: dict[str, str] | None = None) -> dict:
+def adapt_batchnorm(model: torch.nn.Module, samples, batch_size: int = 64) -> torch.nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are those of ``samples`` (AdaBN, Li et al.
+    2016): the cumulative mean and variance over one pass, every other layer as trained."""
+    adapted = copy.deepcopy(model).eval()
+    norms = [m for m in adapted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the pass
+        norm.train()
+    pixels = [preprocess_array(io.decode_rgb(io.read_bytes(s.path)), adapted.data_config)
+              for s in samples]
+    with torch.no_grad():
+        for start in range(0, len(pixels), batch_size):
+            adapted(torch.from_numpy(np.stack(pixels[start:start + batch_size])))
+    return adapted.eval()
+
+
+def run_fold(recipe, label_set, manifest: SplitManifest, lab_of: dict[str, str] | None = None,
+             adapt: bool = False) -> dict:
     """Train, fit trust on the training laboratories' val split, and call every test cell
-    (``lab_of``, path -> laboratory: train with ``lab_label_weights``)."""
+    (``lab_of``, path -> laboratory: train with ``lab_label_weights``; ``adapt``: score the test
+    laboratory with ``adapt_batchnorm`` on its crops)."""
     train = manifest.subset("train")
     weights = None if lab_of is None else lab_label_weights(train, [lab_of[s.path] for s in train])
     model, history = train_cell_model(recipe, label_set, manifest, sample_weights=weights)
-    scored = {split: score_samples(model, manifest.subset(split), label_set.classes, with_qc=False)
+    test_model = adapt_batchnorm(model, manifest.subset("test")) if adapt else model
+    scored = {split: score_samples(test_model if split == "test" else model, manifest.subset(split),
+                                   label_set.classes, with_qc=False)
               for split in ("train", "val", "test")}
     blast = [label_set.index(c) for c in label_set.blast_classes]
     section, tensors = fit_trust(train=scored["train"].arrays(), val=scored["val"].arrays(), train_qc=[],
@@ -135,7 +161,7 @@ def markdown_table(paths: list[str]) -> str:
                                for k in ("blast_recall_argmax", "healthy_called_blast_argmax"))
             auroc = f"{m['auroc']:.3f}" if "auroc" in m else "n/a"
             recipe = result["recipe"]
-            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']}{', lab-balanced' if result.get('balance_labs') else ''} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
+            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']}{', lab-balanced' if result.get('balance_labs') else ''}{', AdaBN' if result.get('adapt_batchnorm') else ''} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
                          f"| {cell(m['healthy_called_blast'])} | {abstain} | {argmax} | {auroc} |")
     return "\n".join(lines)
 
@@ -155,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     samples = discover_samples(cells.manifest, label_set)
     labs = table.set_index("path").loc[[s.path for s in samples], "lab"].to_numpy()
     result = {"recipe": recipe.to_dict(), "augment": args.augment, "balance_labs": args.balance_labs,
+              "adapt_batchnorm": args.adapt_batchnorm,
               "crop_geometry": cells.card_entry(),
               "folds": {}, "metrics": {}}
     for held_out in args.held_out:
         manifest = fold_manifest(samples, labs, held_out, recipe.seed)
         print(f"[held out {held_out}] {manifest.counts()}", flush=True)
         fold = run_fold(recipe, label_set, manifest,
-                        dict(zip((s.path for s in samples), labs)) if args.balance_labs else None)
+                        dict(zip((s.path for s in samples), labs)) if args.balance_labs else None,
+                        adapt=args.adapt_batchnorm)
         rows = table.set_index("path").loc[fold["paths"]]
         fold.update(y=(rows["label"] == "blast").astype(int).tolist(),
                     healthy=((rows["label"] == "not_blast") & (rows["field_label"] == 0)).tolist(),
