@@ -140,24 +140,34 @@ def read_card(uri: str) -> ModelCard:
     return ModelCard.from_dict(json.loads(raw))
 
 
+def verified_file(uri: str, name: str, sha256: str) -> bytes:
+    """The bytes of the artifact's file ``name``, refused unless their sha256 is the card's."""
+    data = read_bytes(join(uri, name))
+    if (actual := hashlib.sha256(data).hexdigest()) != sha256:
+        raise ArtifactIntegrityError(
+            f"{join(uri, name)} has sha256 {actual} but its model card expects {sha256}: the "
+            f"file was modified, corrupted or belongs to another model. Re-export the model or "
+            f"download the artifact again."
+        )
+    return data
+
+
 def verified_weights(uri: str) -> tuple[ModelCard, bytes]:
     """The card and the weight file's bytes, refused unless the bytes' sha256 is the card's."""
     card = read_card(uri)
-    data = read_bytes(join(uri, WEIGHTS_FILE))
-    if (actual := hashlib.sha256(data).hexdigest()) != card.weights_sha256:
-        raise ArtifactIntegrityError(
-            f"{join(uri, WEIGHTS_FILE)} has sha256 {actual} but its model card expects "
-            f"{card.weights_sha256}: the file was modified or corrupted. Re-export the model or "
-            f"download the artifact again."
-        )
-    return card, data
+    return card, verified_file(uri, WEIGHTS_FILE, card.weights_sha256)
 
 
 def verified_card(uri: str) -> ModelCard:
-    """The card of the artifact at ``uri`` once its weight file matches it, without building the
-    model (no torch): a corrupt artifact is caught where this runs. Whether the weights fit the
+    """The card of the artifact at ``uri`` once every file it names (the weights; the trust
+    section's detector file) matches it, without building the model (no torch): a corrupt
+    artifact is caught where this runs, before Ray starts. Whether the weights fit the
     architecture is checked by ``load_artifact``, where the model is built."""
-    return verified_weights(uri)[0]
+    card = verified_weights(uri)[0]
+    ood = card.trust.get("ood", {})
+    if ood.get("file"):
+        verified_file(uri, ood["file"], ood["sha256"])
+    return card
 
 
 def load_artifact(uri: str, *, map_location: str | torch.device = "cpu") -> tuple[Classifier, ModelCard]:

@@ -28,6 +28,7 @@ import safetensors.numpy
 from scipy import optimize, special
 
 from allcore import io
+from allcore.artifact import verified_file
 from allcore.qc import QC_COLUMNS
 
 TRUST_VERSION = 1
@@ -365,10 +366,6 @@ def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:
 def load_trust(artifact_uri: str, section: Mapping) -> Trust:
     """The card's trust section with its OOD detector loaded and hash-checked."""
     ood = section["ood"]
-    data = io.read_bytes(io.join(artifact_uri, ood["file"]))
-    if hashlib.sha256(data).hexdigest() != ood["sha256"]:
-        raise ValueError(f"{io.join(artifact_uri, ood['file'])} does not match the sha256 in its "
-                         f"model card: the file was modified or belongs to another model; "
-                         f"re-run training or download the artifact again")
+    data = verified_file(artifact_uri, ood["file"], ood["sha256"])
     detector = OOD_DETECTORS[ood["method"]].from_stored(safetensors.numpy.load(data), ood["params"])
     return replace(trust_from_card_section(section), detector=detector)

@@ -19,7 +19,10 @@ from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import iter_input_list
 from allcore.scoring.store import OutputStore, WriterLockedError
 from allcore.labels import get_label_set
+from allcore.splits import split_samples
 from allcore.synthetic import write_archive
+from allcore.trust import TRUST_FILE
+from allcore.trust_fitting import attach_trust
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,6 +152,20 @@ def test_faults_end_with_one_line_and_their_exit_status(tmp_path, tiny_artifact,
     err = capsys.readouterr().err
     assert "ArtifactIntegrityError" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "never").exists()  # checked before the lock, the listing and Ray
+
+    # the trust section's detector file is checked as early, and ends the same way
+    with_trust = tmp_path / "with-trust"
+    shutil.copytree(tiny_artifact, with_trust)
+    samples = write_archive(tmp_path / "fit", label_set=get_label_set("all4"), per_class=4, size=64,
+                            near_duplicates=False)
+    attach_trust(str(with_trust), split_samples(samples, fractions=(0.5, 0.5, 0.0),
+                                                names=("train", "val", "test")))
+    (with_trust / TRUST_FILE).write_bytes(b"not the detector")
+    assert job.main(["--model", str(with_trust), "--input", "/nonexistent-listing-never-reached",
+                     "--output", str(tmp_path / "never")]) == 6
+    err = capsys.readouterr().err
+    assert TRUST_FILE in err and "ArtifactIntegrityError" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "never").exists()
 
 
 def field_rows(output: Path) -> list[tuple]:

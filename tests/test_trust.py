@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from allcore import trust, trust_fitting
-from allcore.artifact import CARD_FILE, load_artifact, read_card
+from allcore.artifact import CARD_FILE, ArtifactIntegrityError, load_artifact, read_card, verified_card
 from allcore.labels import get_label_set
 from allcore.models import features_and_logits
 from allcore.qc import QC_COLUMNS
@@ -142,8 +142,10 @@ def test_attach_trust_round_trips_through_the_artifact(tiny_artifact, tmp_path):
     assert loaded.ood_scores(features.numpy(), logits.numpy()).shape == (3,)
     # a detector file that does not belong to the card is refused
     (tmp_path / "model" / trust.TRUST_FILE).write_bytes(b"not the detector")
-    with pytest.raises(ValueError, match="sha256"):
+    with pytest.raises(ArtifactIntegrityError, match="sha256"):
         trust.load_trust(artifact, card.trust)
+    with pytest.raises(ArtifactIntegrityError, match=trust.TRUST_FILE):
+        verified_card(artifact)  # what the scoring driver checks before Ray starts
 
 
 def test_blast_threshold_keeps_false_blasts_at_the_chosen_rate():
