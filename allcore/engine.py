@@ -28,8 +28,9 @@ from allcore.recipes import Recipe
 class MixedPrecision:
     """Mixed-precision (autocast + gradient scaling) settings resolved for one device.
 
-    fp16 autocast + GradScaler on CUDA when the recipe asks for mixed precision; full fp32
-    elsewhere (CPU autocast is slower than fp32 for these convnets, so it is not used).
+    On CUDA when the recipe asks for mixed precision: bf16 autocast where the GPU has it (no
+    gradient scaling needed), else fp16 autocast with a GradScaler. Full fp32 elsewhere (CPU
+    autocast is slower than fp32 for these convnets, so it is not used).
     """
 
     device_type: str
