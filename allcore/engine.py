@@ -313,7 +313,7 @@ def find_lr(
     start_lr: float = 1e-7,
     end_lr: float = 10.0,
     num_steps: int = 60,
-) -> tuple[float, list[tuple[float, float]]]:
+) -> tuple[float | None, list[tuple[float, float]]]:
     """LR range test (Smith 2015, as fastai's ``lr_find``): raise the rate exponentially for a few
     batches and pick the rate of steepest loss descent. The model's weights are restored after.
 
@@ -321,7 +321,8 @@ def find_lr(
     loader gives each rank its share of every global batch: the steps and the recorded loss are
     the global batch's, so N workers find the rate one worker finds.
 
-    Returns the suggested learning rate and the (lr, smoothed loss) curve for plotting.
+    Returns the suggested learning rate (None when the loss never fell: ``suggest_lr``) and the
+    (lr, smoothed loss) curve for plotting.
     """
     saved = copy.deepcopy(unwrap(model).state_dict())
     optimizer = build_optimizer(model, recipe, lr=start_lr)
@@ -357,8 +358,10 @@ def find_lr(
     return suggest_lr(curve), curve
 
 
-def suggest_lr(curve: list[tuple[float, float]]) -> float:
-    """Rate at the steepest descent of the smoothed loss curve (ignoring the divergent tail)."""
+def suggest_lr(curve: list[tuple[float, float]]) -> float | None:
+    """Rate at the steepest descent of the smoothed loss curve (ignoring the divergent tail);
+    None when the loss never fell (lowest at the first two rates): there is no descent to pick,
+    and any rate below the sweep's start would train nothing."""
     if len(curve) < 3:
         raise ValueError("LR finder needs at least 3 batches; use a larger training split")
     lrs = np.array([lr for lr, _ in curve])
@@ -368,6 +371,6 @@ def suggest_lr(curve: list[tuple[float, float]]) -> float:
     stop = int(np.argmin(losses)) + 1
     lrs, losses = lrs[:stop], losses[:stop]
     if len(lrs) < 3:
-        return float(lrs[-1] / 10)
+        return None
     slopes = np.gradient(losses, np.log(lrs))
     return float(lrs[int(np.argmin(slopes))])

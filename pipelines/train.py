@@ -299,8 +299,14 @@ def train_loop_per_worker(config: dict) -> None:
     if state is not None:
         lr = state["lr"]
     elif recipe.lr_finder:
-        lr = engine.find_lr(model, criterion, train_loader, device, recipe)[0]
-        print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
+        found = engine.find_lr(model, criterion, train_loader, device, recipe)[0]
+        lr = recipe.lr if found is None else found  # the same on every rank
+        if rank == 0 and found is None:
+            print(f"[allcore] LR finder: the loss did not fall at any rate it tried; training at "
+                  f"the recipe's lr {recipe.lr:g}. Check the data and the weights (pretrained?), "
+                  f"or set lr_finder=false and choose lr", flush=True)
+        elif rank == 0:
+            print(f"[allcore] LR finder suggests {lr:.3g}", flush=True)
 
     def report(row: dict, checkpoint: dict) -> None:
         _report(row, rank, {**checkpoint, "data_config": data_config.to_dict()})

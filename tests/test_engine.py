@@ -124,3 +124,8 @@ def test_suggest_lr_finds_the_steepest_descent():
     losses = [2.0 - 1.5 / (1 + math.exp(-(math.log10(lr) + 3) * 3)) for lr in lrs]  # drop at 1e-3
     losses[-3:] = [3.0, 5.0, 9.0]  # divergence
     assert 10 ** -3.5 <= engine.suggest_lr(list(zip(lrs, losses))) <= 10 ** -2.5
+
+
+def test_suggest_lr_gives_no_rate_when_the_loss_never_falls():
+    lrs = [10 ** (-7 + i * 0.5) for i in range(12)]
+    assert engine.suggest_lr([(lr, 1.0 + i) for i, lr in enumerate(lrs)]) is None
