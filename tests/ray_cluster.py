@@ -3,7 +3,8 @@
 
 Other Ray instances may run on this machine at the same time (the test session's own, other
 checkouts' tests), so every node takes free ports of its own and its own temp dir, and is
-stopped by its own process group: never `ray stop`, which stops every Ray of the machine.
+stopped by its own processes: its process group and every process its `ray start` started (Ray's
+workers take process groups of their own), never `ray stop`, which stops every Ray of the machine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,7 +126,9 @@ class LocalRayCluster:
         """What a lost machine does: every process of the node dies at once, nothing cleans up.
         Returns once the head counts the node dead (``add_node`` counts the nodes that joined)."""
         alive_before = len(self.alive_nodes())
+        processes = _processes_of(self.nodes[name].pid)
         os.killpg(self.nodes[name].pid, signal.SIGKILL)
+        _kill(processes)
         self.nodes.pop(name).wait(timeout=30)
         deadline = time.time() + 90
         while len(self.alive_nodes()) >= alive_before:
@@ -134,8 +138,9 @@ class LocalRayCluster:
 
     def stop_node(self, name: str) -> None:
         """Stop this node by its own process (SIGTERM to its `ray start --block`, which stops the
-        processes it started), then kill whatever of its process group outlives that."""
+        processes it started), then kill whatever of them outlives that."""
         node = self.nodes.pop(name)
+        processes = _processes_of(node.pid)
         node.terminate()  # `ray start --block` stops the processes it started
         try:
             node.wait(timeout=60)
@@ -144,6 +149,7 @@ class LocalRayCluster:
                 os.killpg(node.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            _kill(processes)
 
     def ray(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """A `ray` CLI command against this cluster's dashboard (jobs, state API); the address
@@ -185,3 +191,23 @@ class LocalRayCluster:
     def wait_for_job(self, submission_id: str, timeout: float = 300) -> str:
         """Follow the job's log until it ends; return its log."""
         return self.ray("job", "logs", "--follow", submission_id, timeout=timeout).stdout
+
+
+def _processes_of(pid: int) -> list[psutil.Process]:
+    """A node's `ray start` process and every process under it, whatever their process group:
+    a Ray worker (e.g. Ray Train's controller) takes a group of its own, so a kill of the node's
+    group alone left it running after the test."""
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _kill(processes: list[psutil.Process]) -> None:
+    """SIGKILL each still running (psutil checks that a pid was not reused by another process)."""
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
