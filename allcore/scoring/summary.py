@@ -235,8 +235,9 @@ def write_specimen_summary(store: OutputStore, *, run_id: str, model_sha256: str
                            scored_date: str) -> str | None:
     """Write ``<out>/specimen_summary/scored_date=<date>/part-<run_id>.parquet`` for the
     specimens this run scored, after all its chunks are committed. Derived data, published like
-    a chunk (readers never see a partial file); a crash before it loses only this file:
-    the next run summarises the killed run's specimens too (``OutputStore.unsummarised_runs``). Returns the file's uri."""
+    a chunk (readers never see a partial file); a crash before it loses only this file: the
+    next run summarises the killed run's specimens too (``OutputStore.unsummarised_runs``).
+    Returns the file's uri."""
     rows = latest_rows(store, model_sha256, specimens)
     if rows.num_rows == 0:
         return None
