@@ -39,15 +39,15 @@ def free_port() -> int:
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, seconds: float = 90) -> None:
+    """Until something listens on ``port``, or ``proc`` exits."""
     deadline = time.time() + seconds
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"ray start exited early:\n{log.read_text()}")
+    while time.time() < deadline and proc.poll() is None:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(1)
-    raise TimeoutError(f"nothing listens on port {port} after {seconds:.0f} s; see {log}")
+    if proc.poll() is None:
+        raise TimeoutError(f"nothing listens on port {port} after {seconds:.0f} s; see {log}")
 
 
 class LocalRayCluster:
@@ -86,41 +86,60 @@ class LocalRayCluster:
         for directory in self._temp_dirs:
             shutil.rmtree(directory, ignore_errors=True)
 
-    def _start(self, name: str, flags: list[str], num_cpus: int, env: dict[str, str]) -> Path:
-        # AF_UNIX socket paths must stay short: a temp dir under /tmp, one per node (sharing one,
-        # a second node unpacks a job's working dir again under its running driver)
-        temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
-        self._temp_dirs.append(temp_dir)
-        log = self.logs / f"ray-{name}.log"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        self.nodes[name] = subprocess.Popen(
-            [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
-             f"--temp-dir={temp_dir}", *flags,
-             *(f"--{flag}={free_port()}" for flag in NODE_PORT_FLAGS)],
-            env={**self.env, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: killed alone, with all it started
-        return log
+    def _start(self, name: str, flags: list[str], port_flags: tuple[str, ...], num_cpus: int,
+               env: dict[str, str], ready) -> dict[str, int]:
+        """Start node ``name`` with a free port for each of ``NODE_PORT_FLAGS`` + ``port_flags``,
+        wait for ``ready(log)`` (which returns early if the node exits), then until the node's own processes listen on every one of them;
+        returns {flag: port}.
+
+        A port is free when picked, not when the node binds it: another Ray starting on this
+        machine meanwhile may take it, and then this node's agent fails to start while its raylet
+        talks to the other Ray's agent (in CI: "403 Invalid authentication token" from another
+        cluster's runtime env agent). Such a node is stopped and started again on new ports."""
+        for attempt in range(1, 4):
+            ports = {flag: free_port() for flag in (*port_flags, *NODE_PORT_FLAGS)}
+            # AF_UNIX socket paths must stay short: a temp dir under /tmp, one per node (sharing
+            # one, a second node unpacks a job's working dir again under its running driver)
+            temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+            self._temp_dirs.append(temp_dir)
+            log = self.logs / f"ray-{name}.log"
+            self.logs.mkdir(parents=True, exist_ok=True)
+            self.nodes[name] = subprocess.Popen(
+                [RAY, "start", "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+                 f"--temp-dir={temp_dir}", *flags,
+                 *(f"--{flag}={port}" for flag, port in ports.items())],
+                env={**self.env, **env}, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                start_new_session=True)  # its own process group: killed alone, with all it started
+            if name == "head":
+                self.gcs_port, self.dashboard_port = ports["port"], ports["dashboard-port"]
+            ready(log)
+            missing = _ports_not_listened_by(self.nodes[name], set(ports.values()))
+            if not missing:
+                return ports
+            print(f"node {name} (try {attempt}): ports {sorted(missing)} are not its own "
+                  f"(exited: {self.nodes[name].poll() is not None}); starting it on new ports")
+            self.stop_node(name)
+        pytest.fail(f"node {name} did not start with ports of its own in 3 tries:\n"
+                    f"{log.read_text()[-3000:]}")
 
     def start_head(self, num_cpus: int, env: dict[str, str] | None = None) -> None:
         """Start the head (GCS, dashboard, job agent) and wait for its dashboard."""
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        log = self._start("head", ["--head", f"--port={self.gcs_port}",
-                                   "--dashboard-host=127.0.0.1",
-                                   f"--dashboard-port={self.dashboard_port}",
-                                   "--include-dashboard=true",
-                                   f"--ray-client-server-port={free_port()}"],
-                          num_cpus, env or {})
-        _wait_for_port(self.dashboard_port, self.nodes["head"], log)
+        self._start("head", ["--head", "--dashboard-host=127.0.0.1", "--include-dashboard=true"],
+                    ("port", "dashboard-port", "ray-client-server-port"), num_cpus, env or {},
+                    lambda log: _wait_for_port(self.dashboard_port, self.nodes["head"], log))
 
     def add_node(self, name: str, num_cpus: int) -> None:
         """Start a worker node joined to the head and wait until the cluster counts it."""
         alive_before = len(self.alive_nodes())
-        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"], num_cpus, {})
-        deadline = time.time() + 90
-        while len(self.alive_nodes()) <= alive_before:
-            if self.nodes[name].poll() is not None or time.time() > deadline:
-                pytest.fail(f"node {name} did not join: {(self.logs / f'ray-{name}.log').read_text()}")
-            time.sleep(1)
+
+        def joined(log: Path) -> None:
+            deadline = time.time() + 90
+            while len(self.alive_nodes()) <= alive_before and self.nodes[name].poll() is None:
+                if time.time() > deadline:
+                    pytest.fail(f"node {name} did not join in 90 s: {log.read_text()}")
+                time.sleep(1)
+
+        self._start(name, [f"--address=127.0.0.1:{self.gcs_port}"], (), num_cpus, {}, joined)
 
     def kill_node(self, name: str) -> None:
         """What a lost machine does: every process of the node dies at once, nothing cleans up.
@@ -202,6 +221,25 @@ def _processes_of(pid: int) -> list[psutil.Process]:
         return [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
         return []
+
+
+def _ports_not_listened_by(node: subprocess.Popen, ports: set[int], seconds: float = 60
+                           ) -> set[int]:
+    """Those of ``ports`` that no process of ``node`` listens on within ``seconds`` (its agents
+    bind theirs a few seconds after the node counts as joined); all of them if it exited."""
+    deadline = time.time() + seconds
+    while node.poll() is None:
+        listened = set()
+        for process in _processes_of(node.pid):
+            try:
+                listened |= {c.laddr.port for c in process.net_connections("tcp")
+                             if c.status == psutil.CONN_LISTEN}
+            except psutil.Error:  # gone meanwhile
+                pass
+        if ports <= listened or time.time() > deadline:
+            return ports - listened
+        time.sleep(1)
+    return ports
 
 
 def _kill(processes: list[psutil.Process]) -> None:
