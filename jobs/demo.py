@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from allcore.evaluation import evaluate_artifact, select_samples
     from allcore.scoring.config import ScoringConfig
-    from pipelines import init_ray
+    from pipelines import RayClusterUnreachableError, init_ray
     from pipelines.score import run_scoring
     from pipelines.train import TrainJob, run_training
 
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
                                       name=name, verbose=args.verbose))
         return uri
 
-    init_ray(verbose=args.verbose)
+    try:
+        init_ray(verbose=args.verbose)
+    except RayClusterUnreachableError as error:
+        sys.exit(f"jobs/demo.py: error: {error}")
     try:
         artifact = train(recipe, "demo")
     except WeightsUnavailableError as exc:  # raised on the driver, before Ray Train starts

@@ -30,7 +30,8 @@ from allcore.scoring.config import ScoringConfig  # noqa: E402
 from allcore.scoring.store import OutputUnwritableError, WriterLockedError  # noqa: E402
 
 # Exit status of each fault that ends a run early (one line on stderr says what to do); the
-# README's exit-code table lists them with 0 (ok), 2 (error rate too high) and 3 (review rate).
+# README's exit-code table lists them with 0 (ok), 2 (error rate too high), 3 (review rate) and
+# 8 (pipelines.RayClusterUnreachableError, added in main: importing it imports Ray).
 EXIT_STATUS = {WriterLockedError: 4, OutputUnwritableError: 5, ArtifactIntegrityError: 6,
                FileNotFoundError: 7}
 
@@ -117,13 +118,15 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipelines.score import run_scoring  # imports Ray: keep --help fast
+    from pipelines import RayClusterUnreachableError  # imports Ray: keep --help fast
+    from pipelines.score import run_scoring
 
+    exit_status = {**EXIT_STATUS, RayClusterUnreachableError: 8}
     try:
         summary = run_scoring(config)
-    except tuple(EXIT_STATUS) as exc:
+    except tuple(exit_status) as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return next(code for kind, code in EXIT_STATUS.items() if isinstance(exc, kind))
+        return next(code for kind, code in exit_status.items() if isinstance(exc, kind))
     print(summary.line())
     if summary.failed:
         print(f"FAILED: error rate {summary.error_rate:.2%} exceeds --max-error-rate "

@@ -63,18 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{field}={getattr(args, field)}")
     recipe = load_recipe(args.recipe).override(overrides)
 
-    from pipelines import init_ray
+    from pipelines import RayClusterUnreachableError, init_ray
     from pipelines.train import TrainJob, run_training
 
-    try:  # checked before Ray starts
+    try:  # the job is checked before Ray starts
         job = TrainJob(recipe=recipe, data=args.data[0], more_data=tuple(args.data[1:]),
                        output=args.output, name=args.name or recipe.name,
                        manifest=args.manifest, split_manifest=args.split_manifest,
                        workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
                        max_failures=args.max_failures, verbose=args.verbose)
-    except ValueError as error:
+        init_ray(verbose=args.verbose)
+    except (ValueError, RayClusterUnreachableError) as error:
         sys.exit(f"jobs/train.py: error: {error}")
-    init_ray(verbose=args.verbose)
     for uri in run_training(job):
         print(uri)
     return 0

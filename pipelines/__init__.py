@@ -2,8 +2,10 @@
 
 import logging
 import os
+import socket
 
 import ray
+from ray._common.utils import get_ray_address_file
 from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls
 
 # Ray starts its worker processes 15 steps nicer than the driver (its `worker_niceness` default),
@@ -57,6 +59,28 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "mlflow", "alembic",
 _started_here = False
 
 
+class RayClusterUnreachableError(RuntimeError):
+    """The cluster this process would join does not answer (a head stopped without `ray stop`
+    leaves its address file behind, and ray.init then waits on it for minutes)."""
+
+
+def _check_reachable(address: str, address_file: str | None, seconds: float = 5) -> None:
+    """Fail at once, saying what to do, where ``address`` (read from ``address_file`` if not
+    None) takes no connection."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=seconds).close()
+    except OSError as exc:
+        if address_file:
+            hint = (f"it is named by {address_file}, which a head stopped without `ray stop` "
+                    f"leaves behind: start that head again, or delete the file to run with a Ray "
+                    f"of this job's own")
+        else:
+            hint = "check RAY_ADDRESS (or --address) and that the head is running"
+        raise RayClusterUnreachableError(f"no Ray cluster answers at {address} ({exc}); "
+                                         f"{hint}") from None
+
+
 def quiet_logs(verbose: bool) -> None:
     """``QUIET_LOGGERS`` at ERROR on this process's console (INFO when ``verbose``); MLflow,
     which sets its own level when imported, reads it from ``MLFLOW_LOGGING_LEVEL``."""
@@ -80,8 +104,12 @@ def init_ray(*, verbose: bool = False, **init_kwargs) -> None:
     if ray.is_initialized():
         return
     # ray.init's own test of whether it joins a cluster or starts one
-    starts_here = canonicalize_bootstrap_address(init_kwargs.get("address"),
-                                                 init_kwargs.get("_temp_dir")) is None
+    joins = canonicalize_bootstrap_address(init_kwargs.get("address"), init_kwargs.get("_temp_dir"))
+    starts_here = joins is None
+    if joins is not None and "://" not in joins:  # a GCS host:port (not ray:// or local mode)
+        from_file = init_kwargs.get("address") is None and "RAY_ADDRESS" not in os.environ
+        _check_reachable(joins, get_ray_address_file(init_kwargs.get("_temp_dir")) if from_file
+                         else None)
     if starts_here:
         for name, value in IN_PROCESS_RAY_ENV.items():
             os.environ.setdefault(name, value)  # read by the processes ray.init starts
