@@ -113,7 +113,10 @@ class LocalRayCluster:
             if name == "head":
                 self.gcs_port, self.dashboard_port = ports["port"], ports["dashboard-port"]
             ready(log)
-            missing = _ports_not_listened_by(self.nodes[name], set(ports.values()))
+            # the metrics port is bound only with metrics collection on, which a test process
+            # that started Ray in-process turned off in the environment the nodes inherit
+            missing = _ports_not_listened_by(self.nodes[name], {
+                port for flag, port in ports.items() if flag != "metrics-export-port"})
             if not missing:
                 return ports
             print(f"node {name} (try {attempt}): ports {sorted(missing)} are not its own "
