@@ -29,12 +29,6 @@ from allcore.io import absolute_location  # noqa: E402
 from allcore.scoring.config import ScoringConfig  # noqa: E402
 from allcore.scoring.store import OutputUnwritableError, WriterLockedError  # noqa: E402
 
-# Exit status of each fault that ends a run early (one line on stderr says what to do); the
-# README's exit-code table lists them with 0 (ok), 2 (error rate too high), 3 (review rate) and
-# 8 (pipelines.RayClusterUnreachableError, added in main: importing it imports Ray).
-EXIT_STATUS = {WriterLockedError: 4, OutputUnwritableError: 5, ArtifactIntegrityError: 6,
-               FileNotFoundError: 7}
-
 
 def _actors(text: str) -> tuple[int, int]:
     try:
@@ -121,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines import RayClusterUnreachableError  # imports Ray: keep --help fast
     from pipelines.score import run_scoring
 
-    exit_status = {**EXIT_STATUS, RayClusterUnreachableError: 8}
+    # Exit status of each fault that ends a run early (one line on stderr says what to do); the
+    # README's exit-code table lists them with 0 (ok), 2 (error rate too high), 3 (review rate)
+    exit_status = {WriterLockedError: 4, OutputUnwritableError: 5, ArtifactIntegrityError: 6,
+                   FileNotFoundError: 7, RayClusterUnreachableError: 8}
     try:
         summary = run_scoring(config)
     except tuple(exit_status) as exc:

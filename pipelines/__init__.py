@@ -106,7 +106,7 @@ def init_ray(*, verbose: bool = False, **init_kwargs) -> None:
     # ray.init's own test of whether it joins a cluster or starts one
     joins = canonicalize_bootstrap_address(init_kwargs.get("address"), init_kwargs.get("_temp_dir"))
     starts_here = joins is None
-    if joins is not None and "://" not in joins:  # a GCS host:port (not ray:// or local mode)
+    if not starts_here:
         from_file = init_kwargs.get("address") is None and "RAY_ADDRESS" not in os.environ
         _check_reachable(joins, get_ray_address_file(init_kwargs.get("_temp_dir")) if from_file
                          else None)
