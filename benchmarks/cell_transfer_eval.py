@@ -161,7 +161,7 @@ def markdown_table(paths: list[str]) -> str:
                                for k in ("blast_recall_argmax", "healthy_called_blast_argmax"))
             auroc = f"{m['auroc']:.3f}" if "auroc" in m else "n/a"
             recipe = result["recipe"]
-            lines.append(f"| {recipe['input_size']} px, {recipe.get('stain_normalise', 'none')}, {result['augment']}{', lab-balanced' if result.get('balance_labs') else ''}{', AdaBN' if result.get('adapt_batchnorm') else ''} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
+            lines.append(f"| {recipe['input_size']} px{', frozen ImageNet backbone' if recipe.get('freeze_backbone') else ''}, {recipe.get('stain_normalise', 'none')}, {result['augment']}{', lab-balanced' if result.get('balance_labs') else ''}{', AdaBN' if result.get('adapt_batchnorm') else ''} | {lab} | {m['blasts']} / {m['healthy']} | {cell(m['blast_recall'])} "
                          f"| {cell(m['healthy_called_blast'])} | {abstain} | {argmax} | {auroc} |")
     return "\n".join(lines)
 
