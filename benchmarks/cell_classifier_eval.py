@@ -4,7 +4,7 @@
         --cache /tmp/cellclf/crops --recipe cell_blast --folds 5 --epochs 6 --out cell_blast.json
 
 Every crop is scored once, by the fold model that never saw its field group (source field plus
-overlapping fields and its contiguous number block; ``allcore.celldata``). Out-of-fold scores give
+overlapping fields and its contiguous number block; ``allcore.data.celldata``). Out-of-fold scores give
 AUROC, sensitivity at 95% specificity and per-class recall at the argmax call; 95% CIs come from a
 bootstrap over source fields (a field's cells are resampled together: cells of one field are not
 independent). The same script runs the s003 / s004 recipes on the same crops (``--recipe
@@ -29,12 +29,13 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import celldata, engine  # noqa: E402
-from allcore.data import discover_samples  # noqa: E402
-from allcore.labels import get_label_set  # noqa: E402
-from allcore.recipes import load_recipe  # noqa: E402
-from allcore.splits import SplitManifest, kfold_samples  # noqa: E402
-from allcore.training import build_datasets, build_model, class_weights, targets_of  # noqa: E402
+from allcore.data import celldata  # noqa: E402
+from allcore.training import engine  # noqa: E402
+from allcore.data.samples import discover_samples  # noqa: E402
+from allcore.data.labels import get_label_set  # noqa: E402
+from allcore.models.recipes import load_recipe  # noqa: E402
+from allcore.data.splits import SplitManifest, kfold_samples  # noqa: E402
+from allcore.training.build import build_datasets, build_model, class_weights, targets_of  # noqa: E402
 
 TARGET_SPECIFICITY = 0.95
 

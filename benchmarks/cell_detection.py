@@ -1,4 +1,4 @@
-"""Measure the white-cell finder (allcore/cells.py) against people's annotations: BCCD white-cell
+"""Measure the white-cell finder (allcore/imaging/cells.py) against people's annotations: BCCD white-cell
 boxes and ALL-IDB blast centroids, plus time per field at three magnifications.
 
     python benchmarks/cell_detection.py [--data ../shared/data] [--out docs/CELLS.md] [--workers 2]
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from allcore import celldata  # noqa: E402
-from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
+from allcore.data import celldata  # noqa: E402
+from allcore.imaging.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
 from cell_finder_vs_segmented import write_results  # noqa: E402  (benchmarks/ is the script's folder)
 
 MARKERS = ("<!-- detection:start -->", "<!-- detection:end -->")
@@ -58,7 +58,7 @@ def box_iou(a, b) -> float:
 
 
 def voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[int, int, int, int]]:
-    """Boxes of class ``name`` in a Pascal VOC file (``allcore.celldata.voc_boxes``)."""
+    """Boxes of class ``name`` in a Pascal VOC file (``allcore.data.celldata.voc_boxes``)."""
     return celldata.voc_boxes(xml_path.read_bytes(), name)
 
 

@@ -1,4 +1,4 @@
-"""How well ``allcore.cells.estimate_cell_diameter`` reads the white-cell size, per dataset.
+"""How well ``allcore.imaging.cells.estimate_cell_diameter`` reads the white-cell size, per dataset.
 
     python benchmarks/cell_diameter_estimate.py [--data ../shared/data] [--workers 2]
 
@@ -21,7 +21,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.cells import estimate_cell_diameter  # noqa: E402
+from allcore.imaging.cells import estimate_cell_diameter  # noqa: E402
 from cell_detection import DEFAULT_DATA, voc_boxes  # noqa: E402  (benchmarks/ is the script's folder)
 
 

@@ -1,4 +1,4 @@
-"""Measure the white-cell finder (allcore/cells.py) against the Taleqani dataset's own segmentation.
+"""Measure the white-cell finder (allcore/imaging/cells.py) against the Taleqani dataset's own segmentation.
 
     python benchmarks/cell_finder_vs_segmented.py [--data /work/shared/data/all-taleqani] [--out docs/CELLS.md]
     python benchmarks/cell_finder_vs_segmented.py --tune      # grid search on the tuning half first
@@ -29,7 +29,7 @@ from skimage import morphology
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.cells import CellFinderConfig, find_cells  # noqa: E402
+from allcore.imaging.cells import CellFinderConfig, find_cells  # noqa: E402
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 REFERENCE_MIN_CHANNEL = 20  # Segmented background is JPEG-noisy black: max(R, G, B) <= 20

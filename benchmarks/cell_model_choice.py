@@ -26,11 +26,11 @@ from sklearn.metrics import accuracy_score, f1_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.artifact import read_card  # noqa: E402
-from allcore.cells import CellFinderConfig  # noqa: E402
+from allcore.models.artifact import read_card  # noqa: E402
+from allcore.imaging.cells import CellFinderConfig  # noqa: E402
 from allcore.scoring.predict import Predictor  # noqa: E402
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs  # noqa: E402
-from allcore.splits import SplitManifest  # noqa: E402
+from allcore.data.splits import SplitManifest  # noqa: E402
 
 
 def score_split(model: str, paths: list[str], batch_size: int = 16) -> dict[str, np.ndarray]:

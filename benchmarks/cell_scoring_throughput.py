@@ -44,7 +44,7 @@ from PIL import Image  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from allcore.io import IMAGE_EXTENSIONS  # noqa: E402
+from allcore.imaging.files import IMAGE_EXTENSIONS  # noqa: E402
 
 
 def fields_of(folder: Path, count: int, width: int | None = None) -> list[str]:
@@ -120,9 +120,9 @@ def stage_times(name: str, paths: list[str], args: argparse.Namespace) -> list[s
     import threadpoolctl
     import torch
 
-    from allcore.artifact import read_card
-    from allcore.cells import CellFinderConfig, median_cell_diameter
-    from allcore.io import decode_rgb, read_bytes
+    from allcore.models.artifact import read_card
+    from allcore.imaging.cells import CellFinderConfig, median_cell_diameter
+    from allcore.imaging.files import decode_rgb, read_bytes
     from allcore.scoring import prepare
     from allcore.scoring.predict import Predictor
 

@@ -6,9 +6,9 @@
 
 For each of ALL-IDB, BCCD and Taleqani, a cell model is trained on the other two (their crops
 split train / val by field group) and scores every crop of the one it never saw. The calls are
-made the way scoring makes them (``allcore.trust.cell_call``): temperature, cell-level OOD
+made the way scoring makes them (``allcore.trust.checks.cell_call``): temperature, cell-level OOD
 detector and blast threshold fitted on the training laboratories' validation split only
-(``allcore.trust_fitting.fit_trust``), so a row says what a lab that is new to the model would get.
+(``allcore.training.trust_fitting.fit_trust``), so a row says what a lab that is new to the model would get.
 
 BCCD's white cells come from blood without leukaemia: every one called blast is a false blast.
 Taleqani's cell labels are its fields' labels (Benign: hematogones, not blast; the other classes:
@@ -33,17 +33,19 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import celldata, io, trust  # noqa: E402
-from allcore.data import discover_samples  # noqa: E402
-from allcore.data_config import preprocess_array  # noqa: E402
-from allcore.labels import get_label_set  # noqa: E402
-from allcore.splits import SplitManifest, SplitRow, split_samples  # noqa: E402
-from allcore.trust_fitting import fit_trust, score_samples  # noqa: E402
+from allcore.data import celldata  # noqa: E402
+from allcore.imaging import files  # noqa: E402
+from allcore.trust import checks  # noqa: E402
+from allcore.data.samples import discover_samples  # noqa: E402
+from allcore.imaging.data_config import preprocess_array  # noqa: E402
+from allcore.data.labels import get_label_set  # noqa: E402
+from allcore.data.splits import SplitManifest, SplitRow, split_samples  # noqa: E402
+from allcore.training.trust_fitting import fit_trust, score_samples  # noqa: E402
 from cell_classifier_eval import (cell_recipe, cell_training_parser, checked_args,  # noqa: E402  (benchmarks/)
                                   field_bootstrap, train_cell_model)
 
 LAB_FOLDERS = {celldata.ALL_IDB: "all-idb", celldata.BCCD: "bccd", celldata.TALEQANI: "all-taleqani"}
-# Augmentations added to the recipe's own for the ablation (allcore.transforms.Augment).
+# Augmentations added to the recipe's own for the ablation (allcore.imaging.transforms.Augment).
 AUGMENTS = {
     "recipe": {},
     "stain": {"hed": 0.2, "gamma": [0.8, 1.25]},
@@ -93,7 +95,7 @@ def adapt_batchnorm(model: torch.nn.Module, samples, batch_size: int = 64) -> to
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the pass
         norm.train()
-    pixels = [preprocess_array(io.decode_rgb(io.read_bytes(s.path)), adapted.data_config)
+    pixels = [preprocess_array(files.decode_rgb(files.read_bytes(s.path)), adapted.data_config)
               for s in samples]
     with torch.no_grad():
         for start in range(0, len(pixels), batch_size):
@@ -116,12 +118,12 @@ def run_fold(recipe, label_set, manifest: SplitManifest, lab_of: dict[str, str] 
     blast = [label_set.index(c) for c in label_set.blast_classes]
     section, tensors = fit_trust(train=scored["train"].arrays(), val=scored["val"].arrays(), train_qc=[],
                                  blast_columns=blast)
-    detector = trust.OOD_DETECTORS[section["ood"]["method"]].from_stored(tensors, section["ood"]["params"])
-    fitted = dataclasses.replace(trust.trust_from_card_section(section), detector=detector)
+    detector = checks.OOD_DETECTORS[section["ood"]["method"]].from_stored(tensors, section["ood"]["params"])
+    fitted = dataclasses.replace(checks.trust_from_card_section(section), detector=detector)
     test = scored["test"]
-    probability = trust.calibrated_probabilities(test.logits, fitted.temperature)[:, blast].sum(1)
+    probability = checks.calibrated_probabilities(test.logits, fitted.temperature)[:, blast].sum(1)
     ood = fitted.ood_scores(test.features, test.logits)
-    calls = [trust.cell_call(o, p, fitted).call for o, p in zip(ood, probability)]
+    calls = [checks.cell_call(o, p, fitted).call for o, p in zip(ood, probability)]
     return {"paths": [s.path for s in manifest.subset("test")], "blast_probability": probability.tolist(),
             "ood_score": ood.tolist(), "call": calls, "temperature": section["temperature"],
             "ood_threshold": section["ood"]["threshold"], "blast_threshold": section["blast_threshold"],

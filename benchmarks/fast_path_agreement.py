@@ -34,9 +34,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.data import discover_samples  # noqa: E402
-from allcore.labels import get_label_set  # noqa: E402
-from allcore.models import WeightsUnavailableError, create_model, list_models  # noqa: E402
+from allcore.data.samples import discover_samples  # noqa: E402
+from allcore.data.labels import get_label_set  # noqa: E402
+from allcore.models.registry import WeightsUnavailableError, create_model, list_models  # noqa: E402
 
 AGREEMENT_BAR = 0.995  # identical argmax, issue 14
 BATCH = 32
@@ -98,7 +98,7 @@ def compare(name: str, paths: list[str]) -> dict:
 
 def compare_artifact(uri: str, paths: list[str]) -> str:
     """One table row: a trained artifact scored eager and fast, calibration and OOD included."""
-    from allcore.artifact import read_card
+    from allcore.models.artifact import read_card
     from allcore.scoring.inference_path import ood_survives_fast_path
     from allcore.scoring.predict import ScoringModel
     from allcore.scoring.prepare import prepare_batch, prepare_kwargs

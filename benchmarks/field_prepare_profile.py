@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.artifact import verified_card  # noqa: E402
-from allcore.data import discover_samples  # noqa: E402
-from allcore.io import MAX_PIXELS  # noqa: E402
-from allcore.labels import get_label_set  # noqa: E402
+from allcore.models.artifact import verified_card  # noqa: E402
+from allcore.data.samples import discover_samples  # noqa: E402
+from allcore.imaging.files import MAX_PIXELS  # noqa: E402
+from allcore.data.labels import get_label_set  # noqa: E402
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs  # noqa: E402
 
 WATCHED = ("prepare_batch", "image_qc", "cell_statistics", "find_cells", "estimate_cell_diameter",

@@ -39,7 +39,7 @@ import duckdb  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from allcore.io import FileInfo  # noqa: E402
+from allcore.imaging.files import FileInfo  # noqa: E402
 from allcore.scoring.inputs import input_digest, new_inputs  # noqa: E402
 from allcore.scoring.store import DIGEST, Ledger, OutputStore  # noqa: E402
 

@@ -2,7 +2,7 @@
 
     python benchmarks/magnification_check.py --data ../shared/data
 
-QC ranges are fitted as training fits them (``allcore.trust.qc_reference``) on every 8th Taleqani
+QC ranges are fitted as training fits them (``allcore.trust.checks.qc_reference``) on every 8th Taleqani
 field of each class (sorted by name), with and without the magnification bound
 (``MAGNIFICATION_TOLERANCE``), and applied to: the Taleqani fields 4 positions later (the same
 microscope: what the bound costs), BCCD and healthy ALL-IDB fields (other laboratories and
@@ -22,8 +22,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import trust  # noqa: E402
-from allcore.qc import image_qc  # noqa: E402
+from allcore.trust import checks  # noqa: E402
+from allcore.imaging.qc import image_qc  # noqa: E402
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 
@@ -55,20 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         "ALL-IDB healthy donors (another laboratory)": qc(opened(sorted((args.data / "all-idb/ALL_IDB1/im").glob("*_0.jpg")))),
         "Taleqani Benign at half magnification": qc(half_magnification(taleqani["Benign"][1::2])),
     }
-    references = {"without the bound": trust.qc_reference(fit, magnification_tolerance=None),
-                  f"with the bound ({trust.MAGNIFICATION_TOLERANCE}x)": trust.qc_reference(fit)}
+    references = {"without the bound": checks.qc_reference(fit, magnification_tolerance=None),
+                  f"with the bound ({checks.MAGNIFICATION_TOLERANCE}x)": checks.qc_reference(fit)}
     print(f"Taleqani QC fit: {len(fit)} fields; cell diameter / field side median "
           f"{references['without the bound']['qc_cell_diameter_fraction']['median']:.3f}")
     print("| fields | n | cell diameter / side, median (10th-90th) | " +
-          " | ".join(f"'{trust.CELL_SIZE_DIFFERS}' {k} | any QC reason {k}" for k in references) + " |")
+          " | ".join(f"'{checks.CELL_SIZE_DIFFERS}' {k} | any QC reason {k}" for k in references) + " |")
     print("|" + "---|" * (3 + 2 * len(references)))
     for name, rows in sets.items():
         fraction = np.array([r["qc_cell_diameter_fraction"] for r in rows])
         cells = [f"{name}", f"{len(rows)}", f"{np.nanmedian(fraction):.3f} ({np.nanpercentile(fraction, 10):.3f}-"
                  f"{np.nanpercentile(fraction, 90):.3f})"]
         for reference in references.values():
-            reasons = [trust.qc_reasons(r, reference) for r in rows]
-            cells += [f"{np.mean([trust.CELL_SIZE_DIFFERS in r for r in reasons]):.2f}",
+            reasons = [checks.qc_reasons(r, reference) for r in rows]
+            cells += [f"{np.mean([checks.CELL_SIZE_DIFFERS in r for r in reasons]):.2f}",
                       f"{np.mean([bool(r) for r in reasons]):.2f}"]
         print("| " + " | ".join(cells) + " |")
     return 0

@@ -39,7 +39,7 @@ def ms_per_image(run, pixels: np.ndarray, rows: int) -> float:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from allcore.models import create_model
+    from allcore.models.registry import create_model
     from allcore.scoring.onnx import ONNX_CHUNK_PIXELS
     from allcore.scoring.runtimes import fast_outputs, onnx_session
 

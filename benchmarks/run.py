@@ -14,7 +14,7 @@ are meaningful even on a busy machine where absolute images/s are not. Sections 
   baseline  plain PyTorch: DataLoader workers decode + preprocess, eager model, one Parquet file
   score     the Ray Data job (pipelines.score.run_scoring) with 1 and 2 actors, eager and --fast
   rss10x    the fast scoring job again on 10x the images (copies under new names), for peak RSS
-  train     Ray Train with 1 worker vs the same loop in plain PyTorch (allcore.engine)
+  train     Ray Train with 1 worker vs the same loop in plain PyTorch (allcore.training.engine)
 
 Each end-to-end run is a subprocess of this script (``--child``); the parent samples the RSS of
 its whole process tree (driver + Ray's raylet, GCS and workers) every 0.2 s with psutil. RSS
@@ -53,11 +53,11 @@ RSS_SAMPLE_SECONDS = 0.2
 def prepare_inputs(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     """The N benchmark images (generated, or the first N of --data, class by class in turn) under
     ``work/images/<Class>/`` and a model artifact built the way training exports one."""
-    from allcore.artifact import ModelCard, save_artifact
-    from allcore.data import discover_samples
-    from allcore.labels import get_label_set
-    from allcore.models import WeightsUnavailableError, create_model
-    from allcore.synthetic import write_archive
+    from allcore.models.artifact import ModelCard, save_artifact
+    from allcore.data.samples import discover_samples
+    from allcore.data.labels import get_label_set
+    from allcore.models.registry import WeightsUnavailableError, create_model
+    from allcore.data.synthetic import write_archive
 
     label_set = get_label_set("all4")
     images = work / "images"
@@ -141,7 +141,7 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
     import numpy as np
     import torch
 
-    from allcore.artifact import load_artifact
+    from allcore.models.artifact import load_artifact
     from allcore.scoring.runtimes import probability_function
 
     model, card = load_artifact(artifact)
@@ -178,7 +178,7 @@ def model_only(artifact: str, batch_size: int, rounds: int = 2) -> dict:
 
 def decode_rates(images: Path, rounds: int = 3) -> dict:
     """JPEG decoding images/s of the JPEG files under ``images``, from their bytes in memory to
-    RGB pixels: PIL on one thread, as ``prepare_batch`` decodes (``allcore.io.decode_rgb``);
+    RGB pixels: PIL on one thread, as ``prepare_batch`` decodes (``allcore.imaging.files.decode_rgb``);
     ``torchvision.io.decode_jpeg`` on the CPU, one image a call; and, where there is a GPU, on
     CUDA with the whole list in one call (nvJPEG's batched decode; pixels left on the GPU, the
     device synchronised before the clock stops). The median of ``rounds`` rounds each."""
@@ -186,7 +186,7 @@ def decode_rates(images: Path, rounds: int = 3) -> dict:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from allcore.io import decode_rgb
+    from allcore.imaging.files import decode_rgb
 
     files = [p.read_bytes() for p in sorted(images.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg")]
     if not files:
@@ -219,10 +219,10 @@ def agreement(artifact: str, images: Path, batch_size: int) -> dict:
     import numpy as np
     import torch
 
-    from allcore.artifact import load_artifact, read_card
+    from allcore.models.artifact import load_artifact, read_card
     from allcore.scoring.runtimes import probability_function
     from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-    from allcore.io import iter_image_files
+    from allcore.imaging.files import iter_image_files
 
     uris = np.array([info.uri for info in iter_image_files(str(images))], dtype=object)
     card, cpu = read_card(artifact), torch.device("cpu")
@@ -250,12 +250,12 @@ def child_baseline(spec: dict) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from allcore.artifact import load_artifact
-    from allcore.data import discover_samples
-    from allcore.training import ImageDataset
-    from allcore.labels import get_label_set
-    from allcore.models import probabilities
-    from allcore.transforms import eval_transform
+    from allcore.models.artifact import load_artifact
+    from allcore.data.samples import discover_samples
+    from allcore.training.build import ImageDataset
+    from allcore.data.labels import get_label_set
+    from allcore.models.registry import probabilities
+    from allcore.imaging.transforms import eval_transform
 
     started = time.perf_counter()
     model, card = load_artifact(spec["artifact"])
@@ -331,7 +331,7 @@ def _train_result(history: list[dict]) -> dict:
 
 def child_ray_train(spec: dict) -> dict:
     """pipelines.train with one Ray Train worker; images/s from the worker's own epoch timing."""
-    from allcore.recipes import Recipe
+    from allcore.models.recipes import Recipe
     from pipelines.train import TrainJob, run_training
 
     recipe = Recipe.from_dict(spec["recipe"])
@@ -352,11 +352,11 @@ def child_plain_train(spec: dict) -> dict:
     if spec.get("beside_ray"):
         _init_ray(spec)
 
-    from allcore import engine
-    from allcore.labels import get_label_set
-    from allcore.recipes import Recipe
-    from allcore.splits import SplitManifest
-    from allcore.training import build_criterion, build_datasets, build_loaders, build_model
+    from allcore.training import engine
+    from allcore.data.labels import get_label_set
+    from allcore.models.recipes import Recipe
+    from allcore.data.splits import SplitManifest
+    from allcore.training.build import build_criterion, build_datasets, build_loaders, build_model
 
     recipe = Recipe.from_dict(spec["recipe"])
     label_set = get_label_set(recipe.label_set)
@@ -487,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
                     "machine": machine(), "images": args.images, "model": args.model,
                     "input_size": args.input_size, "batch_size": args.batch_size,
-                    "data": args.data or "generated (allcore.synthetic.write_archive, 224 px)"}
+                    "data": args.data or "generated (allcore.data.synthetic.write_archive, 224 px)"}
     images, artifact = prepare_inputs(args, work)
     common = {"artifact": artifact, "images": str(images), "batch_size": args.batch_size,
               "expected": args.images if args.data else 4 * -(-args.images // 4)}
@@ -547,10 +547,10 @@ def training_rows(args: argparse.Namespace, images: Path, work: Path) -> list[di
     niceness (15), what it cost before ``pipelines.init_ray`` set it to the driver's; with
     ``--train-ray-telemetry`` also Ray Train with Ray's telemetry on (``_init_ray``); with
     ``--train-beside-ray`` also the plain loop in a process that started Ray."""
-    from allcore.data import discover_samples
-    from allcore.labels import get_label_set
-    from allcore.recipes import load_recipe
-    from allcore.splits import split_samples
+    from allcore.data.samples import discover_samples
+    from allcore.data.labels import get_label_set
+    from allcore.models.recipes import load_recipe
+    from allcore.data.splits import split_samples
 
     recipe = load_recipe("demo").override([
         f"model={args.model}", f"input_size={args.input_size}", f"epochs={args.train_epochs}",

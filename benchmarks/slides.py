@@ -3,7 +3,7 @@
     python benchmarks/slides.py perf [--model FIELD_MODEL --cell-model CELL_MODEL] [--sides 10000,20000,40000]
     python benchmarks/slides.py all-idb --model FIELD_MODEL --cell-model CELL_MODEL --data ../shared/data
 
-``perf`` generates synthetic slides (``allcore.synthetic``: 448 px fields on glass, 0.15 um/px,
+``perf`` generates synthetic slides (``allcore.data.synthetic``: 448 px fields on glass, 0.15 um/px,
 a few dozen distinct fields repeated) of each side and scores each with ``jobs/score.py
 --per-cell`` as a new process, sampling every 0.2 s the RSS of the driver (that process), of each
 Ray worker (the actors and tasks; the largest one and their sum) and of the whole tree (with
@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from allcore.slides import write_pyramid_tiff  # noqa: E402
-from allcore.synthetic import MORPHOLOGIES, make_field, mosaic_offset, mosaic_region  # noqa: E402
+from allcore.imaging.slides import write_pyramid_tiff  # noqa: E402
+from allcore.data.synthetic import MORPHOLOGIES, make_field, mosaic_offset, mosaic_region  # noqa: E402
 from run import RSS_SAMPLE_SECONDS, _tree_rss  # noqa: E402
 
 FIELD = 448  # synthetic field side (px)
@@ -106,10 +106,10 @@ def random_artifacts(work: Path) -> tuple[str, str]:
     says."""
     import torch
 
-    from allcore.artifact import ModelCard, save_artifact
-    from allcore.celldata import CellCropGeometry
-    from allcore.labels import get_label_set
-    from allcore.models import create_model
+    from allcore.models.artifact import ModelCard, save_artifact
+    from allcore.data.celldata import CellCropGeometry
+    from allcore.data.labels import get_label_set
+    from allcore.models.registry import create_model
 
     torch.manual_seed(0)
     made = []
@@ -190,7 +190,7 @@ def blast_checks(cells, centroids: list[tuple[float, float]]) -> tuple[int, int]
 
 
 def all_idb(args: argparse.Namespace, work: Path) -> dict:
-    from allcore.celldata import _centroids, _listed
+    from allcore.data.celldata import _centroids, _listed
 
     root = Path(args.data) / "all-idb"
     listed = [f for f in _listed(str(root), "ALL_IDB1/im")]

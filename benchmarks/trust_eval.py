@@ -8,7 +8,7 @@ In distribution: the Taleqani test split of the model's own split manifest. Othe
 ALL-IDB1 fields, ALL-IDB2 crops, BCCD images. Corruptions of the Taleqani test fields: Gaussian
 blur, over/under-exposure, JPEG quality 5, swapped colour channels (a wrong stain), and images
 that are no smear at all (scikit-image's sample pictures, generated text and noise textures).
-Every OOD method of ``allcore.trust`` is fitted on the same features so they can be compared;
+Every OOD method of ``allcore.trust.checks`` is fitted on the same features so they can be compared;
 the review decision (OOD or QC) is the one scoring will use, with the method the card stores.
 """
 
@@ -28,9 +28,12 @@ from skimage import data as skdata
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore import io, metrics, trust, trust_fitting  # noqa: E402
-from allcore.artifact import load_artifact  # noqa: E402
-from allcore.splits import SplitManifest  # noqa: E402
+from allcore.imaging import files  # noqa: E402
+from allcore.evaluation import metrics  # noqa: E402
+from allcore.trust import checks  # noqa: E402
+from allcore.training import trust_fitting  # noqa: E402
+from allcore.models.artifact import load_artifact  # noqa: E402
+from allcore.data.splits import SplitManifest  # noqa: E402
 
 SAMPLE_PICTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "rocket",
                    "coins", "moon", "hubble_deep_field", "immunohistochemistry", "retina", "page")
@@ -84,16 +87,16 @@ def non_smear_images(rng: np.random.Generator, n: int = 120) -> list[Image.Image
 
 
 def load_folder(paths: list[Path]) -> list[Image.Image]:
-    return [io.decode_rgb(io.read_bytes(str(p))) for p in paths]
+    return [files.decode_rgb(files.read_bytes(str(p))) for p in paths]
 
 
 def review_flags(result: trust_fitting.Scored, scores: np.ndarray, section: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(OOD flag, QC flag, reason) per row, as scoring will decide them."""
-    fitted = trust.trust_from_card_section(section)
-    qc_flag = np.array([bool(trust.qc_reasons(q, fitted.qc_reference)) for q in result.qc])
+    fitted = checks.trust_from_card_section(section)
+    qc_flag = np.array([bool(checks.qc_reasons(q, fitted.qc_reference)) for q in result.qc])
     reasons = []
     for q, s in zip(result.qc, scores):
-        reasons.append(trust.review_row(q, float(s), 0.0, fitted).review_reason or "")
+        reasons.append(checks.review_row(q, float(s), 0.0, fitted).review_reason or "")
     return scores > fitted.ood_threshold, qc_flag, reasons
 
 
@@ -140,17 +143,17 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"model": args.model, "split_manifest": args.split_manifest,
                      "n": {k: len(v.labels) for k, v in splits.items()}, "methods": {}}
     test = splits["test"]
-    for method in trust.OOD_DETECTORS:
+    for method in checks.OOD_DETECTORS:
         section, tensors = trust_fitting.fit_trust(train=splits["train"].arrays(), val=splits["val"].arrays(),
                                            train_qc=splits["train"].qc, method=method)
-        detector = trust.OOD_DETECTORS[method].from_stored(tensors, section["ood"]["params"])
+        detector = checks.OOD_DETECTORS[method].from_stored(tensors, section["ood"]["params"])
         test_scores = detector.score(test.features, test.logits)
         ood, qc_flag, _ = review_flags(test, test_scores, section)
         flagged = ood | qc_flag
         predicted = test.logits.argmax(1)
         correct = predicted == test.labels
-        probs = trust.calibrated_probabilities(test.logits, 1.0)
-        calibrated = trust.calibrated_probabilities(test.logits, section["temperature"])
+        probs = checks.calibrated_probabilities(test.logits, 1.0)
+        calibrated = checks.calibrated_probabilities(test.logits, section["temperature"])
         entry = {
             "temperature": section["temperature"], "calibration_val": section["calibration"],
             "test_ece_before": metrics.expected_calibration_error(test.labels, probs),

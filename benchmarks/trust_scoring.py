@@ -22,8 +22,8 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.io import iter_image_files  # noqa: E402
-from allcore.splits import SplitManifest  # noqa: E402
+from allcore.imaging.files import iter_image_files  # noqa: E402
+from allcore.data.splits import SplitManifest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -17,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.io import absolute_location  # noqa: E402
-from allcore.labels import get_label_set  # noqa: E402
-from allcore.models import WeightsUnavailableError  # noqa: E402
-from allcore.recipes import load_recipe  # noqa: E402
-from allcore.synthetic import write_archive, write_slide  # noqa: E402
+from allcore.imaging.files import absolute_location  # noqa: E402
+from allcore.data.labels import get_label_set  # noqa: E402
+from allcore.models.registry import WeightsUnavailableError  # noqa: E402
+from allcore.models.recipes import load_recipe  # noqa: E402
+from allcore.data.synthetic import write_archive, write_slide  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the demo's and allcore's progress lines only)")
     args = parser.parse_args(argv)
 
-    from allcore.evaluation import evaluate_artifact, select_samples
+    from allcore.evaluation.evaluate import evaluate_artifact, select_samples
     from allcore.scoring.config import ScoringConfig
     from pipelines import RayClusterUnreachableError, init_ray
     from pipelines.score import run_scoring

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.artifact import read_card  # noqa: E402
-from allcore.evaluation import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
-from allcore.trust import NO_TRUST_WARNING  # noqa: E402
-from allcore.io import absolute_location  # noqa: E402
+from allcore.models.artifact import read_card  # noqa: E402
+from allcore.evaluation.evaluate import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
+from allcore.trust.checks import NO_TRUST_WARNING  # noqa: E402
+from allcore.imaging.files import absolute_location  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

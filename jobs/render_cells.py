@@ -24,16 +24,16 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
-from allcore.io import absolute_location, decode_rgb, read_bytes  # noqa: E402
-from allcore.overlay import CellCall, render  # noqa: E402
+from allcore.imaging.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
+from allcore.imaging.files import absolute_location, decode_rgb, read_bytes  # noqa: E402
+from allcore.imaging.overlay import CellCall, render  # noqa: E402
 
 def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter: float,
                    *, cell_model: bool) -> list[CellCall]:
     """(label, probability shown, blast call) per cell, preprocessed exactly as scoring does
     (``allcore.scoring.prepare.cell_input``). A cell model shows its blast probability, a field
     model the confidence of its label."""
-    from allcore.labels import get_label_set
+    from allcore.data.labels import get_label_set
     from allcore.scoring.predict import ScoringModel
     from allcore.scoring.prepare import cell_input, prepare_kwargs
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.celldata import CellCropGeometry  # noqa: E402
-from allcore.io import absolute_location  # noqa: E402
+from allcore.data.celldata import CellCropGeometry  # noqa: E402
+from allcore.imaging.files import absolute_location  # noqa: E402
 from allcore.review.corrections import CorrectionStore, export_manifest, scored_crop_diameters  # noqa: E402
 from allcore.review.geojson import feature_collections, write_feature_collections  # noqa: E402
 from allcore.review.queue import ReviewQueue  # noqa: E402

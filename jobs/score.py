@@ -24,8 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.artifact import ArtifactIntegrityError  # noqa: E402
-from allcore.io import absolute_location  # noqa: E402
+from allcore.models.artifact import ArtifactIntegrityError  # noqa: E402
+from allcore.imaging.files import absolute_location  # noqa: E402
 from allcore.scoring.config import ScoringConfig  # noqa: E402
 from allcore.scoring.store import OutputUnwritableError, WriterLockedError  # noqa: E402
 

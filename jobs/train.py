@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.recipes import list_recipes, load_recipe  # noqa: E402
-from allcore.io import absolute_location  # noqa: E402
+from allcore.models.recipes import list_recipes, load_recipe  # noqa: E402
+from allcore.imaging.files import absolute_location  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

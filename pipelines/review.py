@@ -25,8 +25,8 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from ray import serve
 
-from allcore.io import decode_rgb, read_bytes
-from allcore.overlay import png_bytes, render
+from allcore.imaging.files import decode_rgb, read_bytes
+from allcore.imaging.overlay import png_bytes, render
 from allcore.review.analysis import MAX_UPLOAD_BYTES, FieldAnalyser, UploadError
 from allcore.review.corrections import Correction, CorrectionError, CorrectionStore
 from allcore.review.geojson import feature_collections

@@ -16,7 +16,7 @@ left); Ray's own INFO logs and progress bars are off unless ``config.verbose``.
 
 A whole-slide input is listed as one row like any file (a DICOM-WSI slide, a folder of .dcm
 instances, as one row for the folder); when the listing names possible slides
-(``allcore.slides.SLIDE_EXTENSIONS``, DICOM-WSI folders) a ``flat_map`` stage turns each into
+(``allcore.imaging.slides.SLIDE_EXTENSIONS``, DICOM-WSI folders) a ``flat_map`` stage turns each into
 its slide row and one row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few
 tiles a block so one slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
 (``CompleteInputs``), after counting each cell once (``finish_slides``), then writes the slide's
@@ -40,13 +40,13 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines import init_ray, quiet_logs
-from allcore import slides
-from allcore.artifact import verified_card
-from allcore.celldata import CellCropGeometry
-from allcore.cells import CellFinderConfig
+from allcore.imaging import slides
+from allcore.models.artifact import verified_card
+from allcore.data.celldata import CellCropGeometry
+from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.drift import write_drift_summary
-from allcore.io import FileInfo
+from allcore.imaging.files import FileInfo
 from allcore.scoring.inference_path import artifact_inference_path
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
 from allcore.scoring.predict import Predictor
@@ -55,7 +55,7 @@ from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_i
 from allcore.scoring.summary import RunSummary, write_run_report, write_specimen_summary
 from allcore.scoring.table import INPUT_KINDS, blast_classes, build_output_table, card_summary
 from allcore.scoring.tiles import expand_input, finish_slides, run_working_mpp, write_slide_outputs
-from allcore.trust import NO_TRUST_WARNING, stale_qc_warning
+from allcore.trust.checks import NO_TRUST_WARNING, stale_qc_warning
 
 log = logging.getLogger("allcore.score")
 PER_CELL_BLOCK_BYTES = 384 * 1024  # --per-cell blocks: consecutive inputs up to this many bytes

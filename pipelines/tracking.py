@@ -24,8 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from allcore.artifact import read_card
-from allcore.recipes import Recipe
+from allcore.models.artifact import read_card
+from allcore.models.recipes import Recipe
 
 EXPERIMENT = "allcore"
 

@@ -2,7 +2,7 @@
 
 The driver discovers and splits the data (written as a manifest so a run is reproducible), then a
 ``TorchTrainer`` runs :func:`train_loop_per_worker` on every worker. N workers train the model
-one would (``allcore.distributed``): the recipe's batch size and learning rate are the global
+one would (``allcore.training.distributed``): the recipe's batch size and learning rate are the global
 ones, BatchNorm is synchronised, and each epoch's metrics are summed over all workers. Each
 epoch every worker reports them and rank 0 attaches a checkpoint; Ray keeps the best two by
 validation macro-F1 plus the latest. A worker failure restarts the group from the latest checkpoint
@@ -13,7 +13,7 @@ A lost node takes its workers with it. With a fixed group (``workers``) the rest
 many workers as before, so it needs a replacement node; with ``min_workers`` the group is
 elastic (Ray Train's ``ScalingConfig(num_workers=(min, max))``): it restarts from the latest
 checkpoint with the workers the surviving nodes hold, and grows back when nodes return. Either
-size trains the same model, because the recipe's batch is the global one (``allcore.distributed``);
+size trains the same model, because the recipe's batch is the global one (``allcore.training.distributed``);
 each history row records how many workers trained that epoch.
 """
 
@@ -36,15 +36,18 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from allcore import celldata, distributed, engine, io, trust_fitting
-from allcore.artifact import ModelCard, save_artifact
-from allcore.data import discover_samples
-from allcore.labels import get_label_set
-from allcore.models import create_model, get_model_spec
-from allcore.recipes import Recipe
-from allcore.splits import SplitManifest, kfold_samples, split_samples
-from allcore.training import (build_criterion, build_datasets, build_loaders, build_model,
-                              load_state, save_state, test_split_metrics)
+from allcore.data import celldata
+from allcore.training import distributed, engine
+from allcore.imaging import files
+from allcore.training import trust_fitting
+from allcore.models.artifact import ModelCard, save_artifact
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.models.registry import create_model, get_model_spec
+from allcore.models.recipes import Recipe
+from allcore.data.splits import SplitManifest, kfold_samples, split_samples
+from allcore.training.build import (build_criterion, build_datasets, build_loaders, build_model,
+                                    load_state, save_state, test_split_metrics)
 from pipelines import ray_started_here, tracking
 
 BEST_METRIC = "val_macro_f1"
@@ -105,7 +108,7 @@ def run_training(job: TrainJob) -> list[str]:
     """Train every fold of ``job`` and return the exported artifact URIs."""
     recipe = job.recipe
     label_set = get_label_set(recipe.label_set)
-    run_dir = io.join(job.output, job.name)
+    run_dir = files.join(job.output, job.name)
     if recipe.pretrained:
         # fail here, with the install hint, rather than inside every Ray worker and its retries
         create_model(recipe.model, num_classes=label_set.num_classes, pretrained=True,
@@ -118,11 +121,11 @@ def run_training(job: TrainJob) -> list[str]:
     tracking_uri = tracking.tracking_uri(job.output, job.name)  # one line when off, not one a fold
     for fold, manifest in enumerate(manifests):
         name = job.name if len(manifests) == 1 else f"{job.name}-fold{fold}"
-        fold_dir = run_dir if len(manifests) == 1 else io.join(run_dir, f"fold{fold}")
-        manifest_uri = io.join(fold_dir, "split_manifest.csv")
+        fold_dir = run_dir if len(manifests) == 1 else files.join(run_dir, f"fold{fold}")
+        manifest_uri = files.join(fold_dir, "split_manifest.csv")
         if cells is not None:
             celldata.check_no_field_leaks(manifest, cells.manifest)
-        if not io.exists(manifest_uri):
+        if not files.exists(manifest_uri):
             manifest.write(manifest_uri)
         print(f"[allcore] {name}: split {manifest.counts()} -> {manifest_uri}", flush=True)
         tracked = tracking.start_run(tracking_uri, name, recipe, manifest.sha256) \
@@ -138,7 +141,7 @@ def run_training(job: TrainJob) -> list[str]:
 
 
 def _attach_trust(artifact_uri: str, manifest: SplitManifest, name: str) -> None:
-    """Calibration, OOD detector and QC ranges into the card (allcore.trust, on the driver)."""
+    """Calibration, OOD detector and QC ranges into the card (allcore.trust.checks, on the driver)."""
     section = trust_fitting.attach_trust(artifact_uri, manifest)
     calibration, ood = section["calibration"], section["ood"]
     print(f"[allcore] {name}: temperature {section['temperature']:.2f} (val ECE "
@@ -171,7 +174,7 @@ def _prepare_cells(job: TrainJob, run_dir: str) -> celldata.CellCrops | None:
     input_size = job.recipe.input_size or get_model_spec(job.recipe.model).weights.data_config.input_size
     geometry = celldata.CellCropGeometry(side_cell_diameters=job.recipe.cell_crop_side,
                                          input_size=input_size)
-    cells = celldata.prepare_cell_crops(roots, io.join(run_dir, "cell_crops"), geometry=geometry)
+    cells = celldata.prepare_cell_crops(roots, files.join(run_dir, "cell_crops"), geometry=geometry)
     counts = "; ".join(f"{lab}: " + ", ".join(f"{n} {label}" for label, n in labels.items())
                        for lab, labels in celldata.crop_counts(cells.manifest).items())
     print(f"[allcore] cell crops ready in {time.perf_counter() - started:.0f}s ({counts}): "
@@ -184,9 +187,9 @@ def _split_manifests(job: TrainJob, label_set) -> list[SplitManifest]:
     recipe = job.recipe
     if job.split_manifest:
         return [SplitManifest.read(job.split_manifest)]
-    run_dir = io.join(job.output, job.name)
-    existing = io.join(run_dir, "split_manifest.csv")
-    if recipe.folds == 1 and io.exists(existing):
+    run_dir = files.join(job.output, job.name)
+    existing = files.join(run_dir, "split_manifest.csv")
+    if recipe.folds == 1 and files.exists(existing):
         return [SplitManifest.read(existing)]
     samples = discover_samples(job.data, label_set, manifest=job.manifest)
     started = time.perf_counter()
@@ -226,7 +229,7 @@ def _fit(job: TrainJob, name: str, manifest_uri: str,
             "tracked": tracked,
             "inject_failure_at_epoch": job.inject_failure_at_epoch,
             "verbose": job.verbose,
-            "failure_marker": io.join(io.join(job.output, job.name), f"{name}.injected_failure"),
+            "failure_marker": files.join(files.join(job.output, job.name), f"{name}.injected_failure"),
         },
         scaling_config=ScalingConfig(num_workers=job.scaling_workers(), use_gpu=job.use_gpu,
                                      resources_per_worker={"CPU": _cpus_per_worker(job)}),
@@ -255,19 +258,19 @@ def _cpus_per_worker(job: TrainJob) -> int:
 
 def _ray_storage(output: str) -> dict:
     """Ray Train's ``storage_path`` (and filesystem) for ``output``. Checkpoints on s3:// go
-    through the project's own S3 filesystem (``allcore.io``), configured from the environment
+    through the project's own S3 filesystem (``allcore.imaging.files``), configured from the environment
     like every other read and write of a job (``ALLCORE_S3_ENDPOINT_URL`` included), instead of
     Ray Train's default, pyarrow's S3 client: the rclone S3 server of the tests refused its
     uploads (INVALID_ACCESS_KEY_ID, even given the endpoint and keys explicitly)."""
     if output.startswith("s3://"):
-        filesystem, path = io.filesystem(output)
+        filesystem, path = files.filesystem(output)
         return {"storage_path": path,
                 "storage_filesystem": pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(filesystem))}
     return {"storage_path": output if "://" in output else str(Path(output).resolve() / "ray")}
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker: plain PyTorch around ``allcore.engine``."""
+    """Runs on every Ray Train worker: plain PyTorch around ``allcore.training.engine``."""
     recipe = Recipe.from_dict(config["recipe"])
     label_set = get_label_set(recipe.label_set)
     if not config["verbose"]:
@@ -285,7 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
                               data_config)
     criterion = build_criterion(recipe, datasets["train"], label_set.num_classes, device)
     # the recipe's batch is the global one: each worker loads its share of every batch and of
-    # the validation split (allcore.distributed), so Ray's DistributedSampler is not added
+    # the validation split (allcore.training.distributed), so Ray's DistributedSampler is not added
     train_loader, val_loader = (
         ray.train.torch.prepare_data_loader(loader, add_dist_sampler=False)
         for loader in build_loaders(datasets, recipe, device, rank=rank, world_size=world))
@@ -344,9 +347,9 @@ def _maybe_inject_failure(config: dict, epoch: int) -> None:
     if config["inject_failure_at_epoch"] != epoch:
         return
     marker = config["failure_marker"]
-    if io.exists(marker):
+    if files.exists(marker):
         return
-    io.write_bytes(marker, b"failed once on purpose\n")
+    files.write_bytes(marker, b"failed once on purpose\n")
     raise RuntimeError(f"injected failure at epoch {epoch} (test hook)")
 
 
@@ -383,9 +386,9 @@ def _export_best(job: TrainJob, result: ray.train.Result, manifest: SplitManifes
                                  "worker_batch_size": recipe.batch_size // job.workers,
                                  "synchronized_batchnorm": job.workers > 1}},
     )
-    artifact_uri = io.join(fold_dir, "model")
+    artifact_uri = files.join(fold_dir, "model")
     save_artifact(artifact_uri, model, card)
-    io.write_bytes(io.join(artifact_uri, "history.json"),
+    files.write_bytes(files.join(artifact_uri, "history.json"),
                    json.dumps(history, indent=2).encode())
     print(f"[allcore] {name}: best epoch {best_row['epoch']} val_macro_f1="
           f"{best_row[BEST_METRIC]:.3f}; test accuracy={test_metrics['accuracy']:.3f} "

@@ -1,5 +1,5 @@
 """Synthetic laboratories' roots for the cell-crop tests: ALL-IDB, BCCD and Taleqani layouts
-(``allcore.celldata.lab_of_root`` recognises each), with white cells where ``make_field`` drew them."""
+(``allcore.data.celldata.lab_of_root`` recognises each), with white cells where ``make_field`` drew them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from allcore import celldata
-from allcore.synthetic import make_field
+from allcore.data import celldata
+from allcore.data.synthetic import make_field
 
 SIZE, DIAMETER = 448, 80.0  # synthetic white cells at size 448 are ~60-108 px across
 LEUKAEMIC, HEALTHY = (1, 2, 3, 4), (6, 7)

@@ -73,7 +73,7 @@ def _tiny_model(num_classes: int, input_size: int):
     estimated on random images, and the head is scaled to be decisive."""
     import torch
 
-    from allcore.models import create_model
+    from allcore.models.registry import create_model
 
     torch.manual_seed(0)
     model = create_model("mobilenet_v2", num_classes=num_classes, input_size=input_size)
@@ -89,8 +89,8 @@ def _tiny_model(num_classes: int, input_size: int):
 @pytest.fixture(scope="session")
 def tiny_artifact(tmp_path_factory) -> str:
     """A small random field model artifact (64 px, 4 classes, see ``_tiny_model``)."""
-    from allcore.artifact import ModelCard, save_artifact
-    from allcore.labels import get_label_set
+    from allcore.models.artifact import ModelCard, save_artifact
+    from allcore.data.labels import get_label_set
 
     classes = list(get_label_set("all4").classes)
     out = tmp_path_factory.mktemp("artifact") / "tiny"
@@ -102,9 +102,9 @@ def tiny_artifact(tmp_path_factory) -> str:
 def tiny_cell_artifact(tmp_path_factory) -> str:
     """A small random cell model artifact (32 px crops two cell diameters wide, label set
     'blast'): what ``--cell-model`` takes."""
-    from allcore.artifact import ModelCard, save_artifact
-    from allcore.celldata import CellCropGeometry
-    from allcore.labels import get_label_set
+    from allcore.models.artifact import ModelCard, save_artifact
+    from allcore.data.celldata import CellCropGeometry
+    from allcore.data.labels import get_label_set
 
     classes = list(get_label_set("blast").classes)
     out = tmp_path_factory.mktemp("artifact") / "tiny-cell"
@@ -240,9 +240,9 @@ def score_slide(path: Path, field_model: str, cell_model: str, *, trust: dict | 
     import numpy as np
     import pyarrow as pa
 
-    from allcore.artifact import read_card
-    from allcore.cells import CellFinderConfig
-    from allcore.labels import get_label_set
+    from allcore.models.artifact import read_card
+    from allcore.imaging.cells import CellFinderConfig
+    from allcore.data.labels import get_label_set
     from allcore.scoring.predict import Predictor
     from allcore.scoring.prepare import prepare_batch, prepare_kwargs
     from allcore.scoring.table import build_output_table, card_summary

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from allcore.artifact import (CARD_FILE, WEIGHTS_FILE, ArtifactIntegrityError, ModelCard,
-                              load_artifact, read_card, save_artifact, verified_card)
-from allcore.labels import get_label_set
-from allcore.models import create_model
+from allcore.models.artifact import (CARD_FILE, WEIGHTS_FILE, ArtifactIntegrityError, ModelCard,
+                                     load_artifact, read_card, save_artifact, verified_card)
+from allcore.data.labels import get_label_set
+from allcore.models.registry import create_model
 
 SIZE = 64
 

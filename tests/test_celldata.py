@@ -11,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore import celldata
-from allcore.artifact import ModelCard, load_artifact, save_artifact
-from allcore.data import discover_samples
-from allcore.labels import get_label_set
-from allcore.models import create_model
-from allcore.splits import SplitManifest, SplitRow, split_samples
-from allcore.synthetic import make_field
+from allcore.data import celldata
+from allcore.models.artifact import ModelCard, load_artifact, save_artifact
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.models.registry import create_model
+from allcore.data.splits import SplitManifest, SplitRow, split_samples
+from allcore.data.synthetic import make_field
 from cell_trees import DIAMETER, LEUKAEMIC, OVERLAPPING, write_all_idb, write_bccd, write_taleqani
 
 GEOMETRY = celldata.CellCropGeometry(side_cell_diameters=2.0, input_size=64)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells, foreground_mask,
-                           median_cell_diameter, survey_stain)
-from allcore.synthetic import _CYTOPLASM, _NUCLEUS, _RED_CELL, make_field  # the same drawing style
+from allcore.imaging.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells,
+                                   foreground_mask, median_cell_diameter, survey_stain)
+from allcore.data.synthetic import _CYTOPLASM, _NUCLEUS, _RED_CELL, make_field  # the same drawing style
 
 
 def box_iou(a, b) -> float:
@@ -236,7 +236,7 @@ def test_agrees_with_the_datasets_segmentation(shared_data):
 def test_holes_are_filled_as_scipy_fills_them():
     from scipy import ndimage as ndi
 
-    from allcore.cells import _holes_filled
+    from allcore.imaging.cells import _holes_filled
     rng = np.random.default_rng(5)
     for _ in range(50):
         shape = tuple(rng.integers(5, 120, size=2))
@@ -248,7 +248,7 @@ def test_axis_ratios_are_those_of_regionprops():
     from scipy import ndimage as ndi
     from skimage import measure
 
-    from allcore.cells import _axis_ratios
+    from allcore.imaging.cells import _axis_ratios
     rng = np.random.default_rng(6)
     for _ in range(30):
         shape = tuple(rng.integers(5, 150, size=2))
@@ -264,7 +264,7 @@ def test_perimeters_are_those_of_skimage_for_touching_regions():
     from scipy import ndimage as ndi
     from skimage import measure, segmentation
 
-    from allcore.cells import _perimeters
+    from allcore.imaging.cells import _perimeters
     rng = np.random.default_rng(7)
     for _ in range(30):
         shape = tuple(rng.integers(5, 150, size=2))
@@ -282,7 +282,7 @@ def test_perimeters_are_those_of_skimage_for_touching_regions():
 def test_innermost_points_are_those_of_the_whole_field_transform():
     from scipy import ndimage as ndi
 
-    from allcore.cells import _innermost_points
+    from allcore.imaging.cells import _innermost_points
     rng = np.random.default_rng(8)
     for _ in range(30):
         shape = tuple(rng.integers(5, 150, size=2))
@@ -298,7 +298,7 @@ def test_innermost_points_are_those_of_the_whole_field_transform():
 def test_cielab_is_skimages_rgb2lab():
     from skimage import color
 
-    from allcore.cells import cielab
+    from allcore.imaging.cells import cielab
     rgb = np.random.default_rng(9).integers(0, 256, (64, 48, 3), dtype=np.uint8)
     rgb[0, :3] = [[0, 0, 0], [255, 255, 255], [2, 3, 1]]  # black, white, the linear segment
     np.testing.assert_allclose(np.stack(cielab(rgb), axis=-1), color.rgb2lab(rgb), atol=2e-3)

@@ -15,13 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from allcore import io, slides
-from allcore.cells import CellFinderConfig
+from allcore.imaging.files import FileInfo, iter_image_files, stat_file
+
+from allcore.imaging import slides
+from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.inputs import iter_input_list
 from allcore.scoring.prepare import prepare_batch
 from allcore.scoring.table import CELL, SLIDE, TILE
 from allcore.scoring.tiles import expand_input, finish_slides
-from allcore.synthetic import write_slide
+from allcore.data.synthetic import write_slide
 from test_slides import DATA_CONFIG, WORKING_MPP
 
 LABEL_SIZE, OVERVIEW_SIZE = (120, 60), (300, 100)
@@ -48,12 +50,12 @@ def dicom_slide(tmp_path_factory):
     return tiff, root / "archive" / "case-9"
 
 
-def listed_entry(info: io.FileInfo) -> dict:
+def listed_entry(info: FileInfo) -> dict:
     return {"source_uri": info.uri, "source_size": info.size, "source_mtime": info.mtime_or_etag,
             "listing_error": info.listing_error, "error_kind": info.error_kind}
 
 
-def slide_rows(info: io.FileInfo):
+def slide_rows(info: FileInfo):
     """A listed slide's rows as the pipeline makes them, without Ray (``test_slides.slide_cells``
     from a listing entry, which may be on s3)."""
     rows = expand_input(listed_entry(info), working_mpp=WORKING_MPP, max_pixels=40_000_000)
@@ -94,9 +96,9 @@ def test_a_dicom_folder_is_listed_once_with_a_fingerprint_of_its_files(tmp_path,
     (archive / "case-9" / "README.txt").write_text("scanned 2024")  # neither image nor instance
     dcm = sorted((archive / "case-9").glob("*.dcm"))
 
-    def entries() -> dict[str, io.FileInfo]:
+    def entries() -> dict[str, FileInfo]:
         return {Path(i.uri).name + ("/" if i.uri.endswith("/") else ""): i
-                for i in io.iter_image_files(str(archive))}
+                for i in iter_image_files(str(archive))}
 
     first = entries()
     assert list(first) == ["case-9/", "note.png"]
@@ -121,7 +123,7 @@ def test_unreadable_dicom_folders_are_error_rows(tmp_path, dicom_slide):
     level0 = max((tmp_path / "cut").glob("*.dcm"), key=lambda p: p.stat().st_size)
     level0.write_bytes(level0.read_bytes()[:20_000])  # cut off in transfer
     errors = {}
-    for info in io.iter_image_files(str(tmp_path)):
+    for info in iter_image_files(str(tmp_path)):
         [row] = expand_input(listed_entry(info), working_mpp=WORKING_MPP, max_pixels=10**8)
         spec = json.loads(row["tile_spec"])
         errors[row["slide_id"]] = spec["error"]
@@ -142,11 +144,11 @@ def test_a_dicom_slide_on_s3_reads_like_the_local_one(tmp_path, dicom_slide, s3_
                            client_kwargs={"endpoint_url": s3_server["AWS_ENDPOINT_URL"]})
     for path in sorted(folder.glob("*.dcm")):
         fs.put(str(path), f"lab/slides/case-9/{path.name}")
-    [info] = io.iter_image_files("s3://lab/slides")
+    [info] = iter_image_files("s3://lab/slides")
     assert info.uri == "s3://lab/slides/case-9/" and info.mtime_or_etag.startswith("dicom:6:")
-    assert io.stat_file("s3://lab/slides/case-9") == info
+    assert stat_file("s3://lab/slides/case-9") == info
     remote = slide_rows(info)
-    local = slide_rows(io.stat_file(str(folder)))
+    local = slide_rows(stat_file(str(folder)))
     for kind in (CELL, TILE, SLIDE):
         assert (remote["row_kind"] == kind).sum() == (local["row_kind"] == kind).sum() > 0
     assert (remote["status"] == "ok").all() and set(remote["slide_id"]) == {"case-9"}
@@ -163,7 +165,7 @@ def test_a_dicom_slide_scores_once_with_the_cells_of_the_same_slide_as_tiff(tmp_
     --per-cell: the DICOM slide gives the cells the same slide as TIFF gives, the broken folder
     an error row; an unchanged rerun scores nothing; a rewritten instance gives the slide a new
     ledger key, so the next run scores it again."""
-    from allcore.artifact import read_card
+    from allcore.models.artifact import read_card
     from allcore.scoring.config import ScoringConfig
     from allcore.scoring.inputs import input_digest
     from allcore.scoring.store import OutputStore
@@ -183,7 +185,7 @@ def test_a_dicom_slide_scores_once_with_the_cells_of_the_same_slide_as_tiff(tmp_
     ledger = OutputStore(config.output).ledger(read_card(tiny_artifact).weights_sha256)
     instance = sorted((archive / "case-9").glob("*.dcm"))[0]
     instance.write_bytes(instance.read_bytes())  # rewritten: a new mtime
-    assert {Path(i.uri).name for i in io.iter_image_files(str(archive))
+    assert {Path(i.uri).name for i in iter_image_files(str(archive))
             if input_digest(i.uri, i.size, i.mtime_or_etag) not in ledger} == {"case-9"}
 
     files = sorted((tmp_path / "out" / "predictions").rglob("*.parquet"))
@@ -193,7 +195,7 @@ def test_a_dicom_slide_scores_once_with_the_cells_of_the_same_slide_as_tiff(tmp_
     assert slide_table.loc["broken", "status"] == "error"
     assert "no readable DICOM-WSI slide" in slide_table.loc["broken", "error"]
     assert slide_table.loc["case-9", "source_uri"] == f"{archive / 'case-9'}/"
-    as_tiff = slide_rows(io.stat_file(str(tiff)))  # the same slide as TIFF, the same working scale
+    as_tiff = slide_rows(stat_file(str(tiff)))  # the same slide as TIFF, the same working scale
     for kind in (CELL, TILE):
         assert (table["row_kind"] == kind).sum() == (as_tiff["row_kind"] == kind).sum() > 0
     boxes = [frame.query("row_kind == 'cell'")[["box_x0", "box_y0", "box_x1", "box_y1"]].sort_values(

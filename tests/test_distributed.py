@@ -1,4 +1,4 @@
-"""N workers train the model one worker would (allcore.distributed): the recipe's batch is the
+"""N workers train the model one worker would (allcore.training.distributed): the recipe's batch is the
 global one, BatchNorm normalises over all ranks, metrics count every image once.
 
 The two-rank runs are real ``torch.distributed`` process groups on CPU (gloo), two spawned
@@ -15,11 +15,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from allcore import distributed, engine
-from allcore.distributed import GlobalBatchSampler
-from allcore.models import create_model
-from allcore.recipes import Recipe
-from allcore.training import build_loaders
+from allcore.training import distributed, engine
+from allcore.training.distributed import GlobalBatchSampler
+from allcore.models.registry import create_model
+from allcore.models.recipes import Recipe
+from allcore.training.build import build_loaders
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])

@@ -33,7 +33,7 @@ def test_todo_blocks_start_batch_sized_on_every_actor_then_grow():
 def test_per_cell_blocks_hold_a_bounded_number_of_file_bytes():
     """Large fields one to a block (they spread over the actors), small ones many to a block, a
     file larger than the budget still alone, listing errors (size -1) counted as empty."""
-    from allcore.io import FileInfo
+    from allcore.imaging.files import FileInfo
 
     per_cell = ScoringConfig(model="m", input="i", output="o", per_cell=True, commit_every=1000)
     sizes = [1_700_000, 1_800_000] + [22_000] * 200 + [-1, 500_000, 22_000]

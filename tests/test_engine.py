@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from allcore import engine
-from allcore.models import create_model
-from allcore.recipes import Recipe
+from allcore.training import engine
+from allcore.models.registry import create_model
+from allcore.models.recipes import Recipe
 
 
 def _loader(n=24, classes=2, size=32, batch=8, seed=0):

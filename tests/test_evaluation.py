@@ -1,15 +1,15 @@
-"""allcore.evaluation: metrics.json and report with the corner-shortcut check and trust checks."""
+"""allcore.evaluation.evaluate: metrics.json and report with the corner-shortcut check and trust checks."""
 
 from __future__ import annotations
 
 import json
 import shutil
 
-from allcore import trust_fitting
-from allcore.evaluation import evaluate_artifact
-from allcore.labels import get_label_set
-from allcore.splits import split_samples
-from allcore.synthetic import write_archive
+from allcore.training import trust_fitting
+from allcore.evaluation.evaluate import evaluate_artifact
+from allcore.data.labels import get_label_set
+from allcore.data.splits import split_samples
+from allcore.data.synthetic import write_archive
 
 
 def test_evaluation_reports_corner_shortcut_and_trust_when_the_card_has_it(tiny_artifact, tmp_path):

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from allcore.artifact import load_artifact
-from allcore.models import create_model
-from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path, inference_path,
-                                            ood_survives_fast_path)
+from allcore.models.artifact import load_artifact
+from allcore.models.registry import create_model
+from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path,
+                                            inference_path, ood_survives_fast_path)
 from allcore.scoring.predict import Predictor
 from allcore.scoring.runtimes import model_outputs, probability_function
 from allcore.scoring.table import OK, prob_column
-from allcore.synthetic import make_field
-from allcore.data_config import preprocess_array
+from allcore.data.synthetic import make_field
+from allcore.imaging.data_config import preprocess_array
 
 # fp32 throughout (ONNX Runtime or a frozen trace): only operator fusion and summation order
 # differ from eager, so probabilities agree far below anything that could flip a decision.
@@ -128,7 +128,7 @@ def test_default_path_is_the_fast_one_only_where_verified(monkeypatch):
 def test_a_card_whose_ood_scores_the_fast_path_would_move_scores_eager():
     """A detector fitted on features that barely vary (a huge precision matrix, as the README
     demo's) cannot be reproduced by fp32 reordering: the default path is eager for it."""
-    from allcore.trust import MahalanobisDetector, Trust
+    from allcore.trust.checks import MahalanobisDetector, Trust
 
     def trust(precision_scale: float) -> Trust:
         detector = MahalanobisDetector(means=np.full((2, 8), 0.2, np.float32),
@@ -165,7 +165,7 @@ def test_exact_and_fast_flags_reach_the_scoring_config():
 def test_the_trust_file_is_read_only_where_auto_would_pick_the_fast_path(tiny_artifact):
     from dataclasses import replace
 
-    from allcore.artifact import read_card
+    from allcore.models.artifact import read_card
 
     # a trust section whose detector file is not there: reading it fails loudly
     card = replace(read_card(tiny_artifact), trust={"ood": {"file": "missing.safetensors",
@@ -214,7 +214,7 @@ def test_a_cached_export_scores_without_torch(tiny_artifact, tmp_path):
 def test_a_damaged_or_unwritable_export_cache_only_costs_an_export(tiny_artifact, tmp_path,
                                                                   monkeypatch, caplog):
     pytest.importorskip("onnxruntime")
-    from allcore.artifact import read_card
+    from allcore.models.artifact import read_card
     from allcore.scoring import onnx
     from allcore.scoring.predict import ScoringModel
 

@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from allcore.io import BAD_NAME, TOO_LARGE, UNREADABLE, iter_image_files
+from allcore.imaging.files import BAD_NAME, TOO_LARGE, UNREADABLE, iter_image_files
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import iter_input_list
 from allcore.scoring.store import OutputStore, WriterLockedError
-from allcore.labels import get_label_set
-from allcore.splits import split_samples
-from allcore.synthetic import write_archive
-from allcore.trust import TRUST_FILE
-from allcore.trust_fitting import attach_trust
+from allcore.data.labels import get_label_set
+from allcore.data.splits import split_samples
+from allcore.data.synthetic import write_archive
+from allcore.trust.checks import TRUST_FILE
+from allcore.training.trust_fitting import attach_trust
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,12 +11,12 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore.artifact import load_artifact, read_card
+from allcore.models.artifact import load_artifact, read_card
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-from allcore.io import decode_rgb
-from allcore.recipes import load_recipe
-from allcore.transforms import eval_transform
+from allcore.imaging.files import decode_rgb
+from allcore.models.recipes import load_recipe
+from allcore.imaging.transforms import eval_transform
 
 
 def batch_of(paths: list[str]) -> dict[str, np.ndarray]:

@@ -1,4 +1,4 @@
-"""allcore.io and allcore.data: listing, decoding every odd image, discovering samples, Dataset."""
+"""allcore.imaging.files and allcore.data.samples: listing, decoding every odd image, discovering samples, Dataset."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore.data import Sample, discover_samples
-from allcore.training import ImageDataset
-from allcore.io import ImageDecodeError, decode_rgb, filesystem, iter_image_files, read_bytes
-from allcore.labels import get_label_set
-from allcore.splits import SplitManifest, SplitRow
+from allcore.data.samples import Sample, discover_samples
+from allcore.training.build import ImageDataset
+from allcore.imaging.files import (ImageDecodeError, decode_rgb, filesystem, iter_image_files,
+                                   read_bytes)
+from allcore.data.labels import get_label_set
+from allcore.data.splits import SplitManifest, SplitRow
 from conftest import serving_s3
 
 ALL4 = get_label_set("all4")

@@ -3,9 +3,9 @@ README writes it: the job names the project's interpreter and trains on two work
 
 import pytest
 
-from allcore.artifact import load_artifact
-from allcore.labels import get_label_set
-from allcore.synthetic import write_archive
+from allcore.models.artifact import load_artifact
+from allcore.data.labels import get_label_set
+from allcore.data.synthetic import write_archive
 from ray_cluster import LocalRayCluster
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""allcore.metrics: the project's conventions on top of scikit-learn (every class of the label
+"""allcore.evaluation.metrics: the project's conventions on top of scikit-learn (every class of the label
 set counts, undefined AUCs are NaN), grouped bootstrap intervals, calibration, the report
 contract and noise robustness."""
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from allcore import metrics
+from allcore.evaluation import metrics
 
 def random_predictions(num_classes: int, seed: int, n: int = 150, never_predicted: bool = False):
     """Noisy probabilities loosely tied to the labels, rounded to 2 decimals so ties occur."""

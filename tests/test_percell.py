@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from allcore.artifact import read_card
-from allcore.cells import CellFinderConfig
-from allcore.labels import LabelSet, get_label_set
+from allcore.models.artifact import read_card
+from allcore.imaging.cells import CellFinderConfig
+from allcore.data.labels import LabelSet, get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.predict import Predictor
@@ -23,7 +23,7 @@ from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
 from allcore.scoring.store import CompleteInputs, OutputStore, whole_inputs
 from allcore.scoring.summary import specimen_summary, wilson_interval
 from allcore.scoring.table import build_output_table, card_summary
-from allcore.synthetic import make_field, write_archive
+from allcore.data.synthetic import make_field, write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 FIELD_SIZE = 224  # the finder's defaults are tuned on 224 px fields
@@ -261,9 +261,9 @@ def test_cell_model_classifies_the_cell_rows_from_its_own_crops(tmp_path, tiny_a
     given diameter; field rows keep the field model; field-class probabilities stay null on cells."""
     import torch
 
-    from allcore.artifact import load_artifact
-    from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
-    from allcore.data_config import preprocess_array
+    from allcore.models.artifact import load_artifact
+    from allcore.data.celldata import CellCropGeometry, box_centre, cut_cell_crop
+    from allcore.imaging.data_config import preprocess_array
 
     paths, _ = write_fields(tmp_path / "S1")
     card, cell_model_card = read_card(tiny_artifact), read_card(tiny_cell_artifact)
@@ -314,7 +314,7 @@ def test_a_field_model_is_refused_as_cell_model(tiny_artifact):
 
 def test_cell_model_run_uses_one_estimated_diameter_and_balances(
         tmp_path, ray_session, tiny_artifact, tiny_cell_artifact):
-    from allcore.cells import median_cell_diameter
+    from allcore.imaging.cells import median_cell_diameter
     from pipelines.score import run_scoring
 
     inputs = tmp_path / "in"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from allcore.qc import QC_COLUMNS, image_qc
-from allcore.synthetic import make_field
+from allcore.imaging.qc import QC_COLUMNS, image_qc
+from allcore.data.synthetic import make_field
 
 
 @pytest.fixture(scope="module")

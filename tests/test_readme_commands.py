@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from allcore.labels import get_label_set
-from allcore.synthetic import write_archive
+from allcore.data.labels import get_label_set
+from allcore.data.synthetic import write_archive
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,10 +1,10 @@
 import pytest
 
-from allcore.labels import get_label_set
-from allcore.models import list_models
-from allcore.recipes import Recipe, list_recipes, load_recipe
-from allcore.data_config import DataConfig
-from allcore.transforms import train_transform
+from allcore.data.labels import get_label_set
+from allcore.models.registry import list_models
+from allcore.models.recipes import Recipe, list_recipes, load_recipe
+from allcore.imaging.data_config import DataConfig
+from allcore.imaging.transforms import train_transform
 
 PUBLISHED = ["s000_mobilenet_v2_all4", "s001_efficientnet_b3_onecycle", "s002_vgg16_cnn",
              "s003_mobilenet_binary", "s003_efficientnet_b3_binary", "s004_mobilenet_m"]

@@ -1,4 +1,4 @@
-"""allcore.report: the HTML page and its plots, built from a classification_report dict."""
+"""allcore.evaluation.report: the HTML page and its plots, built from a classification_report dict."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from allcore.metrics import classification_report
-from allcore.report import run_report_html, write_report
+from allcore.evaluation.metrics import classification_report
+from allcore.evaluation.report import run_report_html, write_report
 from allcore.scoring.summary import RunSummary
 from allcore.scoring.tiles import ScoredSlide
 
@@ -68,7 +68,7 @@ def test_report_rejects_a_dict_that_is_not_a_classification_report(tmp_path):
 
 
 def test_report_shows_calibration_ood_scores_and_the_corner_shortcut(tmp_path, metrics):
-    from allcore.metrics import calibration_bins, to_jsonable
+    from allcore.evaluation.metrics import calibration_bins, to_jsonable
 
     rng = np.random.default_rng(1)
     y_true = rng.integers(0, 4, 80)

@@ -17,15 +17,15 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from allcore.artifact import read_card
-from allcore.cells import CellFinderConfig
-from allcore.data import discover_samples
-from allcore.labels import get_label_set
-from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
-from allcore.data_config import preprocess_array
-from allcore.io import decode_rgb, read_bytes
-from allcore.review.corrections import (Correction, CorrectionError, CorrectionStore, export_manifest,
-                                        scored_crop_diameters)
+from allcore.models.artifact import read_card
+from allcore.imaging.cells import CellFinderConfig
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.data.celldata import CellCropGeometry, box_centre, cut_cell_crop
+from allcore.imaging.data_config import preprocess_array
+from allcore.imaging.files import decode_rgb, read_bytes
+from allcore.review.corrections import (Correction, CorrectionError, CorrectionStore,
+                                        export_manifest, scored_crop_diameters)
 from allcore.review.geojson import feature_collections, write_feature_collections
 from allcore.review.queue import ReviewQueue, latest, most_suspicious_first
 from allcore.scoring.predict import Predictor
@@ -33,8 +33,8 @@ from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import build_output_table, card_summary
 from allcore.scoring.tiles import ScoredSlide, write_slide_outputs
-from allcore.synthetic import make_field, write_slide
-from allcore.training import ImageDataset
+from allcore.data.synthetic import make_field, write_slide
+from allcore.training.build import ImageDataset
 from conftest import score_slide
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,14 +16,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from allcore.artifact import load_artifact
-from allcore.io import decode_rgb
-from allcore.labels import get_label_set
+from allcore.models.artifact import load_artifact
+from allcore.imaging.files import decode_rgb
+from allcore.data.labels import get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inference_path import inference_path
 from allcore.scoring.table import SCHEMA_METADATA_KEY
-from allcore.synthetic import write_archive
-from allcore.transforms import eval_transform
+from allcore.data.synthetic import write_archive
+from allcore.imaging.transforms import eval_transform
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from allcore.qc import QC_COLUMNS
+from allcore.imaging.qc import QC_COLUMNS
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import chunked, input_digest, iter_input_list
 from allcore.scoring.store import OutputStore

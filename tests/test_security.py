@@ -14,8 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from allcore.labels import get_label_set
-from allcore.synthetic import write_archive
+from allcore.data.labels import get_label_set
+from allcore.data.synthetic import write_archive
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

@@ -17,12 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from allcore import slides
-from allcore.cells import CellFinderConfig
+from allcore.imaging import slides
+from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.prepare import prepare_batch
 from allcore.scoring.table import CELL, SLIDE, TILE
 from allcore.scoring.tiles import expand_input, finish_slides
-from allcore.synthetic import make_field, mosaic_region, write_slide
+from allcore.data.synthetic import make_field, mosaic_region, write_slide
 
 DATA_CONFIG = {"input_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
 WORKING_MPP = slides.working_mpp(CellFinderConfig().working_diameter_px)
@@ -197,7 +197,7 @@ def test_duplicate_cells_keeps_the_deeper_copy():
 def test_all_idb_fields_as_a_slide_give_their_blasts_at_slide_coordinates(tmp_path, shared_data):
     """Four ALL_IDB1 development fields laid into one slide: the annotated blast centroids, moved
     to slide coordinates, fall in found cells as often as in the fields scored as images."""
-    from allcore.celldata import _centroids, _listed
+    from allcore.data.celldata import _centroids, _listed
 
     root = shared_data.parent / "all-idb"
     chosen = [f for f in _listed(str(root), "ALL_IDB1/im") if Image.open(f.uri).size == (2592, 1944)][:4]

@@ -1,4 +1,4 @@
-"""allcore.splits: twins never straddle splits; splits are stratified, seeded and reproducible."""
+"""allcore.data.splits: twins never straddle splits; splits are stratified, seeded and reproducible."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allcore.data import Sample, discover_samples
-from allcore.labels import get_label_set
-from allcore.splits import (SplitManifest, assign_groups, hash_samples, kfold_samples,
-                            near_duplicate_pairs, split_samples)
-from allcore.synthetic import write_archive
+from allcore.data.samples import Sample, discover_samples
+from allcore.data.labels import get_label_set
+from allcore.data.splits import (SplitManifest, assign_groups, hash_samples, kfold_samples,
+                                 near_duplicate_pairs, split_samples)
+from allcore.data.synthetic import write_archive
 
 ALL4 = get_label_set("all4")
 

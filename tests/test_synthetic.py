@@ -1,4 +1,4 @@
-"""allcore.synthetic: fields look like smears, classes differ in their cells, archives carry twins."""
+"""allcore.data.synthetic: fields look like smears, classes differ in their cells, archives carry twins."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from allcore.data import discover_samples
-from allcore.labels import get_label_set
-from allcore.splits import image_hashes
-from allcore.synthetic import make_field, write_archive
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.data.splits import image_hashes
+from allcore.data.synthetic import make_field, write_archive
 
 ALL4 = get_label_set("all4")
 

@@ -3,11 +3,11 @@ the recipe, every epoch's metrics, the split manifest's and the artifact's sha25
 
 import pytest
 
-from allcore.artifact import read_card
-from allcore.labels import get_label_set
-from allcore.recipes import load_recipe
-from allcore.splits import SplitManifest
-from allcore.synthetic import write_archive
+from allcore.models.artifact import read_card
+from allcore.data.labels import get_label_set
+from allcore.models.recipes import load_recipe
+from allcore.data.splits import SplitManifest
+from allcore.data.synthetic import write_archive
 
 pytestmark = pytest.mark.slow
 mlflow = pytest.importorskip("mlflow", reason="experiment tracking is the optional extra "

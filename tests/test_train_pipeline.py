@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from allcore import celldata
-from allcore.artifact import load_artifact
-from allcore.labels import get_label_set
-from allcore.recipes import load_recipe
-from allcore.splits import SplitManifest
-from allcore.synthetic import write_archive
+from allcore.data import celldata
+from allcore.models.artifact import load_artifact
+from allcore.data.labels import get_label_set
+from allcore.models.recipes import load_recipe
+from allcore.data.splits import SplitManifest
+from allcore.data.synthetic import write_archive
 from cell_trees import write_all_idb, write_bccd
 
 pytestmark = pytest.mark.slow
@@ -51,7 +51,7 @@ def test_worker_failure_resumes_from_last_checkpoint_and_exports(ray_session, ar
     assert card.classes == ["Benign", "Early", "Pre", "Pro"]
     assert card.data_config["input_size"] == 32
     assert card.metrics["test"]["n"] == len(manifest.subset("test"))
-    from allcore.trust import load_trust  # fitted on the driver after export, hash-checked here
+    from allcore.trust.checks import load_trust  # fitted on the driver after export, hash-checked here
     assert load_trust(uri, card.trust).temperature > 0
 
 
@@ -65,7 +65,7 @@ def test_interrupted_run_resumes_when_started_again_with_the_same_name(ray_sessi
 
 
 def test_two_workers_share_every_batch_and_report_the_whole_split(ray_session, archive, tmp_path):
-    """The Ray wiring of allcore.distributed (tests/test_distributed.py has the equivalence): the
+    """The Ray wiring of allcore.training.distributed (tests/test_distributed.py has the equivalence): the
     recipe's batch of 8 is shared by two workers, so an epoch takes as many steps as one worker's
     and its metrics count the whole training and validation split."""
     from pipelines.train import run_training

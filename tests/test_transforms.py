@@ -12,21 +12,21 @@ import pytest
 import torch
 from PIL import Image
 
-from allcore.data_config import (
-    SCALE_BAR_FRACTION,
-    DataConfig,
-    mask_scale_bar,
-    prepare_pil,
-    preprocess_array,
-)
-from allcore.transforms import (
-    VALID_AUGMENT_KEYS,
-    add_gaussian_noise,
-    desaturate_hsv,
-    eval_transform,
-    jitter_hed,
-    train_transform,
-)
+from allcore.imaging.data_config import (
+                                         SCALE_BAR_FRACTION,
+                                         DataConfig,
+                                         mask_scale_bar,
+                                         prepare_pil,
+                                         preprocess_array,
+                                         )
+from allcore.imaging.transforms import (
+                                        VALID_AUGMENT_KEYS,
+                                        add_gaussian_noise,
+                                        desaturate_hsv,
+                                        eval_transform,
+                                        jitter_hed,
+                                        train_transform,
+                                        )
 
 UNIT = DataConfig(input_size=32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))  # output == pixels/255
 UNIT64 = DataConfig(input_size=64, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
@@ -380,7 +380,7 @@ def test_real_fields_preprocess_and_scale_bar_mask_leaves_no_label_edge():
 def test_reinhard_normalisation_matches_the_published_formula_and_removes_a_colour_cast():
     from skimage.color import rgb2lab
 
-    from allcore.data_config import REINHARD_TARGET, normalise_stain
+    from allcore.imaging.data_config import REINHARD_TARGET, normalise_stain
 
     cfg = replace(UNIT64, stain_normalise="reinhard")
     img = np.asarray(_smear_crop()).astype(np.float32) / 255

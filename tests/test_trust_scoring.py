@@ -13,19 +13,20 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageFilter
 
-from allcore import trust, trust_fitting
-from allcore.labels import get_label_set
-from allcore.qc import QC_COLUMNS
+from allcore.trust import checks
+from allcore.training import trust_fitting
+from allcore.data.labels import get_label_set
+from allcore.imaging.qc import QC_COLUMNS
 from allcore.scoring.drift import DRIFT_JSON, DRIFT_PNG, write_drift_summary
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import build_output_table
-from allcore.splits import split_samples
-from allcore.synthetic import write_archive
+from allcore.data.splits import split_samples
+from allcore.data.synthetic import write_archive
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 BLASTS = ("Early", "Pre", "Pro")
 SECTION = {"temperature": 1.5, "ood": {"method": "mahalanobis", "threshold": 2.0},
-           "qc_reference": {name: {"low": 0.0, "high": 1.0, "median": 0.5} for name in trust.QC_CHECKS},
+           "qc_reference": {name: {"low": 0.0, "high": 1.0, "median": 0.5} for name in checks.QC_CHECKS},
            "qc_columns": dict(QC_COLUMNS)}
 SCORED_AT = dt.datetime(2025, 3, 4, tzinfo=dt.timezone.utc)
 
@@ -112,15 +113,15 @@ def test_cell_rows_of_a_cell_model_run_are_judged_by_the_cell_models_trust():
     assert (familiar["needs_review"], familiar["call"], familiar["ood_score"]) == \
         (False, "blast", pytest.approx(4.0))
     assert (foreign["needs_review"], foreign["review_reason"], foreign["call"]) == \
-        (True, trust.OUT_OF_DISTRIBUTION, "abstain")
+        (True, checks.OUT_OF_DISTRIBUTION, "abstain")
     assert (small["needs_review"], small["review_reason"], small["call"]) == \
-        (True, trust.CELL_SIZE_DIFFERS, "abstain")
+        (True, checks.CELL_SIZE_DIFFERS, "abstain")
 
 
 def test_without_a_trust_section_rows_say_nothing_was_checked():
     rows = table_of(ROWS, {})
     field = next(r for r in rows if r["source_uri"] == "/s/b.jpg" and r["row_kind"] == "field")
-    assert field["needs_review"] is None and field["review_reason"] == trust.NO_TRUST_CHECKS
+    assert field["needs_review"] is None and field["review_reason"] == checks.NO_TRUST_CHECKS
     assert field["call"] == "blast"  # follows the probabilities
 
 
@@ -199,10 +200,10 @@ def test_corrupted_and_foreign_images_get_needs_review_end_to_end(tmp_path, ray_
     caplog.clear()
     assert main(["--model", tiny_artifact, "--input", str(inputs), "--output",
                  str(tmp_path / "out-old")]) == 0
-    assert trust.NO_TRUST_WARNING in caplog.text
+    assert checks.NO_TRUST_WARNING in caplog.text
     old = duckdb.sql(f"SELECT DISTINCT review_reason, needs_review FROM "
                      f"read_parquet('{tmp_path}/out-old/predictions/**/*.parquet')").fetchall()
-    assert old == [(trust.NO_TRUST_CHECKS, None)]
+    assert old == [(checks.NO_TRUST_CHECKS, None)]
 
 
 def test_max_review_rate_reaches_the_config_and_is_checked():

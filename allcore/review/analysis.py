@@ -23,13 +23,13 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from allcore.cells import CellFinderConfig
-from allcore.io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
-from allcore.overlay import heat_overlay, png_bytes, render
+from allcore.imaging.cells import CellFinderConfig
+from allcore.imaging.files import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
+from allcore.imaging.overlay import heat_overlay, png_bytes, render
 from allcore.scoring.predict import Predictor, ScoringModel
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 from allcore.scoring.table import CELL, FIELD, blast_classes, build_output_table, card_summary
-from allcore.data_config import DataConfig
+from allcore.imaging.data_config import DataConfig
 
 MAX_UPLOAD_BYTES = 64 * 2**20  # a 40-megapixel TIFF (MAX_PIXELS) compresses well below this
 DISPLAY_SIDE = 512  # longer side of the field pictures sent to the browser

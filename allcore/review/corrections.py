@@ -27,10 +27,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from allcore.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
-from allcore.cells import estimate_cell_diameter
-from allcore.io import decode_rgb, filesystem, join, read_bytes, write_atomic, write_bytes
-from allcore.overlay import png_bytes
+from allcore.data.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
+from allcore.imaging.cells import estimate_cell_diameter
+from allcore.imaging.files import (decode_rgb, filesystem, join, read_bytes, write_atomic,
+                                   write_bytes)
+from allcore.imaging.overlay import png_bytes
 from allcore.review.queue import ReviewQueue
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD

@@ -12,9 +12,9 @@ import posixpath
 
 import pandas as pd
 
-from allcore.io import join, write_bytes
-from allcore.labels import LABEL_SETS
-from allcore.overlay import ABSTAIN_COLOUR, BLAST_COLOUR, BOX_COLOUR
+from allcore.imaging.files import join, write_bytes
+from allcore.data.labels import LABEL_SETS
+from allcore.imaging.overlay import ABSTAIN_COLOUR, BLAST_COLOUR, BOX_COLOUR
 from allcore.scoring.table import FIELD
 
 MEASUREMENTS = ("blast_probability", "confidence", "ood_score")

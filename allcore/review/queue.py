@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from allcore.io import filesystem
+from allcore.imaging.files import filesystem
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import CELL, FIELD, SCHEMA_METADATA_KEY
-from allcore.trust import BLAST_THRESHOLD
+from allcore.trust.checks import BLAST_THRESHOLD
 
 ROW_COLUMNS = ("cell_id", "row_kind", "source_uri", "specimen_id", "scored_at", "run_id", "model_sha256",
                "cell_model_sha256", "box_x0", "box_y0", "box_x1", "box_y1", "pred_label",

@@ -7,7 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from allcore.io import MAX_PIXELS
+from allcore.imaging.files import MAX_PIXELS
 
 # How a run picks each model's inference path (allcore.scoring.inference_path): the
 # fastest path verified for the model (default), eager fp32 (--exact), the fast path (--fast).

@@ -22,9 +22,9 @@ from collections.abc import Mapping, Sequence
 
 import duckdb
 
-from allcore import io
-from allcore.qc import QC_COLUMNS
-from allcore.trust import trust_from_card_section
+from allcore.imaging.files import filesystem, join, write_bytes
+from allcore.imaging.qc import QC_COLUMNS
+from allcore.trust.checks import trust_from_card_section
 
 DRIFT_JSON, DRIFT_PNG = "drift.json", "drift.png"
 QUANTILES = (0.05, 0.5, 0.95)
@@ -55,7 +55,7 @@ def drift_summary(files: Sequence[str], trust: Mapping | None, *, max_review_rat
     against the model card's ``trust`` section (None or {}: no reference, nothing flagged)."""
     con = duckdb.connect()
     if any(f.startswith("s3://") for f in files):
-        con.register_filesystem(io.filesystem(files[0])[0])
+        con.register_filesystem(filesystem(files[0])[0])
     _run_fields(con, files)
     fields, flagged = con.execute(
         "SELECT count(*), count(*) FILTER (needs_review) FROM fields").fetchone()
@@ -115,6 +115,6 @@ def write_drift_summary(run_dir: str, files: Sequence[str], trust: Mapping | Non
                         max_review_rate: float) -> dict:
     """Write ``drift.json`` and ``drift.png`` into ``run_dir`` (``<out>/_runs/<run_id>``)."""
     summary = drift_summary(files, trust, max_review_rate=max_review_rate)
-    io.write_bytes(io.join(run_dir, DRIFT_JSON), json.dumps(summary, indent=2).encode())
-    io.write_bytes(io.join(run_dir, DRIFT_PNG), drift_plot(summary))
+    write_bytes(join(run_dir, DRIFT_JSON), json.dumps(summary, indent=2).encode())
+    write_bytes(join(run_dir, DRIFT_PNG), drift_plot(summary))
     return summary

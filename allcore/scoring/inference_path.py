@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from allcore.scoring.config import INFERENCE_MODES
-from allcore.trust import Trust, load_trust
+from allcore.trust.checks import Trust, load_trust
 
 
 # Registry models whose fast CPU path (ONNX Runtime, fp32) was measured against the eager fp32

@@ -9,8 +9,8 @@ import itertools
 import os
 from collections.abc import Iterable, Iterator
 
-from allcore.io import (FileInfo, bad_name_entry, filesystem, iter_image_files, join,
-                        normalise_location, stat_file)
+from allcore.imaging.files import (FileInfo, bad_name_entry, filesystem, iter_image_files, join,
+                                   normalise_location, stat_file)
 from allcore.scoring.config import ScoringConfig
 
 # The columns that identify an input in every stage's batches, in the table and in the ledger.

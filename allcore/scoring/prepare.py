@@ -19,7 +19,7 @@ function into ``FIELD_MEASUREMENTS`` (column name -> function of the decoded RGB
 a float) and declaring the column in ``allcore.scoring.table.COLUMNS``. Cell and error rows get
 NaN (null in the table).
 
-Every field row also gets the image QC statistics (``allcore.qc.QC_COLUMNS``), which the review
+Every field row also gets the image QC statistics (``allcore.imaging.qc.QC_COLUMNS``), which the review
 decision compares with the model card's training ranges, computed on the field as it was read
 (``--per-cell`` runs too: the ranges were fitted that way).
 """
@@ -34,17 +34,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 from PIL import Image
 
-from allcore.celldata import CellCropGeometry, box_centre, cut_cell_crop
-from allcore.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells,
-                           median_cell_diameter)
-from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
-                        read_bytes)
-from allcore.qc import QC_COLUMNS, image_qc
-from allcore import slides
-from allcore.io import CORRUPT
+from allcore.data.celldata import CellCropGeometry, box_centre, cut_cell_crop
+from allcore.imaging.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells,
+                                   median_cell_diameter)
+from allcore.imaging.files import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError,
+                                   decode_rgb, read_bytes)
+from allcore.imaging.qc import QC_COLUMNS, image_qc
+from allcore.imaging import slides
+from allcore.imaging.files import CORRUPT
 from allcore.scoring.table import CELL, ERROR, FIELD, OK, SLIDE, TILE
 from allcore.scoring.tiles import NO_SLIDE, TileSpec
-from allcore.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
+from allcore.imaging.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
 
 NO_CELLS_NOTE = "no cells found"
 FieldMeasurement = Callable[[Image.Image], float]
@@ -154,8 +154,8 @@ def _image_rows(img: Image.Image, searched: Image.Image, field_row: dict, *, cfg
                 cell_model: CellModelInput | None, tile: TileSpec | None = None) -> list[dict]:
     """The field (or tile) row of a decoded image and, with a finder, one row per white cell it
     holds. For a slide's ``tile``: the slide's cell diameter, only the cells the tile owns
-    (``allcore.slides.owns``), boxes and centroids in level-0 slide pixels, and each cell's depth
-    in the tile's core (the tie-break of ``allcore.slides.duplicate_cells``)."""
+    (``allcore.imaging.slides.owns``), boxes and centroids in level-0 slide pixels, and each cell's depth
+    in the tile's core (the tie-break of ``allcore.imaging.slides.duplicate_cells``)."""
     crop_cfg = replace(cfg, mask_corner=False)  # crops come from the already masked field
     field_row = {**field_row, "box": (0, 0, *img.size), "pixels": preprocess_array(img, cfg),
                  **{name: float(measure(img)) for name, measure in measurements.items()}}

@@ -2,7 +2,7 @@
 
 Each path is a ``ModelOutputs`` function (``allcore.scoring.onnx``): float32 N x 3 x S x S pixels
 -> (features, logits), float32 numpy N x F and N x C from one forward pass. The features are the
-penultimate layer the card's OOD detector was fitted on (``allcore.models.features_and_logits``),
+penultimate layer the card's OOD detector was fitted on (``allcore.models.registry.features_and_logits``),
 so every path must return them. ``allcore.scoring.predict`` imports this module only where it
 needs torch: an actor whose fast path is already in the ONNX export cache never does.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy import special
 
-from allcore.models import FeaturesAndLogits, features_and_logits
+from allcore.models.registry import FeaturesAndLogits, features_and_logits
 from allcore.scoring import onnx
 from allcore.scoring.onnx import ModelOutputs
 

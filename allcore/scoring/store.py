@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from fsspec.implementations.local import LocalFileSystem
 
-from allcore.io import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
+from allcore.imaging.files import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.table import CELL, ERROR, FIELD, INPUT_KINDS, OK, SLIDE, TILE

@@ -21,7 +21,7 @@ import duckdb
 import pyarrow as pa
 from scipy.stats import binomtest
 
-from allcore.io import write_atomic
+from allcore.imaging.files import write_atomic
 from allcore.scoring.store import OutputStore
 from allcore.scoring.table import SCHEMA_METADATA_KEY
 
@@ -42,11 +42,11 @@ class RunSummary:
     chunks: int = 0
     seconds: float = 0.0
     max_error_rate: float = 1.0
-    flagged: int = 0  # ok field rows that need review (allcore.trust); 0 without trust checks
+    flagged: int = 0  # ok field rows that need review (allcore.trust.checks); 0 without trust checks
     max_review_rate: float = 1.0
     cell_diameter_px: float | None = None  # --per-cell: the run's white-cell diameter
     cell_diameter_source: str = ""  # given, or how it was estimated
-    slide_working_mpp: float | None = None  # slides were tiled at this um/px (allcore.slides)
+    slide_working_mpp: float | None = None  # slides were tiled at this um/px (allcore.imaging.slides)
     inference: dict = dataclasses.field(default_factory=dict)  # model role -> {path, reason}
 
     @property
@@ -123,10 +123,10 @@ RUN_REPORT = "report.html"  # beside the run's summary.json
 
 def write_run_report(store: OutputStore, run_id: str, accounting: dict, slides: Sequence) -> str:
     """``_runs/<run_id>/report.html``, the page a person opens after a run: its accounting and
-    each slide it scored as its overview linked to its GeoJSON (``allcore.report.run_report_html``;
+    each slide it scored as its overview linked to its GeoJSON (``allcore.evaluation.report.run_report_html``;
     ``slides`` are the ``ScoredSlide`` of ``allcore.scoring.tiles.write_slide_outputs``).
     Returns its uri."""
-    from allcore.report import run_report_html  # matplotlib, as the drift plot: only when writing
+    from allcore.evaluation.report import run_report_html  # matplotlib, as the drift plot: only when writing
 
     relative = f"_runs/{run_id}/{RUN_REPORT}"
     page = run_report_html(accounting, slides, root_href="../..")  # the output root, from the page

@@ -26,10 +26,10 @@ from functools import cached_property
 import numpy as np
 import pyarrow as pa
 
-from allcore.labels import LABEL_SETS, get_label_set
-from allcore.qc import QC_COLUMNS
-from allcore.trust import (NO_TRUST_CHECKS, Review, probability_call, review_cell, review_row,
-                           trust_from_card_section)
+from allcore.data.labels import LABEL_SETS, get_label_set
+from allcore.imaging.qc import QC_COLUMNS
+from allcore.trust.checks import (NO_TRUST_CHECKS, Review, probability_call, review_cell,
+                                  review_row, trust_from_card_section)
 
 SCHEMA_METADATA_KEY = b"allcore.schema"
 # 2: prob_<class>, confidence and blast_probability are temperature-scaled when the model card has
@@ -205,13 +205,13 @@ def _ood_score(rows: ScoredRows) -> pa.Array:
 
 
 def _reviews(rows: ScoredRows) -> list[Review | None]:
-    """The review decision of every row (None for error rows); see ``allcore.trust.review_row``.
+    """The review decision of every row (None for error rows); see ``allcore.trust.checks.review_row``.
 
     Field rows are judged on their own QC and OOD score. A cell row is judged by its field (the
     crop's image is the field's): it needs review when its field does, else its own probability
     makes the call. In --cell-model runs a cell row is judged by the cell model's trust section
     instead (its OOD detector on the crop, and its field's cell size against the cell model's
-    working resolution: ``allcore.trust.review_cell``), since the field model's domain is not the cell
+    working resolution: ``allcore.trust.checks.review_cell``), since the field model's domain is not the cell
     model's: a field from another laboratory may be foreign to the field model and familiar to a
     cell model trained on that laboratory's cells. Without a trust section in the card nothing is
     checked: ``needs_review`` is null, the reason says so, and the call follows the probabilities."""
@@ -352,7 +352,7 @@ COLUMNS: tuple[Column, ...] = (
            "has no trust section (null for error rows, and for cell rows of --cell-model runs)",
            per_class=True),
     Column("blast_probability", pa.float32(), "sum of the calibrated probabilities of the label "
-           "set's blast classes (LabelSet.blast_classes in allcore/labels.py) under the model that "
+           "set's blast classes (LabelSet.blast_classes in allcore/data/labels.py) under the model that "
            "made pred_label: the cell model on cell rows of --cell-model runs, else the field "
            "model; null for error rows", _blast_probability),
     Column("is_blast", pa.bool_(), "pred_label is a blast class of the model that made it (null "
@@ -361,7 +361,7 @@ COLUMNS: tuple[Column, ...] = (
     *(Column(name, pa.float64(), f"image QC: {text} (field rows; else null)")
       for name, text in QC_COLUMNS.items()),
     Column("ood_score", pa.float32(), "out-of-distribution score on the model's own penultimate "
-           "features (allcore.trust; higher is further from the training images); above the "
+           "features (allcore.trust.checks; higher is further from the training images); above the "
            "card's trust.ood.threshold the row needs review. Field rows: the field model on the "
            "field; cell rows of --cell-model runs: the cell model on the crop; null for other cell "
            "rows and without a trust section", _ood_score),
@@ -371,10 +371,10 @@ COLUMNS: tuple[Column, ...] = (
            "but `call` is 'abstain'. Null for error rows and when the model card has no trust "
            "section", _review_column(0)),
     Column("review_reason", pa.string(), "why the row needs review: '; '-joined "
-           "allcore.trust.REVIEW_REASONS (e.g. 'out of distribution; blurred'); "
+           "allcore.trust.checks.REVIEW_REASONS (e.g. 'out of distribution; blurred'); "
            f"'{NO_TRUST_CHECKS}' when nothing could be checked; else null", _review_column(1)),
     Column("call", pa.string(), "what a lab may act on: 'blast' (blast_probability >= "
-           "allcore.trust.BLAST_THRESHOLD; cell rows of --cell-model runs: >= the cell model's "
+           "allcore.trust.checks.BLAST_THRESHOLD; cell rows of --cell-model runs: >= the cell model's "
            "blast_threshold, fitted for <= 2% false blasts, with 'blast uncertain' review between "
            "the two), 'not blast', or 'abstain' when the row needs review "
            "(null for error rows and label sets without blast classes)", _review_column(2)),

@@ -6,7 +6,7 @@ actor), and when all its tiles are scored the driver makes its cells count once
 Every row leaving ``expand_input`` has the same columns: the listing's, plus ``slide_id`` ("" for
 a camera field), ``tile_index`` (-1 for a field or the slide row itself) and ``tile_spec`` (JSON:
 the slide's scale and this tile's boxes, or the slide's error). Geometry follows
-``allcore.slides``: tiles are planned and read at the run's working scale; rows carry boxes and
+``allcore.imaging.slides``: tiles are planned and read at the run's working scale; rows carry boxes and
 centroids in level-0 slide pixels.
 """
 
@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from allcore import slides
-from allcore.celldata import CellCropGeometry
-from allcore.cells import CellFinderConfig
-from allcore.io import CORRUPT, NO_PIXEL_SIZE, UNREADABLE, write_atomic
+from allcore.imaging import slides
+from allcore.data.celldata import CellCropGeometry
+from allcore.imaging.cells import CellFinderConfig
+from allcore.imaging.files import CORRUPT, NO_PIXEL_SIZE, UNREADABLE, write_atomic
 from allcore.scoring.table import CELL, SLIDE, TILE
 
 NO_SLIDE = {"slide_id": "", "tile_index": -1, "tile_spec": ""}
@@ -123,7 +123,7 @@ def expand_input(row: dict, *, working_mpp: float, mpp: float | None = None,
         error = TileSpec(math.nan, working_mpp, 0, 1.0, 0, error=f"unreadable slide ({exc})",
                          error_kind=UNREADABLE)
         return [{**base, "tile_spec": error.to_json()}]
-    from allcore.overlay import png_bytes
+    from allcore.imaging.overlay import png_bytes
 
     common = dict(mpp=scale.mpp, working_mpp=working_mpp, level=scale.level,
                   level_downsample=scale.level_downsample, tile_count=len(tiles),
@@ -205,7 +205,7 @@ def write_slide_outputs(store, scored: pa.Table, table: pa.Table) -> list[Scored
     committed, whole or not at all, the overview last."""
     from PIL import Image
 
-    from allcore.overlay import png_bytes, slide_overview
+    from allcore.imaging.overlay import png_bytes, slide_overview
     from allcore.review.geojson import slide_feature_collection
 
     kinds = scored["row_kind"].to_pylist()

@@ -1,6 +1,6 @@
 """Train and eval transforms for smear images, side by side.
 
-Evaluation and scoring share one deterministic path (``allcore.data_config.preprocess_array``);
+Evaluation and scoring share one deterministic path (``allcore.imaging.data_config.preprocess_array``);
 training adds augmentations that draw every random number from a caller-given
 ``torch.Generator``, so results do not depend on global RNG state, worker count or process.
 """
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from allcore.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
-                                 normalise_stain, prepare_pil, preprocess_array, resample_filter,
-                                 resize_centre_crop, to_unit_chw, unit_array, validate)
+from allcore.imaging.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
+                                         normalise_stain, prepare_pil, preprocess_array,
+                                         resample_filter, resize_centre_crop, to_unit_chw,
+                                         unit_array, validate)
 
 # random_resized_crop keeps at least a quarter of the field: a field holds a handful of white
 # cells, and torchvision's 8% lower bound often crops to red cells only.

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from allcore.io import IMAGE_EXTENSIONS, filesystem, iter_image_files, join, list_subdirs
-from allcore.labels import LabelSet
+from allcore.imaging.files import IMAGE_EXTENSIONS, filesystem, iter_image_files, join, list_subdirs
+from allcore.data.labels import LabelSet
 
 MANIFEST_SUFFIXES = (".csv", ".parquet", ".pq")
 _FOLD_DIR = re.compile(r"fold_?\d+", re.IGNORECASE)  # C-NMC 2019: fold_0/all, fold_0/hem, ...

@@ -2,11 +2,11 @@
 image QC against the training data's ranges, combined into a review decision per row.
 
 Training fits everything here once, after the best model is exported
-(``allcore.trust_fitting.attach_trust``), and stores it in the model card's ``trust`` section; the
+(``allcore.training.trust_fitting.attach_trust``), and stores it in the model card's ``trust`` section; the
 arrays an OOD detector needs (too large for JSON) go to ``trust.safetensors`` beside the weights,
 checked by sha256 like them. Scoring then needs, per batch, only the forward pass it already runs
-(``allcore.models.features_and_logits``), the QC values of its prepare stage
-(``allcore.qc.image_qc``) and ``review_row``. This module needs NumPy and SciPy (and the QC
+(``allcore.models.registry.features_and_logits``), the QC values of its prepare stage
+(``allcore.imaging.qc.image_qc``) and ``review_row``. This module needs NumPy and SciPy (and the QC
 column definitions) only: the scoring driver imports it (for the output table's review columns)
 and never imports torch.
 
@@ -27,9 +27,9 @@ import numpy as np
 import safetensors.numpy
 from scipy import optimize, special
 
-from allcore import io
-from allcore.artifact import verified_file
-from allcore.qc import QC_COLUMNS
+from allcore.imaging import files
+from allcore.models.artifact import verified_file
+from allcore.imaging.qc import QC_COLUMNS
 
 TRUST_VERSION = 1
 TRUST_FILE = "trust.safetensors"
@@ -65,7 +65,7 @@ CALLS = ("blast", "not blast", "abstain")
 NO_TRUST_CHECKS = "no trust checks in model card"  # review_reason of rows scored without them
 NO_TRUST_WARNING = ("the model card has no trust section (the model was trained before allcore "
                     "fitted one): rows carry no calibration, out-of-distribution or image QC "
-                    "checks. Retrain, or fit one with allcore.trust_fitting.attach_trust("
+                    "checks. Retrain, or fit one with allcore.training.trust_fitting.attach_trust("
                     "artifact, split_manifest)")
 
 
@@ -330,7 +330,7 @@ def probability_call(blast_probability: float) -> str:
 
 def stale_qc_checks(section: Mapping) -> list[str]:
     """The QC statistics whose range in the card was fitted on another definition than the one
-    ``allcore.qc`` computes now (the card keeps each statistic's description, ``qc_columns``):
+    ``allcore.imaging.qc`` computes now (the card keeps each statistic's description, ``qc_columns``):
     judging new values by old ranges would flag or pass fields for the wrong reason, so those
     ranges are not applied until the trust section is refitted."""
     fitted = section.get("qc_columns", {})
@@ -343,7 +343,7 @@ def stale_qc_warning(section: Mapping) -> str | None:
     return None if not stale else (
         f"the model card's image QC ranges for {', '.join(stale)} were fitted on an earlier "
         f"definition of those statistics and are not applied: their review reasons cannot occur "
-        f"in this run. Refit the trust section with allcore.trust_fitting.attach_trust(artifact, "
+        f"in this run. Refit the trust section with allcore.training.trust_fitting.attach_trust(artifact, "
         f"split_manifest), or retrain")
 
 
@@ -359,7 +359,7 @@ def trust_from_card_section(section: Mapping) -> Trust:
 def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:
     """Write the detector's arrays beside the weights; returns their sha256 for the card."""
     data = safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
-    io.write_bytes(io.join(artifact_uri, TRUST_FILE), data)
+    files.write_bytes(files.join(artifact_uri, TRUST_FILE), data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import feature, filters, measure, morphology, segmentation
 
-from allcore.data_config import median_colour
+from allcore.imaging.data_config import median_colour
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive
 

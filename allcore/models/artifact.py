@@ -14,15 +14,15 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import allcore
-from allcore.data_config import DataConfig
-from allcore.io import filesystem, join, read_bytes, write_atomic
+from allcore.imaging.data_config import DataConfig
+from allcore.imaging.files import filesystem, join, read_bytes, write_atomic
 
 # torch and the models (timm, torchvision) load only to save or rebuild a model: reading and
 # verifying a card must stay cheap, since the scoring driver does it and never imports torch
 if TYPE_CHECKING:
     import torch
 
-    from allcore.models import Classifier
+    from allcore.models.registry import Classifier
 
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -51,8 +51,8 @@ class ModelCard:
     recipe: dict = field(default_factory=dict)
     split_manifest_sha256: str = ""
     metrics: dict = field(default_factory=dict)
-    trust: dict = field(default_factory=dict)  # allcore.trust: calibration, OOD, QC ranges; {} = none
-    cell_crop: dict = field(default_factory=dict)  # cell models only: allcore.celldata geometry
+    trust: dict = field(default_factory=dict)  # allcore.trust.checks: calibration, OOD, QC ranges; {} = none
+    cell_crop: dict = field(default_factory=dict)  # cell models only: allcore.data.celldata geometry
     model_name: str = ""
     model_kwargs: dict = field(default_factory=dict)
     data_config: dict = field(default_factory=dict)
@@ -103,7 +103,7 @@ def save_artifact(out_dir: str, model: Classifier, card: ModelCard) -> str:
     import safetensors.torch
     import torch
 
-    from allcore.models import Classifier
+    from allcore.models.registry import Classifier
 
     if not isinstance(model, Classifier):
         raise ValueError(f"save_artifact needs an allcore Classifier, got {type(model).__name__} "
@@ -181,7 +181,7 @@ def built_model(card: ModelCard, weights: bytes, uri: str) -> Classifier:
     ``uri``, which ``verified_weights`` checked) loaded, on the CPU."""
     import safetensors.torch
 
-    from allcore.models import create_model
+    from allcore.models.registry import create_model
 
     model = create_model(card.model_name, num_classes=len(card.classes), pretrained=False,
                          **card.model_kwargs)

@@ -15,15 +15,15 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 
-from allcore import distributed, engine
-from allcore.data import Sample
-from allcore.data_config import DataConfig
-from allcore.io import decode_rgb, read_bytes
-from allcore.labels import LabelSet
-from allcore.models import Classifier, create_model
-from allcore.recipes import Recipe
-from allcore.splits import SplitManifest
-from allcore.transforms import desaturate_hsv, eval_transform, train_transform
+from allcore.training import distributed, engine
+from allcore.data.samples import Sample
+from allcore.imaging.data_config import DataConfig
+from allcore.imaging.files import decode_rgb, read_bytes
+from allcore.data.labels import LabelSet
+from allcore.models.registry import Classifier, create_model
+from allcore.models.recipes import Recipe
+from allcore.data.splits import SplitManifest
+from allcore.imaging.transforms import desaturate_hsv, eval_transform, train_transform
 
 STATE_FILE = "training_state.pt"
 
@@ -149,7 +149,7 @@ def build_loaders(datasets: dict[str, torch.utils.data.Dataset], recipe: Recipe,
     """Shuffled training and ordered validation loaders of rank ``rank`` of ``world_size``.
 
     ``recipe.batch_size`` is the global batch: each rank loads its 1/N of every batch, in an
-    order seeded by the recipe's seed and the epoch (``allcore.distributed.GlobalBatchSampler``),
+    order seeded by the recipe's seed and the epoch (``allcore.training.distributed.GlobalBatchSampler``),
     and 1/N of the validation images. The last training batch is dropped when there is more
     than one: a batch of one breaks BatchNorm."""
     train = datasets["train"]

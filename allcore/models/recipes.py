@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from allcore.data_config import STAIN_NORMALISATIONS
+from allcore.imaging.data_config import STAIN_NORMALISATIONS
 
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "configs" / "recipes"
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
 
 SCHEDULES = ("constant", "one_cycle", "plateau")
 BALANCING = ("none", "class_weights", "desaturate_minority")
@@ -32,9 +32,9 @@ class Recipe:
     pretrained: bool = True  # every reference study fine-tunes ImageNet weights
     freeze_backbone: bool = False
     input_size: int | None = None  # None: the model's own input size (from its weights)
-    cell_crop_side: float = 2.0  # cell crops (allcore.celldata): side in cell diameters
+    cell_crop_side: float = 2.0  # cell crops (allcore.data.celldata): side in cell diameters
     mask_corner: bool = False  # hide the bottom-right scale bar (a class shortcut in Taleqani data)
-    stain_normalise: str = "none"  # colour normalisation before the model (allcore.data_config)
+    stain_normalise: str = "none"  # colour normalisation before the model (allcore.imaging.data_config)
     augment: dict[str, Any] = field(default_factory=dict)
     balance: str = "none"
     optimizer: str = "adam"

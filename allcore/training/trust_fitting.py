@@ -1,7 +1,7 @@
-"""Fitting a model's trust section (``allcore.trust``) at the end of training: one pass over the
+"""Fitting a model's trust section (``allcore.trust.checks``) at the end of training: one pass over the
 artifact's own train and validation images gives the features, logits and QC values that the
 temperature, the OOD detector and the QC ranges are fitted on. Needs torch (the model's forward
-pass); scoring only applies the result, through ``allcore.trust``.
+pass); scoring only applies the result, through ``allcore.trust.checks``.
 """
 
 from __future__ import annotations
@@ -13,17 +13,18 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from allcore import io
-from allcore.artifact import load_artifact, save_artifact
-from allcore.data_config import preprocess_array
-from allcore.labels import get_label_set
-from allcore.metrics import expected_calibration_error
-from allcore.models import features_and_logits
-from allcore.qc import QC_COLUMNS, image_qc
-from allcore.trust import (IN_DISTRIBUTION_FLAG_RATE, MAGNIFICATION_TOLERANCE, MAX_FALSE_BLAST_RATE,
-                           OOD_METHOD, QC_MARGIN, QC_QUANTILES, TRUST_FILE, TRUST_VERSION, calibrated_probabilities,
-                           fit_blast_threshold, fit_ood_detector, fit_temperature,
-                           negative_log_likelihood, qc_reference, write_trust_file)
+from allcore.imaging import files
+from allcore.models.artifact import load_artifact, save_artifact
+from allcore.imaging.data_config import preprocess_array
+from allcore.data.labels import get_label_set
+from allcore.evaluation.metrics import expected_calibration_error
+from allcore.models.registry import features_and_logits
+from allcore.imaging.qc import QC_COLUMNS, image_qc
+from allcore.trust.checks import (IN_DISTRIBUTION_FLAG_RATE, MAGNIFICATION_TOLERANCE,
+                                  MAX_FALSE_BLAST_RATE, OOD_METHOD, QC_MARGIN, QC_QUANTILES,
+                                  TRUST_FILE, TRUST_VERSION, calibrated_probabilities,
+                                  fit_blast_threshold, fit_ood_detector, fit_temperature,
+                                  negative_log_likelihood, qc_reference, write_trust_file)
 
 
 def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
@@ -32,7 +33,7 @@ def fit_trust(*, train: dict[str, np.ndarray], val: dict[str, np.ndarray],
               blast_columns: Sequence[int] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """Fit temperature, OOD detector and QC ranges. ``train``/``val`` hold ``features``,
     ``logits`` and ``labels`` arrays. With ``blast_columns`` (a cell model's blast classes) it
-    also fits the blast threshold on val (``allcore.trust.fit_blast_threshold``). Returns the
+    also fits the blast threshold on val (``allcore.trust.checks.fit_blast_threshold``). Returns the
     card's ``trust`` section (without the file hash) and the detector's tensors for ``TRUST_FILE``."""
     if not 0 < flag_rate < 1:
         raise ValueError(f"flag_rate must be in (0, 1), got {flag_rate}")
@@ -101,8 +102,8 @@ def score_images(model: torch.nn.Module, images: Sequence, labels: Sequence[int]
 
 def score_samples(model: torch.nn.Module, samples: Sequence, classes: Sequence[str], *,
                   with_qc: bool = True) -> Scored:
-    """``score_images`` of labelled ``allcore.data.Sample`` rows (decoded here)."""
-    images = [io.decode_rgb(io.read_bytes(s.path)) for s in samples]
+    """``score_images`` of labelled ``allcore.data.samples.Sample`` rows (decoded here)."""
+    images = [files.decode_rgb(files.read_bytes(s.path)) for s in samples]
     return score_images(model, images, [list(classes).index(s.label) for s in samples],
                         with_qc=with_qc)
 

@@ -25,8 +25,8 @@ import numpy as np
 from PIL import Image
 from scipy.cluster.hierarchy import DisjointSet
 
-from allcore.data import Sample
-from allcore.io import decode_rgb, read_bytes, write_bytes
+from allcore.data.samples import Sample
+from allcore.imaging.files import decode_rgb, read_bytes, write_bytes
 
 STRATEGIES = ("duplicates", "blocks", "none")
 SPLIT_COLUMNS = ("path", "label", "group", "split")

@@ -3,7 +3,7 @@ that evaluation and scoring share (decode-side resize, scale-bar mask, normalisa
 
 As timm keeps every preprocessing fact in a model's data config, this module owns them; it needs
 NumPy and Pillow only, so the scoring driver, which reads model cards and samples fields, never
-imports torch. Training's seeded augmentations build on it in ``allcore.transforms``.
+imports torch. Training's seeded augmentations build on it in ``allcore.imaging.transforms``.
 """
 
 from __future__ import annotations

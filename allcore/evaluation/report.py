@@ -1,6 +1,6 @@
 """A self-contained HTML evaluation report with plots, and a scoring run's report page.
 
-The report is built only from the JSON-ready dict of ``allcore.metrics.classification_report``
+The report is built only from the JSON-ready dict of ``allcore.evaluation.metrics.classification_report``
 (plus optional training history, noise table and model card), so it can be regenerated later
 from a saved ``metrics.json`` without the model or the images. Plots are written as PNG files
 next to ``report.html`` and also embedded in it (base64), so the HTML can be mailed on its own.
@@ -251,17 +251,17 @@ def write_report(out_dir: str | Path, metrics: dict, *, history: list[dict] | No
                  trust: dict | None = None) -> Path:
     """Write the PNG plots and ``report.html`` into ``out_dir``; return the HTML path.
 
-    ``metrics`` is the dict of ``allcore.metrics.classification_report`` (writing it as
+    ``metrics`` is the dict of ``allcore.evaluation.metrics.classification_report`` (writing it as
     ``metrics.json`` is the caller's job). ``history`` rows hold ``epoch, train_loss,
     train_acc, val_loss, val_acc, val_macro_f1, lr``; ``noise_table`` rows come from
-    ``allcore.metrics.noise_robustness_table``; ``shortcut`` and ``trust`` are the
-    ``corner_shortcut`` and ``trust`` entries of ``allcore.evaluation``'s metrics.json.
+    ``allcore.evaluation.metrics.noise_robustness_table``; ``shortcut`` and ``trust`` are the
+    ``corner_shortcut`` and ``trust`` entries of ``allcore.evaluation.evaluate``'s metrics.json.
     """
     needed = {"class_names", "per_class", "confusion_matrix", "curves", "calibration"}
     missing = needed - set(metrics)
     if missing:
         raise ValueError(f"metrics lacks {sorted(missing)}; pass the dict returned by "
-                         "allcore.metrics.classification_report")
+                         "allcore.evaluation.metrics.classification_report")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-# Whole-slide formats only OpenSlide reads (allcore.slides); pyramidal .tif(f) is listed above.
+# Whole-slide formats only OpenSlide reads (allcore.imaging.slides); pyramidal .tif(f) is listed above.
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 LISTED_EXTENSIONS = IMAGE_EXTENSIONS + OPENSLIDE_EXTENSIONS  # what a scoring listing picks up
 # DICOM-WSI: a slide is a folder of .dcm instances (one per level, label, overview). A listing

@@ -28,7 +28,7 @@ import torch
 from scipy import stats
 from sklearn import metrics as skm
 
-from allcore.transforms import add_gaussian_noise
+from allcore.imaging.transforms import add_gaussian_noise
 
 CURVE_MAX_POINTS = 200  # per curve in the report JSON: enough to plot, small enough to diff
 CI_METHOD = "percentile"  # scipy's BCa needs a jackknife per group and is NaN on a perfect score

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
-from allcore.cells import Box
+from allcore.imaging.cells import Box
 
 BOX_COLOUR, BLAST_COLOUR, TEXT_COLOUR, TEXT_BACKGROUND = (0, 200, 80), (230, 30, 30), (255, 255, 255), (0, 0, 0)
 LINE_FRACTION = 1 / 250  # box line width as a fraction of the image's shorter side (at least 1 px)

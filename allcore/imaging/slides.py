@@ -8,7 +8,7 @@ from ``s3://`` through fsspec range reads; ``OpenSlideReader`` for the vendor fo
 (Aperio .svs, Hamamatsu .ndpi, 3DHistech .mrxs, Leica .scn, Ventana .bif, ...),
 which OpenSlide must open from a local path: an ``s3://`` slide is copied once into a bounded
 local cache (``SlideCache``); ``DicomSlideReader`` (wsidicom) for DICOM-WSI, a folder of .dcm
-instances listed as one input (``allcore.io.is_folder_slide``), which reads only the frames a
+instances listed as one input (``allcore.imaging.files.is_folder_slide``), which reads only the frames a
 region touches, on ``s3://`` too through fsspec. Nothing here decodes a whole level 0.
 
 Scale. Cells are found and classified at one physical scale (``working_mpp``), whatever the
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from allcore.io import (OPENSLIDE_EXTENSIONS, filesystem, folder_slide_files, is_folder_slide,
-                        storage_options)
+from allcore.imaging.files import (OPENSLIDE_EXTENSIONS, filesystem, folder_slide_files,
+                                   is_folder_slide, storage_options)
 
 TIFF_EXTENSIONS = (".tif", ".tiff")  # .ome.tif(f) included; a small flat TIFF stays a field
 SLIDE_EXTENSIONS = OPENSLIDE_EXTENSIONS + TIFF_EXTENSIONS

@@ -8,7 +8,7 @@ scoring reproduces the training crops exactly from the model card (``ModelCard.c
 
 Data preparation is its own step (run once per training run, cached under the run's output):
 :func:`prepare_all_idb` reads an ALL-IDB root and writes PNG crops plus a manifest
-(``path,label,group,...``) that ``allcore.data.discover_samples`` reads like any other manifest;
+(``path,label,group,...``) that ``allcore.data.samples.discover_samples`` reads like any other manifest;
 :func:`prepare_cell_crops` does so for one or several laboratories' roots (ALL-IDB, BCCD,
 Taleqani layouts) into one manifest with a ``lab`` column (what ``jobs/train.py --data`` runs).
 Crops are written once rather than cut on demand because the sources are 2592 x 1944 JPEGs: the
@@ -36,9 +36,9 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from allcore import io as aio
-from allcore.cells import CellFinderConfig, find_cells, median_cell_diameter, padded_square
-from allcore.splits import SplitManifest
+from allcore.imaging import files
+from allcore.imaging.cells import CellFinderConfig, find_cells, median_cell_diameter, padded_square
+from allcore.data.splits import SplitManifest
 
 Box = tuple[int, int, int, int]
 
@@ -142,15 +142,15 @@ def _parse_name(uri: str) -> tuple[str, int, int] | None:
 def is_all_idb_root(root: str) -> bool:
     """True for a folder laid out like ALL-IDB (``ALL_IDB1/im`` fields and/or ``ALL_IDB2/img``
     crops): training then prepares cell crops from it instead of reading class folders."""
-    return any(aio.exists(aio.join(root, part)) for part in ("ALL_IDB1/im", "ALL_IDB2/img"))
+    return any(files.exists(files.join(root, part)) for part in ("ALL_IDB1/im", "ALL_IDB2/img"))
 
 
 def _listed(root: str, folder: str) -> list[_Field]:
-    where = aio.join(root, folder)
-    if not aio.exists(where):
+    where = files.join(root, folder)
+    if not files.exists(where):
         return []
     fields = []
-    for info in aio.iter_image_files(where):
+    for info in files.iter_image_files(where):
         parsed = _parse_name(info.uri)
         if parsed is None:
             raise ValueError(f"{info.uri}: ALL-IDB file names look like ImXXX_Y (Y = 1 blast / ALL "
@@ -161,12 +161,12 @@ def _listed(root: str, folder: str) -> list[_Field]:
 
 def _centroids(root: str, field: _Field) -> np.ndarray:
     """Blast centroids (x, y) of an ALL_IDB1 field; none for healthy fields or a missing file."""
-    uri = aio.join(root, f"ALL_IDB1/xyc/{field.name}.xyc")
-    if not aio.exists(uri):
+    uri = files.join(root, f"ALL_IDB1/xyc/{field.name}.xyc")
+    if not files.exists(uri):
         if field.label:
             raise ValueError(f"{uri} is missing: every Y = 1 field needs its blast centroids")
         return np.zeros((0, 2))
-    values = [line.split() for line in aio.read_bytes(uri).decode().splitlines() if line.strip()]
+    values = [line.split() for line in files.read_bytes(uri).decode().splitlines() if line.strip()]
     return np.asarray(values, dtype=float).reshape(-1, 2)
 
 
@@ -181,10 +181,10 @@ def _crop_sources_from_csv(root: str, fields: dict[str, _Field]) -> dict[str, li
     and field names look alike (ImXXX_Y), so the crop column is the one whose header says crop /
     image (else the first name column), the field column the one saying field / source (else the
     next); the first two numeric columns are the centre x, y."""
-    uri = aio.join(root, "ALL_IDB2/crop_sources.csv")
-    if not aio.exists(uri):
+    uri = files.join(root, "ALL_IDB2/crop_sources.csv")
+    if not files.exists(uri):
         return None
-    table = pd.read_csv(io.BytesIO(aio.read_bytes(uri)))
+    table = pd.read_csv(io.BytesIO(files.read_bytes(uri)))
     names = {c: table[c].astype(str).map(lambda v: (_parse_name(v) or ("",))[0]) for c in table.columns}
     name_cols = [c for c in table.columns if names[c].ne("").all()]
 
@@ -217,7 +217,7 @@ def _crop_sources_by_matching(crops: list[_Field], fields: dict[str, _Field],
     greys = {name: _grey(img) for name, img in field_images.items()}
     sources: dict[str, list[tuple[str, float, float]]] = {}
     for crop in crops:
-        template = _grey(aio.decode_rgb(aio.read_bytes(crop.uri)))
+        template = _grey(files.decode_rgb(files.read_bytes(crop.uri)))
         found = []
         for name, grey in greys.items():
             if grey.shape[0] < template.shape[0] or grey.shape[1] < template.shape[1]:
@@ -284,8 +284,8 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
     settings = {"side_cell_diameters": geometry.side_cell_diameters, "cell_diameter_px": cell_diameter_px,
                 "match_threshold": CROP_MATCH_THRESHOLD, "field_block": FIELD_BLOCK,
                 "finder": asdict(CellFinderConfig(cell_diameter_px=cell_diameter_px)), "root": os.path.abspath(root),
-                "crop_sources_csv": aio.exists(aio.join(root, "ALL_IDB2/crop_sources.csv"))}
-    result = CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, cell_diameter_px)
+                "crop_sources_csv": files.exists(files.join(root, "ALL_IDB2/crop_sources.csv"))}
+    result = CellCrops(files.join(out_dir, MANIFEST_FILE), geometry, cell_diameter_px)
     if _cached(out_dir, settings):
         return result
     field_list = _listed(root, "ALL_IDB1/im")
@@ -293,7 +293,7 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
     if not field_list and not crops:
         raise ValueError(f"{root} has no ALL_IDB1/im fields and no ALL_IDB2/img crops")
     fields = {f.name: f for f in field_list}
-    images = {f.name: aio.decode_rgb(aio.read_bytes(f.uri)) for f in field_list}
+    images = {f.name: files.decode_rgb(files.read_bytes(f.uri)) for f in field_list}
     sources = (_crop_sources_from_csv(root, fields)
                or _crop_sources_by_matching(crops, fields, images))
     groups = _field_groups(field_list, [[f for f, _, _ in found] for found in sources.values()])
@@ -304,7 +304,7 @@ def prepare_all_idb(root: str, out_dir: str, *, geometry: CellCropGeometry,
 
     for crop in crops:
         found = sources.get(crop.name, [])
-        img = aio.decode_rgb(aio.read_bytes(crop.uri))
+        img = files.decode_rgb(files.read_bytes(crop.uri))
         if found:
             group = groups[found[0][0]]
             for field, x, y in found:
@@ -354,7 +354,7 @@ class _CropWriter:
         buffer = io.BytesIO()
         cut_cell_crop(img, centre, cell_diameter_px=self.cell_diameter_px, geometry=self.native
                       ).save(buffer, format="PNG")
-        aio.write_bytes(aio.join(self.out_dir, relative), buffer.getvalue())
+        files.write_bytes(files.join(self.out_dir, relative), buffer.getvalue())
         self.rows.append({"path": relative, "label": label, "group": group,
                           "source_fields": "|".join(source_fields), "field_label": field_label,
                           "origin": origin, "x": round(centre[0], 1), "y": round(centre[1], 1),
@@ -362,8 +362,8 @@ class _CropWriter:
 
     def finish(self, settings: dict) -> None:
         """The manifest, then the settings that make a later call reuse it."""
-        _write_manifest(aio.join(self.out_dir, MANIFEST_FILE), self.rows)
-        aio.write_bytes(aio.join(self.out_dir, "settings.json"), json.dumps(settings, indent=2).encode())
+        _write_manifest(files.join(self.out_dir, MANIFEST_FILE), self.rows)
+        files.write_bytes(files.join(self.out_dir, "settings.json"), json.dumps(settings, indent=2).encode())
 
 
 def _write_manifest(uri: str, rows: list[dict]) -> None:
@@ -371,14 +371,14 @@ def _write_manifest(uri: str, rows: list[dict]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=MANIFEST_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    aio.write_bytes(uri, buffer.getvalue().encode())
+    files.write_bytes(uri, buffer.getvalue().encode())
 
 
 def _cached(out_dir: str, settings: dict) -> bool:
     """True when ``out_dir`` holds crops prepared with exactly these settings."""
-    settings_uri = aio.join(out_dir, "settings.json")
-    return aio.exists(aio.join(out_dir, MANIFEST_FILE)) and aio.exists(settings_uri) and \
-        json.loads(aio.read_bytes(settings_uri)) == settings
+    settings_uri = files.join(out_dir, "settings.json")
+    return files.exists(files.join(out_dir, MANIFEST_FILE)) and files.exists(settings_uri) and \
+        json.loads(files.read_bytes(settings_uri)) == settings
 
 
 def _archive_diameter(images: list[Image.Image], where: str) -> float:
@@ -406,7 +406,7 @@ def voc_boxes(xml: bytes, name: str = "WBC") -> list[Box]:
 
 
 def is_bccd_root(root: str) -> bool:
-    return aio.exists(aio.join(root, "JPEGImages")) and aio.exists(aio.join(root, "Annotations"))
+    return files.exists(files.join(root, "JPEGImages")) and files.exists(files.join(root, "Annotations"))
 
 
 def prepare_bccd(root: str, out_dir: str, *, geometry: CellCropGeometry) -> CellCrops:
@@ -414,34 +414,34 @@ def prepare_bccd(root: str, out_dir: str, *, geometry: CellCropGeometry) -> Cell
     leukaemia: each of its white cells is a healthy cell, and one called blast is a false blast).
     Crops are centred on the box and cut at the archive's one cell diameter (its fields' median
     estimate), as scoring cuts them, not at each box's own size."""
-    images = sorted(aio.iter_image_files(aio.join(root, "JPEGImages")), key=lambda i: i.uri)
+    images = sorted(files.iter_image_files(files.join(root, "JPEGImages")), key=lambda i: i.uri)
     settings = {"lab": BCCD, "side_cell_diameters": geometry.side_cell_diameters,
                 "root": os.path.abspath(root), "fields": len(images), "block": BCCD_BLOCK}
     if _cached(out_dir, settings):
         return _reused(out_dir, geometry)
-    fields = [(info, aio.decode_rgb(aio.read_bytes(info.uri))) for info in images]
+    fields = [(info, files.decode_rgb(files.read_bytes(info.uri))) for info in images]
     diameter = _archive_diameter([img for _, img in fields], root)
     writer = _CropWriter(out_dir, geometry, diameter, lab=BCCD)
     for info, img in fields:
         stem = os.path.splitext(os.path.basename(info.uri))[0]
-        xml = aio.join(root, f"Annotations/{stem}.xml")
-        if not aio.exists(xml):
+        xml = files.join(root, f"Annotations/{stem}.xml")
+        if not files.exists(xml):
             continue
         number = int(re.findall(r"\d+", stem)[-1])
-        for i, box in enumerate(voc_boxes(aio.read_bytes(xml))):
+        for i, box in enumerate(voc_boxes(files.read_bytes(xml))):
             writer.add(img, box_centre(box), "not_blast", name=f"{stem}-wbc{i}", origin="BCCD-WBC",
                        group=f"BCCD:block-{number // BCCD_BLOCK:03d}", source_fields=[stem],
                        field_label=0)
     writer.finish({**settings, "cell_diameter_px": diameter})
-    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, BCCD)
+    return CellCrops(files.join(out_dir, MANIFEST_FILE), geometry, diameter, BCCD)
 
 
 # ------------------------------------------------------------------------------ Taleqani layout
 
 def _taleqani_class_root(root: str) -> str | None:
     """The folder holding Benign/Early/Pre/Pro (``root`` itself or its ``Original``)."""
-    for candidate in (root, aio.join(root, "Original")):
-        if all(aio.exists(aio.join(candidate, c)) for c in TALEQANI_CLASSES):
+    for candidate in (root, files.join(root, "Original")):
+        if all(files.exists(files.join(candidate, c)) for c in TALEQANI_CLASSES):
             return candidate
     return None
 
@@ -460,14 +460,14 @@ def prepare_taleqani(root: str, out_dir: str, *, geometry: CellCropGeometry,
     if classes is None:
         raise ValueError(f"{root} has no {'/'.join(TALEQANI_CLASSES)} class folders (nor an Original/ "
                          "folder holding them)")
-    listed = {c: sorted(aio.iter_image_files(aio.join(classes, c)), key=lambda i: i.uri)[::every]
+    listed = {c: sorted(files.iter_image_files(files.join(classes, c)), key=lambda i: i.uri)[::every]
               for c in TALEQANI_CLASSES}
     settings = {"lab": TALEQANI, "side_cell_diameters": geometry.side_cell_diameters,
                 "root": os.path.abspath(root), "every": every,
                 "fields": {c: len(v) for c, v in listed.items()}}
     if _cached(out_dir, settings):
         return _reused(out_dir, geometry)
-    fields = [(c, info, aio.decode_rgb(aio.read_bytes(info.uri))) for c, infos in listed.items()
+    fields = [(c, info, files.decode_rgb(files.read_bytes(info.uri))) for c, infos in listed.items()
               for info in infos]
     diameter = _archive_diameter([img for _, _, img in fields], root)
     writer = _CropWriter(out_dir, geometry, diameter, lab=TALEQANI)
@@ -481,12 +481,12 @@ def prepare_taleqani(root: str, out_dir: str, *, geometry: CellCropGeometry,
                        source_fields=[f"{class_name}/{stem}"],
                        field_label=int(TALEQANI_CLASSES[class_name] == "blast"))
     writer.finish({**settings, "cell_diameter_px": diameter})
-    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, TALEQANI)
+    return CellCrops(files.join(out_dir, MANIFEST_FILE), geometry, diameter, TALEQANI)
 
 
 def _reused(out_dir: str, geometry: CellCropGeometry) -> CellCrops:
-    settings = json.loads(aio.read_bytes(aio.join(out_dir, "settings.json")))
-    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, float(settings["cell_diameter_px"]),
+    settings = json.loads(files.read_bytes(files.join(out_dir, "settings.json")))
+    return CellCrops(files.join(out_dir, MANIFEST_FILE), geometry, float(settings["cell_diameter_px"]),
                      settings["lab"])
 
 
@@ -525,21 +525,21 @@ def prepare_cell_crops(roots: list[str], out_dir: str, *, geometry: CellCropGeom
     "Transfer"). ``cell_diameter_px`` is the one laboratory's diameter, or a dict by laboratory
     when there are several."""
     prepare = {ALL_IDB: prepare_all_idb, BCCD: prepare_bccd, TALEQANI: prepare_taleqani}
-    parts = [prepare[lab](root, aio.join(out_dir, lab), geometry=geometry)
+    parts = [prepare[lab](root, files.join(out_dir, lab), geometry=geometry)
              for root, lab in zip(roots, labs_of_roots(roots))]
     rows = []
     for part in parts:
-        table = pd.read_csv(io.BytesIO(aio.read_bytes(part.manifest)), keep_default_na=False)
+        table = pd.read_csv(io.BytesIO(files.read_bytes(part.manifest)), keep_default_na=False)
         table["path"] = [f"{part.source}/{path}" for path in table["path"]]
         rows += table.to_dict("records")
-    _write_manifest(aio.join(out_dir, MANIFEST_FILE), rows)
+    _write_manifest(files.join(out_dir, MANIFEST_FILE), rows)
     diameter = parts[0].cell_diameter_px if len(parts) == 1 else {p.source: p.cell_diameter_px for p in parts}
-    return CellCrops(aio.join(out_dir, MANIFEST_FILE), geometry, diameter, "+".join(p.source for p in parts))
+    return CellCrops(files.join(out_dir, MANIFEST_FILE), geometry, diameter, "+".join(p.source for p in parts))
 
 
 def crop_counts(cells_manifest: str) -> dict[str, dict[str, int]]:
     """Crops per laboratory and label of a prepared manifest: {lab: {label: n}}."""
-    table = pd.read_csv(io.BytesIO(aio.read_bytes(cells_manifest)), keep_default_na=False)
+    table = pd.read_csv(io.BytesIO(files.read_bytes(cells_manifest)), keep_default_na=False)
     return {lab: {label: int(n) for label, n in rows["label"].value_counts().sort_index().items()}
             for lab, rows in table.groupby("lab", sort=True)}
 
@@ -550,9 +550,9 @@ def _cell_label(y: int) -> str:
 
 def read_cell_manifest(uri: str) -> pd.DataFrame:
     """The crop manifest with absolute paths (as ``discover_samples`` resolves them)."""
-    table = pd.read_csv(io.BytesIO(aio.read_bytes(uri)), keep_default_na=False)
+    table = pd.read_csv(io.BytesIO(files.read_bytes(uri)), keep_default_na=False)
     base = os.path.dirname(uri) if "://" not in uri else uri.rsplit("/", 1)[0]
-    table["path"] = [p if os.path.isabs(p) or "://" in p else aio.join(base, p) for p in table["path"]]
+    table["path"] = [p if os.path.isabs(p) or "://" in p else files.join(base, p) for p in table["path"]]
     return table
 
 

@@ -17,7 +17,7 @@ N workers (``torch.distributed``, e.g. under Ray Train) that step stays the same
   images so each is evaluated once.
 
 Without an initialised process group (one worker, the benchmark, tests) every function here is
-the identity, so ``allcore.engine`` calls them unconditionally.
+the identity, so ``allcore.training.engine`` calls them unconditionally.
 """
 
 from __future__ import annotations

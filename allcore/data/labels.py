@@ -1,6 +1,6 @@
 """Label sets: the one place that owns class names, their order, and which folders map to them.
 
-A trained model stores its class list in its artifact (see ``allcore.artifact``); scoring reads
+A trained model stores its class list in its artifact (see ``allcore.models.artifact``); scoring reads
 the order from there, never from this module, so retraining with a new label set cannot silently
 reorder probabilities.
 """

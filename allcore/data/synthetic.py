@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from allcore.data import Sample
-from allcore.labels import LabelSet
+from allcore.data.samples import Sample
+from allcore.data.labels import LabelSet
 
 Box = list[int]  # [x0, y0, x1, y1] in pixels, x1/y1 exclusive
 
@@ -172,7 +172,7 @@ def mosaic_region(fields: list[np.ndarray], *, columns: int, margin: int,
                   glass: int = 244) -> tuple[int, int, Callable[[int, int, int, int], np.ndarray]]:
     """(width, height, region) of a slide that lays ``fields`` (uint8 RGB arrays of one size)
     row by row, ``columns`` a row, on glass with ``margin`` px around: ``region(x, y, w, h)`` is
-    what ``allcore.slides.write_pyramid_tiff`` reads. Field i's top-left is
+    what ``allcore.imaging.slides.write_pyramid_tiff`` reads. Field i's top-left is
     ``mosaic_offset(i, ...)``."""
     fh, fw = fields[0].shape[:2]
     rows = -(-len(fields) // columns)
@@ -200,11 +200,11 @@ def mosaic_offset(index: int, *, columns: int, margin: int, field_size: tuple[in
 
 def write_slide(path: str | Path, *, columns: int = 6, rows: int = 4, field_size: int = 448,
                 mpp: float | None = 0.15, margin: int = 300, seed: int = 0) -> list[Box]:
-    """A pyramidal TIFF slide (``allcore.slides.write_pyramid_tiff``) of ``columns`` x ``rows``
+    """A pyramidal TIFF slide (``allcore.imaging.slides.write_pyramid_tiff``) of ``columns`` x ``rows``
     generated fields without scale bars on glass, ``mpp`` um/px in its resolution tags (none when
     None): a white cell is ~9-15 um across at 448 px and 0.15 um/px. Returns every white cell's
     box in level-0 slide pixels."""
-    from allcore.slides import write_pyramid_tiff
+    from allcore.imaging.slides import write_pyramid_tiff
 
     rng = np.random.default_rng(seed)
     fields, boxes = [], []

@@ -3,14 +3,14 @@
 No model is involved, so it runs in the CPU prepare stage beside decoding. Each statistic is a
 plain number with a one-line meaning in ``QC_COLUMNS`` (the one place that names and describes
 them; scoring writes them as columns of the same names). Whether a value is acceptable is not
-decided here: ``allcore.trust`` compares it with the range seen on the model's training images,
+decided here: ``allcore.trust.checks`` compares it with the range seen on the model's training images,
 because "sharp enough" or "the right stain" depends on the archive the model learnt from.
 
 Focus, exposure and colour are measured on a copy resized so its shorter side is
 ``WORKING_SIDE`` pixels, so they do not depend on how many pixels a scanner writes. Cell size is
 reported in pixels of the original image and as a fraction of its shorter side: the model sees
 every image resized to its input size, so the fraction is what it sees. Cell count and size come
-from a survey of the field's white-cell stain (``allcore.cells.survey_stain``), not from finding
+from a survey of the field's white-cell stain (``allcore.imaging.cells.survey_stain``), not from finding
 each cell: QC runs on every scored field, and the finder cost three times all of the rest of a
 field's preparation (docs/PERFORMANCE.md).
 """
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, measure
 
-from allcore.cells import cielab, rgb_array, survey_stain
+from allcore.imaging.cells import cielab, rgb_array, survey_stain
 
 WORKING_SIDE = 224  # shorter side (px) for focus/exposure/colour: the Taleqani field size
 DARK_LEVEL = 10  # a pixel whose channels are all <= this (0-255) is clipped black
@@ -42,11 +42,11 @@ QC_COLUMNS: dict[str, str] = {
     "qc_b_mean": "mean CIELAB b* (blue - .. + yellow): stain hue",
     "qc_blockiness": "mean grey step across 8 px JPEG block borders over the mean step elsewhere "
                      "(original pixels): about 1, well above 1 for heavy JPEG compression",
-    "qc_cell_count": "stained blobs that are not platelets or debris (allcore.cells.survey_stain): "
+    "qc_cell_count": "stained blobs that are not platelets or debris (allcore.imaging.cells.survey_stain): "
                      "white cells, touching ones counted once",
     "qc_cell_diameter_px": "apparent diameter of a typical white cell in original-image pixels: "
                            "median convex-hull diameter of the single, roundish stained blobs "
-                           "(allcore.cells.survey_stain; NaN without white-cell stain)",
+                           "(allcore.imaging.cells.survey_stain; NaN without white-cell stain)",
     "qc_cell_diameter_fraction": "qc_cell_diameter_px / shorter image side: the cell size the "
                                  "model sees after resizing (NaN without cells)",
 }
@@ -79,7 +79,7 @@ def jpeg_blockiness(rgb: np.ndarray) -> float:
 
 def cell_statistics(rgb: np.ndarray, lab: tuple | None = None) -> dict[str, float]:
     """Count and typical size of the white cells from the stain survey, which works on a copy
-    of at most ``allcore.cells.ESTIMATE_SIDE`` px (a 2592 px field still pays for that resize);
+    of at most ``allcore.imaging.cells.ESTIMATE_SIDE`` px (a 2592 px field still pays for that resize);
     ``lab``: ``cielab(rgb)`` where the caller has it."""
     survey = survey_stain(rgb, lab=lab)
     diameter = math.nan if survey.diameter is None else survey.diameter

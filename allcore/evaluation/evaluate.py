@@ -15,14 +15,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from allcore import io, metrics, report, trust
-from allcore.artifact import load_artifact
-from allcore.data import Sample, discover_samples
-from allcore.labels import get_label_set
-from allcore.models import features_and_logits, probabilities
-from allcore.qc import image_qc
-from allcore.splits import SplitManifest
-from allcore.data_config import DataConfig, normalise_array, unit_array
+from allcore.imaging import files
+from allcore.evaluation import metrics, report
+from allcore.trust import checks
+from allcore.models.artifact import load_artifact
+from allcore.data.samples import Sample, discover_samples
+from allcore.data.labels import get_label_set
+from allcore.models.registry import features_and_logits, probabilities
+from allcore.imaging.qc import image_qc
+from allcore.data.splits import SplitManifest
+from allcore.imaging.data_config import DataConfig, normalise_array, unit_array
 
 NOISE_SIGMAS = (0.0, 2.0, 5.0, 8.0, 10.0)  # the MobileNet_M robustness study
 
@@ -60,7 +62,7 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
         raise ValueError(f"labels {unknown} are not classes of this model ({classes}); "
                          "evaluate with data of the model's label set")
     with ThreadPoolExecutor(max_workers=4) as pool:
-        decoded = list(pool.map(lambda s: io.decode_rgb(io.read_bytes(s.path)), samples))
+        decoded = list(pool.map(lambda s: files.decode_rgb(files.read_bytes(s.path)), samples))
         units = list(pool.map(lambda img: unit_array(img, data_config), decoded))
         qc = list(pool.map(image_qc, decoded)) if card.trust else []
     images = torch.from_numpy(np.stack(units))
@@ -75,7 +77,7 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
                for i in range(0, len(images), batch_size)]
     features = torch.cat([f for f, _ in batches]).numpy()
     logits = torch.cat([z for _, z in batches]).numpy()
-    probs = trust.calibrated_probabilities(logits, 1.0)  # plain softmax: metrics judge the raw model
+    probs = checks.calibrated_probabilities(logits, 1.0)  # plain softmax: metrics judge the raw model
     # CIs resample the split manifest's duplicate groups; images without one stand alone
     groups = (None if all(s.group is None for s in samples)
               else [s.group if s.group is not None else s.path for s in samples])
@@ -122,11 +124,11 @@ def _trust_summary(model_uri: str, card, features: np.ndarray, logits: np.ndarra
                    labels: np.ndarray, qc: list[dict]) -> dict:
     """Calibration before/after the card's temperature, OOD scores and the review decisions of
     the evaluated images (the decision scoring writes per row)."""
-    fitted = trust.load_trust(model_uri, card.trust)
+    fitted = checks.load_trust(model_uri, card.trust)
     scores = fitted.ood_scores(features, logits)
-    calibrated = trust.calibrated_probabilities(logits, fitted.temperature)
-    raw = trust.calibrated_probabilities(logits, 1.0)
-    reviews = [trust.review_row(q, float(score), 0.0, fitted) for q, score in zip(qc, scores)]
+    calibrated = checks.calibrated_probabilities(logits, fitted.temperature)
+    raw = checks.calibrated_probabilities(logits, 1.0)
+    reviews = [checks.review_row(q, float(score), 0.0, fitted) for q, score in zip(qc, scores)]
     flagged = np.array([r.needs_review for r in reviews])
     correct = logits.argmax(1) == labels
     reasons: dict[str, int] = {}
@@ -149,5 +151,5 @@ def _trust_summary(model_uri: str, card, features: np.ndarray, logits: np.ndarra
 
 def _history_beside(model_uri: str) -> list[dict] | None:
     """Training curves saved by the training job next to the artifact, when present."""
-    uri = io.join(model_uri, "history.json")
-    return json.loads(io.read_bytes(uri)) if io.exists(uri) else None
+    uri = files.join(model_uri, "history.json")
+    return json.loads(files.read_bytes(uri)) if files.exists(uri) else None

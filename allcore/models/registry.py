@@ -34,7 +34,7 @@ import torch
 import torchvision
 from torch import nn
 
-from allcore.data_config import DataConfig
+from allcore.imaging.data_config import DataConfig
 
 StateDict = dict[str, torch.Tensor]
 
@@ -225,7 +225,7 @@ def pooled_features(backbone_output: torch.Tensor) -> torch.Tensor:
 class FeaturesAndLogits(torch.nn.Module):
     """Penultimate features and logits of a ``Classifier`` (``head(backbone(x))``) from one
     forward pass, as a module so that ONNX export and tracing (scoring's fast path) see both
-    outputs; the trust checks' OOD detector (``allcore.trust``) works on these features."""
+    outputs; the trust checks' OOD detector (``allcore.trust.checks``) works on these features."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()

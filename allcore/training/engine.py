@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from allcore import distributed, metrics
-from allcore.models import probabilities
-from allcore.recipes import Recipe
+from allcore.training import distributed
+from allcore.evaluation import metrics
+from allcore.models.registry import probabilities
+from allcore.models.recipes import Recipe
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over ``loader``. Steps the optimizer exactly once per batch.
 
-    Loss and accuracy are summed over every rank of a process group (``allcore.distributed``):
+    Loss and accuracy are summed over every rank of a process group (``allcore.training.distributed``):
     they describe the whole training split, not this worker's shard of it. ``train_images``
     counts the images of the epoch over all ranks, ``train_steps`` the optimizer steps.
     """
@@ -161,7 +162,7 @@ def predict(model: nn.Module, loader: Iterable, device: torch.device,
 def evaluate(model: nn.Module, loader: Iterable, device: torch.device,
              mixed_precision: MixedPrecision, num_classes: int) -> dict[str, float]:
     """Validation loss (plain cross-entropy), accuracy and macro-F1 over every rank's share of
-    the validation split (``allcore.distributed.shard``): each image evaluated once, and the
+    the validation split (``allcore.training.distributed.shard``): each image evaluated once, and the
     same numbers on every rank, so plateau LR, early stopping and the checkpoint score agree.
 
     The model inside a DDP wrapper predicts: DDP's forward may broadcast buffers, a collective
@@ -228,7 +229,7 @@ def fit(
     After every epoch ``on_epoch_end(row, state)`` gets the history row and the resumable state
     (plain data); a caller reports and checkpoints there. ``log`` receives one progress line per
     epoch (None: silent). Loaders whose dataset, sampler or batch sampler has ``set_epoch``
-    (the augmenting datasets, ``allcore.distributed.GlobalBatchSampler``) are told the epoch
+    (the augmenting datasets, ``allcore.training.distributed.GlobalBatchSampler``) are told the epoch
     first, so augmentation and shuffling differ per epoch yet repeat after a resume.
     """
     mixed_precision = MixedPrecision.resolve(device, recipe.mixed_precision)

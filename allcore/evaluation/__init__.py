@@ -1,0 +1,2 @@
+"""Judging a model: classification metrics with bootstrap CIs and calibration, evaluating an
+artifact on labelled images, and the HTML report."""
