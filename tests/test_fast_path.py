@@ -18,7 +18,7 @@ from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inferen
                                             ood_survives_fast_path)
 from allcore.scoring.predict import Predictor
 from allcore.scoring.runtimes import model_outputs, probability_function
-from allcore.scoring.table import OK, prob_column
+from allcore.scoring.rows import OK, prob_column
 from allcore.synthetic import make_field
 from allcore.data_config import preprocess_array
 

@@ -21,7 +21,7 @@ from allcore.io import decode_rgb
 from allcore.labels import get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inference_path import inference_path
-from allcore.scoring.table import SCHEMA_METADATA_KEY
+from allcore.scoring.rows import SCHEMA_METADATA_KEY
 from allcore.synthetic import write_archive
 from allcore.transforms import eval_transform
 

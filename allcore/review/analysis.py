@@ -28,7 +28,8 @@ from allcore.io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rg
 from allcore.overlay import heat_overlay, png_bytes, render
 from allcore.scoring.predict import Predictor, ScoringModel
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-from allcore.scoring.table import CELL, FIELD, blast_classes, build_output_table, card_summary
+from allcore.scoring.rows import CELL, FIELD
+from allcore.scoring.table import blast_classes, build_output_table, card_summary
 from allcore.data_config import DataConfig
 
 MAX_UPLOAD_BYTES = 64 * 2**20  # a 40-megapixel TIFF (MAX_PIXELS) compresses well below this

@@ -21,7 +21,7 @@ from scipy import special
 from allcore.artifact import built_model, verified_weights
 from allcore.labels import get_label_set
 from allcore.scoring import onnx
-from allcore.scoring.table import CELL, OK, SLIDE, prob_column
+from allcore.scoring.rows import CELL, OK, SLIDE, prob_column
 from allcore.trust import calibrated_probabilities, load_trust
 
 log = logging.getLogger("allcore.scoring.predict")

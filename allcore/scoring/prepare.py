@@ -42,7 +42,7 @@ from allcore.io import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeErro
 from allcore.qc import QC_COLUMNS, image_qc
 from allcore import slides
 from allcore.io import CORRUPT
-from allcore.scoring.table import CELL, ERROR, FIELD, OK, SLIDE, TILE
+from allcore.scoring.rows import CELL, ERROR, FIELD, OK, SLIDE, TILE
 from allcore.scoring.tiles import NO_SLIDE, TileSpec
 from allcore.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
 
