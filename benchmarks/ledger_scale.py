@@ -41,7 +41,8 @@ import pyarrow as pa  # noqa: E402
 
 from allcore.imaging.files import FileInfo  # noqa: E402
 from allcore.scoring.inputs import input_digest, new_inputs  # noqa: E402
-from allcore.scoring.store import DIGEST, Ledger, OutputStore  # noqa: E402
+from allcore.scoring.ledger import DIGEST, Ledger  # noqa: E402
+from allcore.scoring.store import OutputStore  # noqa: E402
 
 try:  # only --format delta needs it; not a project dependency (docs/SCORING.md says why)
     from deltalake import DeltaTable, write_deltalake

@@ -31,7 +31,7 @@ from allcore.review.analysis import MAX_UPLOAD_BYTES, FieldAnalyser, UploadError
 from allcore.review.corrections import Correction, CorrectionError, CorrectionStore
 from allcore.review.geojson import feature_collections
 from allcore.review.queue import ReviewQueue, box_of, queue_item
-from allcore.scoring.table import FIELD
+from allcore.scoring.rows import FIELD
 from allcore.scoring.tiles import slide_output, slide_output_names
 
 TOKEN_COOKIE = "allcore_review_token"

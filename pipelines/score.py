@@ -1,27 +1,29 @@
 """Ray Data wiring for batch scoring, in stage order:
 
     list (driver) -> [expand slides into tiles] -> prepare (CPU tasks) -> predict (actor pool)
-        -> table -> commit -> summarise
+        -> commit (driver) -> summarize (driver)
 
 The driver lists the inputs in chunks of ``commit_every`` names, drops those the ledger says are
 done, and puts the rest into the object store as blocks (``todo_blocks``: a few input-sized ones
 so every actor starts at once, then large ones, so a listing of millions costs a few thousand
 puts), so it never holds millions of names itself. It imports no torch: the model is verified by
 its weight file's sha256 and built only in the actors (``Predictor``). One streaming dataset
-then prepares and scores them all (the actor pool loads the model once per actor), and the driver
-turns every ``commit_every`` result rows into output rows and commits them
-(``allcore.scoring.store``): a crash loses at most the uncommitted rows, which the next run
-scores again. The driver logs one progress line per commit (images done / total, rate, time
-left); Ray's own INFO logs and progress bars are off unless ``config.verbose``.
+then prepares and scores them all (the actor pool loads the model once per actor). What the
+driver does around that, Ray-free, is ``allcore.scoring.run.ScoringRun``: the writer lock, the
+ledger, every ``commit_every`` result rows turned into output rows and committed (a crash loses
+at most the uncommitted rows, which the next run scores again), one progress line per commit
+(images done / total, rate, time left) and the summaries. Ray's own INFO logs and progress bars
+are off unless ``config.verbose``.
 
 A whole-slide input is listed as one row like any file (a DICOM-WSI slide, a folder of .dcm
 instances, as one row for the folder); when the listing names possible slides
 (``allcore.imaging.slides.SLIDE_EXTENSIONS``, DICOM-WSI folders) a ``flat_map`` stage turns each into
 its slide row and one row per tile (``allcore.scoring.tiles.expand_input``), re-blocked a few
-tiles a block so one slide's tiles spread over every actor. The driver commits a slide once all its tiles are back
-(``CompleteInputs``), after counting each cell once (``finish_slides``), then writes the slide's
-GeoJSON and overview image (``write_slide_outputs``); the run's report page shows every slide it
-scored (``write_run_report``).
+tiles a block so one slide's tiles spread over every actor. The driver commits a slide once all
+its tiles are back (``allcore.scoring.chunks.CompleteInputs``), after counting each cell once
+(``finish_slides``), then writes the slide's GeoJSON and overview image
+(``write_slide_outputs``); the run's report page shows every slide it scored
+(``write_run_report``).
 
 On a CPU-only cluster Ray Data fuses prepare into the actor pool (same resources), so
 ``--actors`` also bounds decoding; with GPUs they stay separate and decoding overlaps inference.
@@ -29,14 +31,11 @@ On a CPU-only cluster Ray Data fuses prepare into the actor pool (same resources
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import random
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 
 from pipelines import init_ray, quiet_logs
@@ -45,28 +44,24 @@ from allcore.models.artifact import verified_card
 from allcore.data.celldata import CellCropGeometry
 from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.config import ScoringConfig
-from allcore.scoring.drift import write_drift_summary
 from allcore.imaging.files import FileInfo
 from allcore.scoring.inference_path import artifact_inference_path
 from allcore.scoring.inputs import chunked, iter_inputs, new_inputs
+from allcore.scoring.ledger import Ledger
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs, sampled_cell_diameter
-from allcore.scoring.store import CompleteInputs, Ledger, OutputStore, new_run_id, whole_inputs
-from allcore.scoring.summary import RunSummary, write_run_report, write_specimen_summary
-from allcore.scoring.table import INPUT_KINDS, blast_classes, build_output_table, card_summary
-from allcore.scoring.tiles import expand_input, finish_slides, run_working_mpp, write_slide_outputs
-from allcore.trust.checks import NO_TRUST_WARNING, stale_qc_warning
+from allcore.scoring.run import ScoringRun
+from allcore.scoring.summary import RunSummary
+from allcore.scoring.tiles import expand_input, run_working_mpp
 
 log = logging.getLogger("allcore.score")
 PER_CELL_BLOCK_BYTES = 384 * 1024  # --per-cell blocks: consecutive inputs up to this many bytes
-PER_CELL_BLOCK_INPUTS = 64  # of image files, at most this many, at least one. A 2592 px ALL-IDB
-# field (0.5-1.9 MB, ~0.3 s to prepare) is a block of its own, so large fields spread over every
-# actor; ~17 Taleqani fields (~22 KB each, ~60 ms) share one, where 4 a block lost 7 % of a
-# 768-field run to per-block overhead (docs/PERFORMANCE.md, "Per-cell scoring").
+PER_CELL_BLOCK_INPUTS = 64  # of image files, at most this many, at least one: a large field is a
+# block of its own, so large fields spread over every actor, and small ones share a block instead
+# of paying the per-block overhead each (docs/PERFORMANCE.md, "Per-cell scoring")
 SMALL_BLOCKS_PER_ACTOR = 4  # field runs: the first blocks hold one model batch each ...
 LARGE_BLOCK_INPUTS = 4096  # ... the rest this many inputs (benchmarks/listing_puts.py)
 DIAMETER_SAMPLE = 32  # inputs whose median white-cell size is the run's cell diameter
-PROGRESS_SECONDS = 10.0  # at most one progress line this often between commits
 TILES_PER_BLOCK = 2  # slide runs: rows a block after expansion (a per-cell tile takes ~0.3 s)
 
 
@@ -83,101 +78,22 @@ def run_scoring(config: ScoringConfig, *,
     # both artifacts' weights checked against their cards on the driver, before the lock, the
     # listing or Ray: a tampered artifact ends here with one ArtifactIntegrityError line
     card, cell_card = _verified_cards(config)
-    store = OutputStore(config.output)
-    run_id = new_run_id()
-    store.acquire_writer(run_id)  # a second concurrent run would delete this one's new files
-    try:
-        return _score(config, store, run_id, card, cell_card, on_commit)
-    finally:
-        store.release_writer(run_id)
-
-
-def _score(config: ScoringConfig, store: OutputStore, run_id: str, card, cell_card,
-           on_commit: Callable[[dict], None] | None) -> RunSummary:
-    for orphan in store.recover():
-        log.warning("removed uncommitted file %s (left by an interrupted run)", orphan)
-    # a new cell model rescores the inputs: its cell rows are new rows
-    ledger_key = card.weights_sha256 + ("" if cell_card is None else f".cell-{cell_card.weights_sha256}")
-    done = Ledger() if config.full else store.ledger(ledger_key)
-    summary = RunSummary(run_id=run_id, output=config.output, max_error_rate=config.max_error_rate,
-                         max_review_rate=config.max_review_rate)
-    if not card.trust:
-        log.warning("%s", NO_TRUST_WARNING)
-    elif stale := stale_qc_warning(card.trust):  # only the field card's QC ranges judge rows
-        log.warning("%s", stale)
-    store.write_config(run_id, config)
-    log.info("run %s: model %s %s (%s); %d inputs already committed for it", run_id,
-             card.model_name, card.model_version, card.weights_sha256[:12], len(done))
-    started = time.perf_counter()
-
-    # list
-    blocks, sample, may_hold_slides = _list_todo(config, done, summary)
-    log.info("listed %d inputs: %d to score, %d skipped", summary.listed, summary.to_score,
-             summary.skipped)
-    # specimens a killed run committed but never summarised: this run summarises them too
-    killed = store.unsummarised_runs(ledger_key) if config.per_cell else {}
-    specimens: set[str] = store.column_values([f for files in killed.values() for f in files],
-                                              "specimen_id")
-    run_files: list[str] = []
-    scored_slides = []  # ScoredSlide of each slide committed, for the run report
-    if blocks:
-        _quiet_ray(config.verbose)
-        finder = _cell_finder(config, card, sample, summary) if config.per_cell else None
-        # prepare -> predict
-        scored = _scored_batches(config, card, cell_card, finder, blocks, summary, may_hold_slides)
-        # table -> commit
-        complete = CompleteInputs()
-        model_summary = card_summary(card, cell_card)
-        # --per-cell needs the blast classes (specimen summary); field runs fill them if known
-        blasts, cell_blasts = blast_classes(card, cell_card, required=config.per_cell)
-
-        def commit(rows: pa.Table) -> None:  # rows: the scored batches' columns
-            scored_at = dt.datetime.now(dt.timezone.utc)
-            table = build_output_table(rows, run_id=run_id, scored_at=scored_at,
-                                       model_summary=model_summary,
-                                       specimen_pattern=config.specimen_pattern,
-                                       blast_classes=blasts, cell_blast_classes=cell_blasts)
-            record = store.commit(table, run_id=run_id, chunk=summary.chunks,
-                                  model_sha256=ledger_key, scored_at=scored_at)
-            summary.add_commit(record)
-            summary.add_reviews(table)
-            run_files.extend(store.uri(f["path"]) for f in record["files"])
-            for slide in write_slide_outputs(store, rows, table):
-                scored_slides.append(slide)
-                log.info("slide %s: %d cells -> %s, overview %s", slide.slide_id, slide.cells,
-                         store.uri(slide.geojson), store.uri(slide.overview))
-            summary.seconds = time.perf_counter() - started
-            specimens.update(s for s in table["specimen_id"].to_pylist() if s is not None)
-            log.info("chunk %d committed: %s", record["chunk"], summary.progress())
-            if on_commit is not None:
-                on_commit(record)
-
-        _commit_as_complete(scored, complete, commit, config.commit_every, summary, started)
-        if complete.pending_rows:  # a bug, not bad input: the accounting line will not balance
-            log.error("%d rows of inputs missing some of their cell rows were not committed",
-                      complete.pending_rows)
-    # summarise
-    if config.per_cell and specimens:
-        written = write_specimen_summary(
-            store, run_id=run_id, model_sha256=card.weights_sha256,
-            classes=(card if cell_card is None else cell_card).classes,
-            specimens=specimens, scored_date=f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d}")
-        log.info("specimen summary of %d specimens -> %s", len(specimens), written)
-        if killed:
-            store.mark_summarised(sorted(killed), run_id)
-            log.info("it covers the specimens of %d run(s) killed before their summary: %s",
-                     len(killed), ", ".join(sorted(killed)))
-    if run_files:
-        drift = write_drift_summary(store.uri(f"_runs/{run_id}"), run_files, card.trust,
-                                    max_review_rate=config.max_review_rate)
-        log.info("drift summary -> %s (%.1f%% of fields flagged for review: %s)",
-                 store.uri(f"_runs/{run_id}/drift.json"), 100 * drift["flagged_fraction"],
-                 drift["reasons"] or "none")
-    summary.seconds = time.perf_counter() - started
-    log.info("run report -> %s", write_run_report(store, run_id, summary.to_dict(), scored_slides))
-    store.finish(run_id, summary.to_dict(), passed=not summary.failed)
-    log.info(summary.line())
-    return summary
+    # the writer lock, what an interrupted run left, the ledger (allcore.scoring.run)
+    with ScoringRun(config, card, cell_card, on_commit=on_commit) as run:
+        # list
+        blocks, sample, may_hold_slides = _list_todo(config, run.ledger, run.summary)
+        log.info("listed %d inputs: %d to score, %d skipped", run.summary.listed,
+                 run.summary.to_score, run.summary.skipped)
+        if blocks:
+            _quiet_ray(config.verbose)
+            finder = _cell_finder(config, card, sample, run.summary) if config.per_cell else None
+            # prepare -> predict
+            scored = _scored_batches(config, card, cell_card, finder, blocks, run.summary,
+                                     may_hold_slides)
+            # commit
+            run.commit(scored)
+        # summarize
+        return run.summarize()
 
 
 def _verified_cards(config: ScoringConfig):
@@ -295,8 +211,8 @@ def todo_block_inputs(config: ScoringConfig, blocks_so_far: int) -> int:
     """Inputs in the next block of a field run's to-do list: one model batch each for the first
     ``SMALL_BLOCKS_PER_ACTOR`` blocks per actor, so every actor starts at once and a small run
     spreads evenly, then ``LARGE_BLOCK_INPUTS`` (``todo_blocks`` cuts the tail batch-sized
-    again): each block is one ``ray.put`` (about 1-2 ms), which at one batch a block made a first
-    run of 10M inputs wait minutes before scoring started."""
+    again): each block is one ``ray.put``, and one a batch made a first run of millions of
+    inputs wait minutes before scoring started (docs/SCORING.md, "The ledger at scale")."""
     if blocks_so_far < SMALL_BLOCKS_PER_ACTOR * config.actors[1]:
         return config.batch_size
     return max(config.batch_size, LARGE_BLOCK_INPUTS)
@@ -317,8 +233,8 @@ def _scored_batches(config: ScoringConfig, card, cell_card, finder: CellFinderCo
         summary.inference[role] = {"path": path.name, "reason": path.reason}
     # --per-cell: both stages take each block whole (``per_cell_blocks`` sized it; the model gets
     # its fields' cells). A row count for the model would make Ray bundle that many *inputs* per
-    # task once prepare is fused into the actors (the larger of the two batch sizes wins), which
-    # put 52 large fields in one task on one actor
+    # task once prepare is fused into the actors (the larger of the two batch sizes wins), and
+    # pile large fields into one task on one actor (docs/PERFORMANCE.md, "Per-cell scoring")
     batch_size = None if finder else config.batch_size
     dataset = ray.data.from_arrow_refs(blocks)
     if may_hold_slides:
@@ -358,33 +274,6 @@ def _without_cpus(dataset):
     ``StreamingRepartition.ray_remote_args``; tests/test_slides.py runs with every CPU held)."""
     dataset._logical_plan.dag.ray_remote_args["num_cpus"] = 0  # the operator is frozen, its dict not
     return dataset
-
-
-def _commit_as_complete(scored, complete: CompleteInputs, commit: Callable[[pa.Table], None],
-                        commit_every: int, summary: RunSummary, started: float) -> None:
-    """Commit the rows of complete inputs in chunks of ``commit_every`` rows (and the rest at the
-    end); between commits log the images done at most every ``PROGRESS_SECONDS``, so a run of
-    large fields shows progress long before its first commit."""
-    ready: list[pa.Table] = []
-    last_line = time.perf_counter()
-    for batch in scored:
-        rows = finish_slides(complete.add(batch))
-        if rows.num_rows:
-            ready.append(rows)
-        if sum(t.num_rows for t in ready) >= commit_every:
-            rest = pa.concat_tables(ready)
-            while rest.num_rows >= commit_every:
-                chunk, rest = whole_inputs(rest, commit_every)
-                commit(chunk)
-            ready, last_line = ([rest] if rest.num_rows else []), time.perf_counter()
-        elif time.perf_counter() - last_line >= PROGRESS_SECONDS:
-            summary.seconds = time.perf_counter() - started
-            images = sum(pc.sum(pc.is_in(t["row_kind"], pa.array(INPUT_KINDS))).as_py() or 0
-                         for t in ready)
-            log.info("scoring: %s", summary.progress(uncommitted=images))
-            last_line = time.perf_counter()
-    if ready:
-        commit(pa.concat_tables(ready))
 
 
 def _quiet_ray(verbose: bool) -> None:

@@ -21,7 +21,7 @@ from allcore.imaging import slides
 from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.inputs import iter_input_list
 from allcore.scoring.prepare import prepare_batch
-from allcore.scoring.table import CELL, SLIDE, TILE
+from allcore.scoring.rows import CELL, SLIDE, TILE
 from allcore.scoring.tiles import expand_input, finish_slides
 from allcore.data.synthetic import write_slide
 from test_slides import DATA_CONFIG, WORKING_MPP

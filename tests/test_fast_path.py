@@ -14,11 +14,11 @@ import torch
 
 from allcore.models.artifact import load_artifact
 from allcore.models.registry import create_model
-from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path,
-                                            inference_path, ood_survives_fast_path)
+from allcore.scoring.inference_path import (FAST_PATH_VERIFIED, artifact_inference_path, inference_path,
+                                            ood_survives_fast_path)
 from allcore.scoring.predict import Predictor
 from allcore.scoring.runtimes import model_outputs, probability_function
-from allcore.scoring.table import OK, prob_column
+from allcore.scoring.rows import OK, prob_column
 from allcore.data.synthetic import make_field
 from allcore.imaging.data_config import preprocess_array
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from allcore.scoring.inputs import input_digest
-from allcore.scoring.store import Ledger, OutputStore
+from allcore.scoring.ledger import Ledger
+from allcore.scoring.store import OutputStore
 from allcore.scoring.table import build_output_table
 from test_scoring import SCORED_AT, SUMMARY, scored_table
 

@@ -20,7 +20,8 @@ from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
 from allcore.scoring.predict import Predictor
 from allcore.scoring.prepare import NO_CELLS_NOTE, prepare_batch, prepare_kwargs
-from allcore.scoring.store import CompleteInputs, OutputStore, whole_inputs
+from allcore.scoring.chunks import CompleteInputs, whole_inputs
+from allcore.scoring.store import OutputStore
 from allcore.scoring.summary import specimen_summary, wilson_interval
 from allcore.scoring.table import build_output_table, card_summary
 from allcore.data.synthetic import make_field, write_archive

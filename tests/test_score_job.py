@@ -21,7 +21,7 @@ from allcore.imaging.files import decode_rgb
 from allcore.data.labels import get_label_set
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inference_path import inference_path
-from allcore.scoring.table import SCHEMA_METADATA_KEY
+from allcore.scoring.rows import SCHEMA_METADATA_KEY
 from allcore.data.synthetic import write_archive
 from allcore.imaging.transforms import eval_transform
 

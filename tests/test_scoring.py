@@ -17,8 +17,8 @@ from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import chunked, input_digest, iter_input_list
 from allcore.scoring.store import OutputStore
 from allcore.scoring.summary import RunSummary
-from allcore.scoring.table import (SCHEMA_METADATA_KEY, build_output_table, columns_markdown,
-                                   output_schema, specimen_id)
+from allcore.scoring.rows import SCHEMA_METADATA_KEY
+from allcore.scoring.table import build_output_table, columns_markdown, output_schema, specimen_id
 
 SUMMARY = {"model_name": "tiny", "model_version": "1", "weights_sha256": "ab" * 32,
            "classes": ["Benign", "Early"], "data_config": {"input_size": 64}}

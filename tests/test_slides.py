@@ -20,7 +20,7 @@ from PIL import Image
 from allcore.imaging import slides
 from allcore.imaging.cells import CellFinderConfig
 from allcore.scoring.prepare import prepare_batch
-from allcore.scoring.table import CELL, SLIDE, TILE
+from allcore.scoring.rows import CELL, SLIDE, TILE
 from allcore.scoring.tiles import expand_input, finish_slides
 from allcore.data.synthetic import make_field, mosaic_region, write_slide
 

@@ -28,7 +28,8 @@ from allcore.imaging.files import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError
 from allcore.imaging.overlay import heat_overlay, png_bytes, render
 from allcore.scoring.predict import Predictor, ScoringModel
 from allcore.scoring.prepare import prepare_batch, prepare_kwargs
-from allcore.scoring.table import CELL, FIELD, blast_classes, build_output_table, card_summary
+from allcore.scoring.rows import CELL, FIELD
+from allcore.scoring.table import blast_classes, build_output_table, card_summary
 from allcore.imaging.data_config import DataConfig
 
 MAX_UPLOAD_BYTES = 64 * 2**20  # a 40-megapixel TIFF (MAX_PIXELS) compresses well below this

@@ -34,7 +34,7 @@ from allcore.imaging.files import (decode_rgb, filesystem, join, read_bytes, wri
 from allcore.imaging.overlay import png_bytes
 from allcore.review.queue import ReviewQueue
 from allcore.scoring.store import OutputStore
-from allcore.scoring.table import CELL, FIELD
+from allcore.scoring.rows import CELL, FIELD
 
 CORRECTIONS_FOLDER = "review"  # under the scoring output root
 CORRECTION_ID = re.compile(r"[A-Za-z0-9-]{8,64}")

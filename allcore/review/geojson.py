@@ -15,7 +15,7 @@ import pandas as pd
 from allcore.imaging.files import join, write_bytes
 from allcore.data.labels import LABEL_SETS
 from allcore.imaging.overlay import ABSTAIN_COLOUR, BLAST_COLOUR, BOX_COLOUR
-from allcore.scoring.table import FIELD
+from allcore.scoring.rows import FIELD
 
 MEASUREMENTS = ("blast_probability", "confidence", "ood_score")
 # A reviewer's label is coloured as a blast when some label set calls it one: the exported rows

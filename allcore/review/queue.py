@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from allcore.imaging.files import filesystem
 from allcore.scoring.store import OutputStore
-from allcore.scoring.table import CELL, FIELD, SCHEMA_METADATA_KEY
+from allcore.scoring.rows import CELL, FIELD, SCHEMA_METADATA_KEY
 from allcore.trust.checks import BLAST_THRESHOLD
 
 ROW_COLUMNS = ("cell_id", "row_kind", "source_uri", "specimen_id", "scored_at", "run_id", "model_sha256",

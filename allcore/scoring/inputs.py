@@ -57,7 +57,7 @@ def iter_inputs(config: ScoringConfig) -> Iterator[FileInfo]:
 def new_inputs(infos: Iterable[FileInfo], ledger, chunk_size: int
                ) -> Iterator[tuple[int, list[FileInfo]]]:
     """(number listed, the new ones) per chunk of ``chunk_size`` listed inputs: those whose key
-    the ``ledger`` (``allcore.scoring.store.Ledger``) has not seen, each taken once."""
+    the ``ledger`` (``allcore.scoring.ledger.Ledger``) has not seen, each taken once."""
     for chunk in chunked(infos, chunk_size):
         new = ledger.take_new([input_digest(i.uri, i.size, i.mtime_or_etag) for i in chunk])
         yield len(chunk), [info for info, is_new in zip(chunk, new) if is_new]

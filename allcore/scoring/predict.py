@@ -7,7 +7,7 @@ tested without Ray. The paths themselves (pixels -> features and logits) are
 CPU actor's fast path is in the ONNX export cache (``allcore.scoring.onnx``).
 
 With a ``trust`` section in the model card the probabilities are temperature-scaled (calibrated)
-and every ok row gets an ``ood_score`` from the same forward pass (``allcore.trust.checks``); without
+and every ok row gets an ``ood_score`` from the same forward pass (``allcore.trust``); without
 one they are the plain softmax and ``ood_score`` is NaN (the driver warns once).
 """
 
@@ -21,7 +21,7 @@ from scipy import special
 from allcore.models.artifact import built_model, verified_weights
 from allcore.data.labels import get_label_set
 from allcore.scoring import onnx
-from allcore.scoring.table import CELL, OK, SLIDE, prob_column
+from allcore.scoring.rows import CELL, OK, SLIDE, prob_column
 from allcore.trust.checks import calibrated_probabilities, load_trust
 
 log = logging.getLogger("allcore.scoring.predict")

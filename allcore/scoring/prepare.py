@@ -36,13 +36,13 @@ from PIL import Image
 
 from allcore.data.celldata import CellCropGeometry, box_centre, cut_cell_crop
 from allcore.imaging.cells import (CellFinderConfig, cell_crop, estimate_cell_diameter, find_cells,
-                                   median_cell_diameter)
-from allcore.imaging.files import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError,
-                                   decode_rgb, read_bytes)
+                           median_cell_diameter)
+from allcore.imaging.files import (FRAMES_INFO_KEY, MAX_PIXELS, UNREADABLE, ImageDecodeError, decode_rgb,
+                        read_bytes)
 from allcore.imaging.qc import QC_COLUMNS, image_qc
 from allcore.imaging import slides
 from allcore.imaging.files import CORRUPT
-from allcore.scoring.table import CELL, ERROR, FIELD, OK, SLIDE, TILE
+from allcore.scoring.rows import CELL, ERROR, FIELD, OK, SLIDE, TILE
 from allcore.scoring.tiles import NO_SLIDE, TileSpec
 from allcore.imaging.data_config import DataConfig, mask_scale_bar, median_colour, preprocess_array
 

@@ -14,6 +14,10 @@ ledger of a model is read from those 16-byte keys, not from the records. Layout 
     <out>/_ledger/<model_sha256>/<run_id>-<chunk>.parquet         digests of the chunk's inputs
     <out>/_runs/<run_id>/{config.json, summary.json, _SUCCESS}
     <out>/_runs/<run_id>/specimens_summarised_by                  a killed run's, by the one after
+
+The parts it relies on read alone: the writer lock (``allcore.scoring.lock``), the ledger's
+digests (``allcore.scoring.ledger``) and the chunks of whole inputs a commit takes
+(``allcore.scoring.chunks``).
 """
 
 from __future__ import annotations
@@ -21,12 +25,8 @@ from __future__ import annotations
 import datetime as dt
 import errno
 import json
-import os
 import posixpath
-import socket
-import time
 import uuid
-from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,87 +34,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from fsspec.implementations.local import LocalFileSystem
-
-from allcore.imaging.files import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
+from allcore.imaging.files import filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
-from allcore.scoring.inputs import INPUT_KEY, input_digest
-from allcore.scoring.table import CELL, ERROR, FIELD, INPUT_KINDS, OK, SLIDE, TILE
+from allcore.scoring.inputs import input_digest
+from allcore.scoring.ledger import Ledger, ledger_digests, ledger_table, settled_inputs
+from allcore.scoring.lock import WriterLock, WriterLockedError  # noqa: F401 (jobs/score.py: from here)
+from allcore.scoring.rows import CELL, ERROR, INPUT_KINDS, OK
 
-WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
-DIGEST = pa.binary(16)  # input_digest, as stored in the ledger files
 SUMMARISED_BY = "specimens_summarised_by"  # in a killed run's _runs/<run_id>/ (unsummarised_runs)
 LEDGER_FILES_PER_READ = 256  # fetched concurrently (s3fs), parsed, then their bytes dropped
-
-
-class Ledger:
-    """The ``input_digest`` of every input committed for one model, as one sorted array of
-    16-byte strings (10M inputs are 160 MB, where a Python set of them took 4.5 GB), plus the
-    inputs this run has taken on. Membership is asked a whole listing chunk at a time with a
-    binary search over the digests' first 8 bytes as integers (``_prefix``: half the size, and
-    numpy searches integers several times faster than byte strings), then decided on all 16."""
-
-    def __init__(self, digests: np.ndarray | None = None):
-        self._sort(np.sort(np.empty(0, "S16") if digests is None else np.asarray(digests, "S16")))
-        self._taken: set[bytes] = set()
-
-    def _sort(self, digests: np.ndarray) -> None:
-        """Keep ``digests`` (sorted, byte-wise) and their prefixes."""
-        self._sorted = digests
-        self._prefix = _prefix(digests)
-
-    @classmethod
-    def of_parts(cls, parts: list[np.ndarray]) -> "Ledger":
-        """The ledger of ``parts`` concatenated, sorted in place: at 10M inputs a sorted copy
-        beside the concatenation would double the driver's peak memory."""
-        ledger = cls()
-        if parts:
-            digests = np.concatenate(parts)
-            digests.sort()
-            ledger._sort(digests)
-        return ledger
-
-    def __len__(self) -> int:
-        return len(self._sorted) + len(self._taken)
-
-    def __iter__(self):
-        yield from (bytes(d).ljust(16, b"\0") for d in self._sorted)  # numpy drops trailing NULs
-        yield from self._taken
-
-    def __contains__(self, digest: bytes) -> bool:
-        return not self.take_new([digest], dry_run=True)[0]
-
-    def take_new(self, digests: list[bytes], *, dry_run: bool = False) -> list[bool]:
-        """For each digest: True when it is neither committed nor taken earlier in this run (nor
-        earlier in ``digests``), and takes it (unless ``dry_run``). A path listed twice counts once."""
-        query = np.array(digests, dtype="S16")
-        committed = np.zeros(len(query), bool)
-        if len(self._sorted):
-            prefix, last = _prefix(query), len(self._sorted) - 1
-            order = np.argsort(prefix)  # sorted keys let numpy narrow each search from the last
-            first = np.empty(len(query), np.int64)
-            first[order] = np.searchsorted(self._prefix, prefix[order])
-            committed = self._sorted[np.minimum(first, last)] == query
-            # a prefix several digests share (rare): look through all of them
-            shared = ~committed & (first < last) & (self._prefix[np.minimum(first + 1, last)] == prefix)
-            for at in np.flatnonzero(shared).tolist():
-                end = np.searchsorted(self._prefix, prefix[at], side="right")
-                committed[at] = bool((self._sorted[first[at]:end] == query[at]).any())
-        new = (~committed).tolist()
-        for at in np.flatnonzero(~committed).tolist():  # few: the inputs not committed yet
-            new[at] = digests[at] not in self._taken
-            if new[at] and not dry_run:
-                self._taken.add(digests[at])
-        return new
 
 
 def new_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-class WriterLockedError(RuntimeError):
-    """Another scoring run is writing to the same output root."""
 
 
 class OutputUnwritableError(RuntimeError):
@@ -142,76 +75,24 @@ def output_error(root: str, exc: OSError) -> OutputUnwritableError:
     return OutputUnwritableError(f"cannot write to {root}{where}: {exc.strerror or exc}; {advice}")
 
 
-class CompleteInputs:
-    """Holds scored rows until every row of their input has arrived, so a commit never splits an
-    input's field row from its cell rows (Ray Data may reorder and re-batch rows of one input).
-    Complete means: the field row, plus as many cell rows as its ``cell_count`` says (an error
-    row, or a field row of a run without cells, needs none); for a slide, the slide row, as many
-    tile rows as its ``tile_count`` says, and as many cell rows as those tiles' ``cell_count``
-    add up to. A slide is thus committed only once all its tiles are scored."""
-
-    def __init__(self) -> None:
-        self._pending: list[pa.Table] = []
-
-    @property
-    def pending_rows(self) -> int:
-        return sum(t.num_rows for t in self._pending)
-
-    def add(self, table: pa.Table) -> pa.Table:
-        """Rows of every input now complete, in arrival order; the rest stay pending."""
-        rows = pa.concat_tables([*self._pending, table]) if self._pending else table
-        keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
-        kinds, counts = rows["row_kind"].to_pylist(), rows["cell_count"].to_pylist()
-        tile_counts = (rows["tile_count"].to_pylist() if "tile_count" in rows.column_names
-                       else [0] * rows.num_rows)
-        has_input_row: set[tuple] = set()
-        expected = Counter()  # cell and tile rows the input's field, slide and tile rows announce
-        seen = Counter()
-        for key, kind, count, tiles in zip(keys, kinds, counts, tile_counts):
-            if kind in INPUT_KINDS:
-                has_input_row.add(key)
-            if kind == SLIDE:
-                expected[key, TILE] += max(int(tiles), 0)
-            elif kind in (FIELD, TILE):
-                expected[key, CELL] += max(int(count), 0)
-            if kind in (TILE, CELL):
-                seen[key, kind] += 1
-        done = np.array([key in has_input_row and all(seen[key, k] == expected[key, k] for k in (TILE, CELL))
-                         for key in keys], dtype=bool)
-        self._pending = [rows.filter(pa.array(~done))] if not done.all() else []
-        return rows.filter(pa.array(done))
-
-
-def whole_inputs(rows: pa.Table, limit: int) -> tuple[pa.Table, pa.Table]:
-    """(the rows of the first inputs that fit in ``limit`` rows, the rest): a chunk never splits
-    an input's field row from its cell rows, and holds at least one input even when that input
-    alone has more than ``limit`` rows. Field runs (one row per input) get exactly ``limit``."""
-    keys = list(zip(*(rows[k].to_pylist() for k in INPUT_KEY)))
-    sizes = Counter(keys)  # rows per input, in order of first appearance
-    taken, total = set(), 0
-    for key, size in sizes.items():
-        if taken and total + size > limit:
-            break
-        taken.add(key)
-        total += size
-    head = pa.array([key in taken for key in keys])
-    return rows.filter(head), rows.filter(pc.invert(head))
-
-
 @dataclass
 class OutputStore:
     """The table root and its commit protocol. One writer per output root at a time (enforced
-    by ``acquire_writer``): a run starts by deleting whatever an earlier crashed run left
-    uncommitted, which would destroy a concurrent run's just-published files."""
+    by ``acquire_writer``, ``allcore.scoring.lock``): a run starts by deleting whatever an
+    earlier crashed run left uncommitted, which would destroy a concurrent run's just-published
+    files."""
 
     root: str
     fs: object = field(init=False, repr=False)
     path: str = field(init=False)
+    writer_lock: WriterLock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.fs, self.path = filesystem(self.root)
         if not self.root.startswith("s3://"):
             self.root = self.path  # absolute, so the uris this store reports are too
+        self.writer_lock = WriterLock(self.fs, self._p("_runs", "_writer.lock"),
+                                      self.uri("_runs/_writer.lock"), self.root)
 
     def uri(self, relative: str) -> str:
         return join(self.root, relative)
@@ -242,60 +123,16 @@ class OutputStore:
         return [contents[path] for path in paths]
 
     def acquire_writer(self, run_id: str) -> None:
-        """Take ``_runs/_writer.lock`` for ``run_id``, or raise ``WriterLockedError``.
-
-        The lock file is created only if absent, in one step: ``O_CREAT|O_EXCL`` locally, a
-        conditional PUT (``If-None-Match: *``) on S3, so of two runs started at the same instant
-        exactly one gets it. A lock left by a killed run is taken over when its process is gone
-        (same host) or its lease has expired (any host): the stale file is removed and the
-        create tried once more, so two runs taking over the same stale lock still race on the
-        create. Stores that ignore the condition (rclone's S3 server) are checked by reading the
-        lock back, which narrows the race there but cannot close it (docs/SCORING.md).
-        """
-        path = self._p("_runs", "_writer.lock")
-        lock = json.dumps({"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                           "since": time.time()}).encode()
+        """Take ``_runs/_writer.lock`` for ``run_id`` (``WriterLock``), or raise
+        ``WriterLockedError``; an ``OSError`` creating it is ``OutputUnwritableError``."""
         try:
-            self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-            for attempt in range(2):
-                if self._create_if_absent(path, lock):
-                    break
-                holder = _lock_holder(self.fs.cat_file(path))
-                age = time.time() - holder["since"]
-                same_host = holder["host"] == socket.gethostname()
-                if attempt or (age < WRITER_LEASE_SECONDS
-                               and (not same_host or _process_alive(holder["pid"]))):
-                    raise WriterLockedError(
-                        f"run {holder['run_id']} (pid {holder['pid']} on {holder['host']}) has "
-                        f"been writing to {self.root} for {age / 60:.0f} min; wait for it to "
-                        f"finish, or if it is dead delete {self.uri('_runs/_writer.lock')}")
-                self.fs.rm(path)  # stale: its run is gone
+            self.writer_lock.create(run_id)
         except OSError as exc:
             raise output_error(self.root, exc) from exc
-        if _lock_holder(self.fs.cat_file(path))["run_id"] != run_id:
-            raise WriterLockedError(f"another run took {self.uri('_runs/_writer.lock')} at the "
-                                    "same instant; this run stops without writing anything")
-
-    def _create_if_absent(self, path: str, data: bytes) -> bool:
-        """Write ``path`` only if it does not exist; False if it does (atomic on both stores)."""
-        if isinstance(self.fs, LocalFileSystem):
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(data)
-            return True
-        try:
-            self.fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            return False
-        return True
+        self.writer_lock.check_held(run_id)
 
     def release_writer(self, run_id: str) -> None:
-        path = self._p("_runs", "_writer.lock")
-        if self.fs.exists(path) and json.loads(self.fs.cat_file(path))["run_id"] == run_id:
-            self.fs.rm(path)
+        self.writer_lock.release(run_id)
 
     def recover(self) -> list[str]:
         """Delete staging leftovers and published files no commit record lists (a crash between
@@ -321,9 +158,7 @@ class OutputStore:
         parts = []
         for start in range(0, len(paths), LEDGER_FILES_PER_READ):  # bytes of a few files at a time
             for data in self._cat(paths[start:start + LEDGER_FILES_PER_READ]):
-                column = pq.ParquetFile(pa.BufferReader(data)).read(columns=["digest"])["digest"]
-                parts += [np.frombuffer(c.buffers()[1], "S16")[c.offset:c.offset + len(c)]
-                          for c in column.chunks]
+                parts += ledger_digests(data)
         legacy = [input_digest(*key) for r in records for key in r.get("inputs", ())]
         if legacy:
             parts.append(np.array(legacy, "S16"))
@@ -361,11 +196,9 @@ class OutputStore:
             run_id=run_id)
         field_rows = table.filter(pc.is_in(table["row_kind"], pa.array(INPUT_KINDS)))  # one per input
         status = field_rows["status"].to_pylist()
-        final = _final_inputs(field_rows)
-        ledger = self.publish(pa.table({"digest": pa.array(
-            [input_digest(*key) for key in zip(*(final[c].to_pylist() for c in INPUT_KEY))],
-            DIGEST)}), posixpath.join("_ledger", model_sha256, f"{run_id}-{chunk:05d}.parquet"),
-            run_id=run_id)
+        final = settled_inputs(field_rows)
+        ledger = self.publish(ledger_table(final), posixpath.join(
+            "_ledger", model_sha256, f"{run_id}-{chunk:05d}.parquet"), run_id=run_id)
         record = {"run_id": run_id, "chunk": chunk, "model_sha256": model_sha256,
                   "committed_at": dt.datetime.now(dt.timezone.utc).isoformat(),
                   "files": [{"path": relative, "rows": table.num_rows}], "ledger": ledger,
@@ -421,37 +254,3 @@ class OutputStore:
     def committed_files(self) -> list[str]:
         """URIs of the table's files: what a strict reader should read."""
         return [self.uri(f["path"]) for r in self.commit_records() for f in r["files"]]
-
-
-def _lock_holder(data: bytes) -> dict:
-    """The lock's holder; a lock another run has created but not yet filled in (empty) is fresh."""
-    try:
-        return json.loads(data)
-    except json.JSONDecodeError:
-        return {"run_id": "(starting)", "host": "?", "pid": -1, "since": time.time()}
-
-
-def _final_inputs(field_rows: pa.Table) -> pa.Table:
-    """The field rows that settle their input for this model: all but errors of a transient kind,
-    which the ledger leaves out so the next run tries them again."""
-    if "error_kind" not in field_rows.column_names:
-        return field_rows
-    transient = pc.is_in(field_rows["error_kind"], pa.array(sorted(TRANSIENT_ERROR_KINDS)))
-    return field_rows.filter(pc.invert(pc.fill_null(transient, False)))
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
-def _prefix(digests: np.ndarray) -> np.ndarray:
-    """The first 8 bytes of each 16-byte digest as an integer, read big-endian so that the
-    integers are in the same order as the digests sorted byte-wise, and stored in the machine's
-    own byte order (numpy converts a non-native array on every search)."""
-    return digests.view(">u8")[::2].astype(np.uint64) if len(digests) else np.empty(0, np.uint64)

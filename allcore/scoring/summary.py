@@ -23,7 +23,7 @@ from scipy.stats import binomtest
 
 from allcore.imaging.files import write_atomic
 from allcore.scoring.store import OutputStore
-from allcore.scoring.table import SCHEMA_METADATA_KEY
+from allcore.scoring.rows import SCHEMA_METADATA_KEY
 
 TOP_SUSPICIOUS = 5
 

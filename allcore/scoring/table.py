@@ -5,7 +5,8 @@ schema (with the descriptions in its metadata, so a file explains itself), the d
 table (``columns_markdown``) and the rows all follow from that list. To add a column, add an
 entry: by default its values are the scored batch's column of the same name (computed by the
 prepare or predict stage), null on error rows and where the value is missing; give ``derive``
-when the value is computed from other columns.
+when the value is computed from other columns. The words rows are made of (status, row kind,
+schema version) are ``allcore.scoring.rows``; the review columns apply ``allcore.trust``'s rules.
 
 Missing values travel through Ray Data as NaN (floats), -1 (integers) and "" (text), because
 Ray Data cannot re-batch an all-None column; the table stores them as nulls.
@@ -28,19 +29,10 @@ import pyarrow as pa
 
 from allcore.data.labels import LABEL_SETS, get_label_set
 from allcore.imaging.qc import QC_COLUMNS
-from allcore.trust.checks import (NO_TRUST_CHECKS, Review, probability_call, review_cell,
-                                  review_row, trust_from_card_section)
-
-SCHEMA_METADATA_KEY = b"allcore.schema"
-# 2: prob_<class>, confidence and blast_probability are temperature-scaled when the model card has
-# a trust section; qc_*, ood_score, needs_review, review_reason and call added (docs/SCORING.md)
-# 3: slides: row kinds 'slide' and 'tile'; slide_id, tile_index, centroid_x/y, mpp, centroid_*_um
-SCHEMA_VERSION = 3
-OK, ERROR = "ok", "error"  # status
-FIELD, CELL = "field", "cell"  # row_kind: one field row per input, plus cell rows with --per-cell
-SLIDE, TILE = "slide", "tile"  # a slide input's one row, and one row per tile of it
-INPUT_KINDS = (FIELD, SLIDE)  # one row of these kinds per input: what the accounting counts
-IMAGE_KINDS = (FIELD, TILE)  # rows the field model scores and image QC judges
+from allcore.scoring.rows import (CELL, FIELD, IMAGE_KINDS, OK, SCHEMA_METADATA_KEY, SCHEMA_VERSION,
+                                  SLIDE, TILE, prob_column)
+from allcore.trust.checks import (NO_TRUST_CHECKS, Review, review_by_field, review_cell, review_image,
+                           review_slide, trust_from_card_section, unchecked)
 
 
 @dataclass(frozen=True)
@@ -114,10 +106,6 @@ class Column:
         if pa.types.is_integer(self.type):
             missing |= data < 0
         return pa.array(data, mask=missing).cast(self.type)
-
-
-def prob_column(cls: str) -> str:
-    return f"prob_{cls}"
 
 
 def specimen_id(uri: str, pattern: str | None) -> str | None:
@@ -205,16 +193,14 @@ def _ood_score(rows: ScoredRows) -> pa.Array:
 
 
 def _reviews(rows: ScoredRows) -> list[Review | None]:
-    """The review decision of every row (None for error rows); see ``allcore.trust.checks.review_row``.
+    """The review decision of every row (None for error rows): which of ``allcore.trust``'s rules
+    judges each row, and with what (docs/SCORING.md, "Trust columns and drift").
 
-    Field rows are judged on their own QC and OOD score. A cell row is judged by its field (the
-    crop's image is the field's): it needs review when its field does, else its own probability
-    makes the call. In --cell-model runs a cell row is judged by the cell model's trust section
-    instead (its OOD detector on the crop, and its field's cell size against the cell model's
-    working resolution: ``allcore.trust.checks.review_cell``), since the field model's domain is not the cell
-    model's: a field from another laboratory may be foreign to the field model and familiar to a
-    cell model trained on that laboratory's cells. Without a trust section in the card nothing is
-    checked: ``needs_review`` is null, the reason says so, and the call follows the probabilities."""
+    A field (or a slide's tile) is judged on its own QC and OOD score (``review_image``); a cell
+    by its field (``review_by_field``: the crop's image is the field's), or in --cell-model runs
+    by the cell model's trust section (``review_cell``: the field model's domain is not the cell
+    model's); a slide by its tiles (``review_slide``). Without a trust section in a card nothing
+    is checked (``unchecked``)."""
     section = rows.model_summary.get("trust") or None
     trust = trust_from_card_section(section) if section else None
     cell_model = rows.model_summary.get("cell_model")
@@ -231,47 +217,26 @@ def _reviews(rows: ScoredRows) -> list[Review | None]:
     field_diameters: dict[tuple, float] = {}  # the field's white-cell size, for its cells' review
     out: list[Review | None] = []
     for i, (good, kind, image, p) in enumerate(zip(rows.ok, kinds, images, blast)):
-        call = None if p is None else probability_call(p)
         if kind in IMAGE_KINDS:
             field_diameters[image] = float(known[i] if known[i] > 0 else qc["qc_cell_diameter_px"][i])
         if not good:
             review = None
         elif kind == SLIDE:  # rows are sorted: its tiles came first
-            review = _slide_review([field_reviews[k] for k in field_reviews if k[0] == image[0]])
+            review = review_slide([field_reviews[k] for k in field_reviews if k[0] == image[0]])
         elif kind == CELL and cell_model:
-            review = (Review(None, NO_TRUST_CHECKS, call) if cell_trust is None else review_cell(
+            review = (unchecked(p) if cell_trust is None else review_cell(
                 float(ood[i]), math.nan if p is None else p, cell_trust,
                 cell_diameter_px=field_diameters.get(image, math.nan),
                 pixels_per_cell_diameter=float(cell_model["cell_crop"]["pixels_per_cell_diameter"])))
         elif trust is None:
-            review = Review(None, NO_TRUST_CHECKS, call)
+            review = unchecked(p)
         elif kind in IMAGE_KINDS:
-            review = review_row({k: float(v[i]) for k, v in qc.items()}, float(ood[i]),
-                                math.nan if p is None else p, trust)
-            if p is None and not review.needs_review:  # no blast classes in the label set
-                review = review._replace(call=None)
+            review = review_image({k: float(v[i]) for k, v in qc.items()}, float(ood[i]), p, trust)
             field_reviews[image] = review
         else:  # rows are sorted: the field (tile) row of an input comes before its cells
-            field = field_reviews[image]
-            review = field if field.needs_review else Review(False, None, call)
+            review = review_by_field(field_reviews[image], p)
         out.append(review)
     return out
-
-
-SLIDE_REVIEW_SHARE = 0.10  # a slide needs review when more than this share of its tiles do
-
-
-def _slide_review(tiles: list[Review]) -> Review:
-    """A slide row's review: it needs one when more than ``SLIDE_REVIEW_SHARE`` of its scored
-    tiles do (its cells are judged tile by tile); a slide makes no call of its own."""
-    checked = [t for t in tiles if t.needs_review is not None]
-    if not checked:
-        return Review(None, NO_TRUST_CHECKS if tiles else None, None)
-    flagged = [t for t in checked if t.needs_review]
-    if len(flagged) <= SLIDE_REVIEW_SHARE * len(checked):
-        return Review(False, None, None)
-    reasons = sorted({r for t in flagged for r in (t.review_reason or "").split("; ") if r})
-    return Review(True, f"{len(flagged)} of {len(checked)} tiles need review: {'; '.join(reasons)}", None)
 
 
 def _review_column(index: int) -> Callable[[ScoredRows], list]:

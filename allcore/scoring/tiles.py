@@ -27,7 +27,7 @@ from allcore.imaging import slides
 from allcore.data.celldata import CellCropGeometry
 from allcore.imaging.cells import CellFinderConfig
 from allcore.imaging.files import CORRUPT, NO_PIXEL_SIZE, UNREADABLE, write_atomic
-from allcore.scoring.table import CELL, SLIDE, TILE
+from allcore.scoring.rows import CELL, SLIDE, TILE
 
 NO_SLIDE = {"slide_id": "", "tile_index": -1, "tile_spec": ""}
 

@@ -328,6 +328,53 @@ def probability_call(blast_probability: float) -> str:
     return "blast" if blast_probability >= BLAST_THRESHOLD else "not blast"
 
 
+def review_image(qc: Mapping[str, float], ood_score: float, blast_probability: float | None,
+                 trust: Trust | Mapping) -> Review:
+    """The review decision of one field, or one tile of a slide: ``review_row``. Without a blast
+    probability (a label set without blast classes) an image nothing flags makes no call."""
+    review = review_row(qc, ood_score, math.nan if blast_probability is None else blast_probability,
+                        trust)
+    if blast_probability is None and not review.needs_review:
+        review = review._replace(call=None)
+    return review
+
+
+def review_by_field(field: Review, blast_probability: float | None) -> Review:
+    """The review decision of a cell scored without a cell model: its image is its field's, so it
+    needs review when its field does (``field``: the field's review); else its own probability
+    makes the call."""
+    if field.needs_review:
+        return field
+    return Review(False, None, _call(blast_probability))
+
+
+def unchecked(blast_probability: float | None) -> Review:
+    """A row of a model without a trust section: nothing is checked (``needs_review`` unknown,
+    the reason says so) and the probabilities make the call."""
+    return Review(None, NO_TRUST_CHECKS, _call(blast_probability))
+
+
+SLIDE_REVIEW_SHARE = 0.10  # a slide needs review when more than this share of its tiles do
+
+
+def review_slide(tiles: Sequence[Review]) -> Review:
+    """A slide's review from its scored tiles' reviews: it needs one when more than
+    ``SLIDE_REVIEW_SHARE`` of its checked tiles do (its cells are judged tile by tile); a slide
+    makes no call of its own."""
+    checked = [t for t in tiles if t.needs_review is not None]
+    if not checked:
+        return Review(None, NO_TRUST_CHECKS if tiles else None, None)
+    flagged = [t for t in checked if t.needs_review]
+    if len(flagged) <= SLIDE_REVIEW_SHARE * len(checked):
+        return Review(False, None, None)
+    reasons = sorted({r for t in flagged for r in (t.review_reason or "").split("; ") if r})
+    return Review(True, f"{len(flagged)} of {len(checked)} tiles need review: {'; '.join(reasons)}", None)
+
+
+def _call(blast_probability: float | None) -> str | None:
+    return None if blast_probability is None else probability_call(blast_probability)
+
+
 def stale_qc_checks(section: Mapping) -> list[str]:
     """The QC statistics whose range in the card was fitted on another definition than the one
     ``allcore.imaging.qc`` computes now (the card keeps each statistic's description, ``qc_columns``):
