@@ -15,7 +15,7 @@ the review decision (OOD or QC) is the one scoring will use, with the method the
 from __future__ import annotations
 
 import argparse
-import io as stdio
+import io
 import json
 import sys
 from pathlib import Path
@@ -41,9 +41,9 @@ WORDS = "blood smear specimen report patient sample lab field image scanner stai
 
 
 def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buffer = stdio.BytesIO()
+    buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=quality)
-    return Image.open(stdio.BytesIO(buffer.getvalue())).convert("RGB")
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 CORRUPTIONS = {

@@ -37,10 +37,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from allcore.imaging import files
-from allcore.imaging.cells import CellFinderConfig, find_cells, median_cell_diameter, padded_square
+from allcore.imaging.cells import Box, CellFinderConfig, find_cells, median_cell_diameter, padded_square
 from allcore.data.splits import SplitManifest
 
-Box = tuple[int, int, int, int]
 
 ALL_IDB_CELL_DIAMETER_PX = 120.0
 # ALL-IDB white cells are ~100-140 px across in both field resolutions (data README); one value

@@ -468,17 +468,6 @@ def find_cells(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFin
     return _find(rgb_array(img), config)
 
 
-def foreground_mask(img: Image.Image | np.ndarray, config: CellFinderConfig = CellFinderConfig()) -> np.ndarray:
-    """Union of the detected cells as a bool (H, W) array: what validation compares with other
-    segmentations."""
-    rgb = rgb_array(img)
-    mask = np.zeros(rgb.shape[:2], dtype=bool)
-    for cell in _find(rgb, config):
-        x0, y0, x1, y1 = cell.box
-        mask[y0:y1, x0:x1] |= cell.mask
-    return mask
-
-
 def padded_square(img: Image.Image | np.ndarray, left: int, top: int, side: int,
                   fill: np.ndarray | None = None) -> Image.Image:
     """The ``side`` x ``side`` square of ``img`` from (``left``, ``top``); parts beyond the image

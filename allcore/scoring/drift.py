@@ -15,7 +15,7 @@ rows. Field rows scored ok are the population (cell rows are judged by their fie
 
 from __future__ import annotations
 
-import io as _bytes_io
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -105,7 +105,7 @@ def drift_plot(summary: Mapping) -> bytes:
     legend = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels())}
     figure.legend(legend.values(), legend.keys(), fontsize=6, loc="lower center", ncols=4)
     figure.tight_layout(rect=(0, 0.04, 1, 1))
-    buffer = _bytes_io.BytesIO()
+    buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     return buffer.getvalue()
