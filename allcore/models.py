@@ -35,12 +35,9 @@ import torchvision
 from torch import nn
 
 from allcore.data_config import DataConfig
+from allcore.errors import WeightsUnavailableError
 
 StateDict = dict[str, torch.Tensor]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be found offline, downloaded, or verified."""
 
 
 # --------------------------------------------------------------------------------------------

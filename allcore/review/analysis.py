@@ -24,6 +24,7 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
 from allcore.cells import CellFinderConfig
+from allcore.errors import AllcoreError
 from allcore.io import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
 from allcore.overlay import heat_overlay, png_bytes, render
 from allcore.scoring.predict import Predictor, ScoringModel
@@ -37,7 +38,7 @@ CELL_DISPLAY_SIDE = 160  # side of a cell's saliency picture
 UPLOAD_RUN_ID = "review-upload"  # run_id of the rows an upload gets (never committed anywhere)
 
 
-class UploadError(ValueError):
+class UploadError(AllcoreError, ValueError):
     """An upload the app cannot analyse; the message says why and what to send instead.
     ``status`` is the HTTP status the app answers with (413 too large, 415 wrong type, 422 not
     a usable image)."""

@@ -29,6 +29,7 @@ from PIL import Image
 
 from allcore.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
 from allcore.cells import estimate_cell_diameter
+from allcore.errors import AllcoreError
 from allcore.io import decode_rgb, filesystem, join, read_bytes, write_atomic, write_bytes
 from allcore.overlay import png_bytes
 from allcore.review.queue import ReviewQueue
@@ -56,7 +57,7 @@ CORRECTION_SCHEMA = pa.schema([
 MANIFEST_FILES = {CELL: MANIFEST_FILE, FIELD: "fields.csv"}  # what export_manifest writes
 
 
-class CorrectionError(ValueError):
+class CorrectionError(AllcoreError, ValueError):
     """A decision that cannot be recorded; the message says what to send instead."""
 
 

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 
 from fsspec.implementations.local import LocalFileSystem
 
+from allcore.errors import OutputUnwritableError, WriterLockedError
 from allcore.io import TRANSIENT_ERROR_KINDS, filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import INPUT_KEY, input_digest
@@ -111,14 +112,6 @@ class Ledger:
 def new_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-class WriterLockedError(RuntimeError):
-    """Another scoring run is writing to the same output root."""
-
-
-class OutputUnwritableError(RuntimeError):
-    """The output root cannot be written (read-only, disk full, a file in the way, no access)."""
 
 
 _OUTPUT_ADVICE = {
