@@ -17,13 +17,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore import errors  # noqa: E402
+from allcore.errors import WeightsUnavailableError  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402
 from allcore.data.labels import get_label_set  # noqa: E402
-from allcore.models.registry import WeightsUnavailableError  # noqa: E402
 from allcore.models.recipes import load_recipe  # noqa: E402
 from allcore.data.synthetic import write_archive, write_slide  # noqa: E402
 
 
+@errors.job_main  # a known fault (no Ray cluster): one line and its status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=absolute_location, default="demo_run", help="where everything is written")
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from allcore.evaluation.evaluate import evaluate_artifact, select_samples
     from allcore.scoring.config import ScoringConfig
-    from pipelines import RayClusterUnreachableError, init_ray
+    from pipelines import init_ray
     from pipelines.score import run_scoring
     from pipelines.train import TrainJob, run_training
 
@@ -55,10 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                                       name=name, verbose=args.verbose))
         return uri
 
-    try:
-        init_ray(verbose=args.verbose)
-    except RayClusterUnreachableError as error:
-        sys.exit(f"jobs/demo.py: error: {error}")
+    init_ray(verbose=args.verbose)
     try:
         artifact = train(recipe, "demo")
     except WeightsUnavailableError as exc:  # raised on the driver, before Ray Train starts
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     table = f"{workdir / 'predictions'}/predictions/**/*.parquet"
     print(f"  query          : .venv/bin/python -c \"import duckdb; duckdb.sql(\\\"SELECT pred_label, "
           f"count(*) FROM read_parquet('{table}', hive_partitioning=true) GROUP BY 1\\\").show()\"")
-    return 0
+    return errors.OK
 
 
 if __name__ == "__main__":

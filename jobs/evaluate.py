@@ -12,12 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.models.artifact import read_card  # noqa: E402
+from allcore import errors  # noqa: E402
+from allcore.models.artifact import verified_card  # noqa: E402
 from allcore.evaluation.evaluate import NOISE_SIGMAS, evaluate_artifact, select_samples  # noqa: E402
 from allcore.trust.checks import NO_TRUST_WARNING  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402
 
 
+@errors.job_main  # a tampered artifact, a path not found: one line and its status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=absolute_location, required=True, help="model artifact folder (local or s3://)")
@@ -30,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs")
     args = parser.parse_args(argv)
 
-    card = read_card(args.model)
+    card = verified_card(args.model)  # every file of the artifact, before the evaluation's minutes
     samples = select_samples(args.data, card.label_set, split_manifest=args.split_manifest,
                              split=args.split)
     if args.output is None and "://" in args.model:
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"WARNING: {NO_TRUST_WARNING}")
     print(f"report: {Path(out) / 'report.html'}\nmetrics: {Path(out) / 'metrics.json'}")
-    return 0
+    return errors.OK
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore import errors  # noqa: E402
+from allcore.models.artifact import verified_card  # noqa: E402
 from allcore.imaging.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
 from allcore.imaging.files import absolute_location, decode_rgb, read_bytes  # noqa: E402
 from allcore.imaging.overlay import CellCall, render  # noqa: E402
@@ -53,6 +55,7 @@ def classify_cells(model_uri: str, img: Image.Image, cells: list[Cell], diameter
     return calls
 
 
+@errors.job_main  # a tampered artifact, a path not found: one line and its status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image", type=absolute_location, required=True, help="smear field (local path or s3:// uri)")
@@ -67,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=absolute_location, required=True, help="output PNG")
     args = parser.parse_args(argv)
 
+    model = args.cell_model or args.model
+    if model:
+        verified_card(model)  # a tampered artifact fails before the field is searched
     img = decode_rgb(read_bytes(args.image))
     diameter = args.cell_diameter or estimate_cell_diameter(img)
     cells = [] if diameter is None else find_cells(img, CellFinderConfig(cell_diameter_px=diameter))
-    model = args.cell_model or args.model
     calls = (classify_cells(model, img, cells, diameter, cell_model=args.cell_model is not None)
              if model and cells else None)
     canvas = render(img, [cell.box for cell in cells], calls, args.side)
@@ -81,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{number}: box {cell.box} area {cell.area} circularity {cell.circularity:.2f} "
               f"N:C {ratio}{call}")
     print(f"{len(cells)} cell(s) at {diameter or 0:.1f} px diameter -> {args.out}")
-    return 0
+    return errors.OK
 
 
 if __name__ == "__main__":

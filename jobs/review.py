@@ -20,6 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore import errors  # noqa: E402
+from allcore.models.artifact import verified_card  # noqa: E402
 from allcore.data.celldata import CellCropGeometry  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402
 from allcore.review.corrections import CorrectionStore, export_manifest, scored_crop_diameters  # noqa: E402
@@ -44,6 +46,8 @@ def serve_app(args: argparse.Namespace) -> int:
         print(f"--host {args.host} is reachable from other machines: give --token SECRET (or set "
               f"{TOKEN_ENV}), or keep the default 127.0.0.1", file=sys.stderr)
         return 2
+    for artifact in filter(None, (args.model, args.cell_model)):
+        verified_card(artifact)  # a tampered artifact fails here, not in the Serve replica
     from ray import serve
 
     from pipelines.review import ReviewApp
@@ -81,6 +85,7 @@ def export_geojson(args: argparse.Namespace) -> int:
     return 0
 
 
+@errors.job_main  # a tampered artifact, a path not found: one line and its status
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)

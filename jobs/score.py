@@ -10,7 +10,7 @@ under a new run_id; the `latest_predictions` view in sql/bi_queries.sql keeps th
 Exit status: see the README's exit-code table (0 ok; 2 error rate above --max-error-rate and 3
 share of fields flagged for review above --max-review-rate, the archive having drifted from the
 model's training data (_runs/<run_id>/drift.png), both with everything scored still committed;
-4-7 a fault that ends the run with one line saying what to do).
+4-8 a fault that ends the run with one line saying what to do: allcore.errors).
 s3:// credentials come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY /
 AWS_ENDPOINT_URL.
 """
@@ -24,10 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
-from allcore.models.artifact import ArtifactIntegrityError  # noqa: E402
+from allcore import errors  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402
 from allcore.scoring.config import ScoringConfig  # noqa: E402
-from allcore.scoring.store import OutputUnwritableError, WriterLockedError  # noqa: E402
 
 
 def _actors(text: str) -> tuple[int, int]:
@@ -109,35 +108,27 @@ def parse_args(argv: list[str] | None = None) -> ScoringConfig:
         parser.error(str(exc))
 
 
+@errors.job_main  # a fault that ends the run early: one line and its status (allcore.errors)
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    from pipelines import RayClusterUnreachableError  # imports Ray: keep --help fast
-    from pipelines.score import run_scoring
+    from pipelines.score import run_scoring  # imports Ray: keep --help fast
 
-    # Exit status of each fault that ends a run early (one line on stderr says what to do); the
-    # README's exit-code table lists them with 0 (ok), 2 (error rate too high), 3 (review rate)
-    exit_status = {WriterLockedError: 4, OutputUnwritableError: 5, ArtifactIntegrityError: 6,
-                   FileNotFoundError: 7, RayClusterUnreachableError: 8}
-    try:
-        summary = run_scoring(config)
-    except tuple(exit_status) as exc:
-        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
-        return next(code for kind, code in exit_status.items() if isinstance(exc, kind))
+    summary = run_scoring(config)
     print(summary.line())
     if summary.failed:
         print(f"FAILED: error rate {summary.error_rate:.2%} exceeds --max-error-rate "
               f"{config.max_error_rate:.2%} (or the accounting does not balance); the error rows "
               f"say why: see the error summary in sql/bi_queries.sql", file=sys.stderr)
-        return 2
+        return errors.ERROR_RATE
     if summary.review_rate_exceeded:
         print(f"WARNING: {summary.review_rate:.2%} of the fields scored need review, more than "
               f"--max-review-rate {config.max_review_rate:.2%}: these images differ from what the "
               f"model was trained on (scanner, stain, magnification, focus?). Do not act on this "
               f"run's calls before looking at {config.output}/_runs/{summary.run_id}/drift.png "
               f"and the review_reason column", file=sys.stderr)
-        return 3
-    return 0
+        return errors.REVIEW_RATE
+    return errors.OK
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
 
+from allcore import errors  # noqa: E402
 from allcore.models.recipes import list_recipes, load_recipe  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402
 
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@errors.job_main  # a known fault (no Ray cluster, no weights): one line and its status
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     overrides = list(args.set)
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             overrides.append(f"{field}={getattr(args, field)}")
     recipe = load_recipe(args.recipe).override(overrides)
 
-    from pipelines import RayClusterUnreachableError, init_ray
+    from pipelines import init_ray
     from pipelines.train import TrainJob, run_training
 
     try:  # the job is checked before Ray starts
@@ -73,11 +75,11 @@ def main(argv: list[str] | None = None) -> int:
                        workers=args.workers, min_workers=args.min_workers, use_gpu=args.gpu,
                        max_failures=args.max_failures, verbose=args.verbose)
         init_ray(verbose=args.verbose)
-    except (ValueError, RayClusterUnreachableError) as error:
+    except ValueError as error:
         sys.exit(f"jobs/train.py: error: {error}")
     for uri in run_training(job):
         print(uri)
-    return 0
+    return errors.OK
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import ray
 from ray._common.utils import get_ray_address_file
 from ray._private.services import canonicalize_bootstrap_address  # what ray.init calls
 
+from allcore.errors import RayClusterUnreachableError
+
 # Ray starts its worker processes 15 steps nicer than the driver (its `worker_niceness` default),
 # so that its own daemons stay responsive. The workers are where training and scoring run: on a
 # node that also runs anything else at normal priority they then get a few percent of a core
@@ -57,11 +59,6 @@ QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "mlflow", "alembic",
                  "ray._private.authentication.authentication_token_setup")
 
 _started_here = False
-
-
-class RayClusterUnreachableError(RuntimeError):
-    """The cluster this process would join does not answer (a head stopped without `ray stop`
-    leaves its address file behind, and ray.init then waits on it for minutes)."""
 
 
 def _check_reachable(address: str, address_file: str | None, seconds: float = 5) -> None:

@@ -75,7 +75,7 @@ def run_scoring(config: ScoringConfig, *,
     summary of the specimens this run scored (and of those a killed run committed but did not
     summarise) is written beside the table.
     """
-    # both artifacts' weights checked against their cards on the driver, before the lock, the
+    # every file of both artifacts checked against its card on the driver, before the lock, the
     # listing or Ray: a tampered artifact ends here with one ArtifactIntegrityError line
     card, cell_card = _verified_cards(config)
     # the writer lock, what an interrupted run left, the ledger (allcore.scoring.run)
@@ -97,9 +97,9 @@ def run_scoring(config: ScoringConfig, *,
 
 
 def _verified_cards(config: ScoringConfig):
-    """The model card and, with ``--cell-model``, the cell model's card, each after its weight
-    file was checked against it (``verified_card``, no model built): a corrupt artifact stops the
-    run here, on the driver, not in every actor."""
+    """The model card and, with ``--cell-model``, the cell model's card, each after every file
+    it lists was checked against it (``verified_card``, no model built): a corrupt artifact stops
+    the run here, on the driver, not in every actor."""
     card = verified_card(config.model)
     if config.cell_model is None:
         if config.per_cell:

@@ -174,7 +174,9 @@ def test_the_trust_file_is_read_only_where_auto_would_pick_the_fast_path(tiny_ar
     assert artifact_inference_path(tiny_artifact, card, mode="exact").reason == "--exact"
     assert artifact_inference_path(tiny_artifact, card, mode="fast").fast
     assert not artifact_inference_path(tiny_artifact, card, cuda=True).fast
-    with pytest.raises(FileNotFoundError):
+    from allcore.errors import ArtifactIntegrityError
+
+    with pytest.raises(ArtifactIntegrityError, match="missing"):
         artifact_inference_path(tiny_artifact, card)  # auto on CPU: the detector is probed
 
 

@@ -17,7 +17,8 @@ import pytest
 from allcore.imaging.files import BAD_NAME, TOO_LARGE, UNREADABLE, iter_image_files
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import iter_input_list
-from allcore.scoring.store import OutputStore, WriterLockedError
+from allcore.errors import WriterLockedError
+from allcore.scoring.store import OutputStore
 from allcore.data.labels import get_label_set
 from allcore.data.splits import split_samples
 from allcore.data.synthetic import write_archive

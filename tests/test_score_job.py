@@ -200,7 +200,7 @@ def test_scores_from_s3_to_s3_as_a_separate_process(tmp_path, tiny_artifact, s3_
 
 def test_a_head_left_behind_in_the_address_file_fails_at_once_saying_so(tmp_path, tiny_artifact):
     """A head killed without `ray stop` leaves ray_current_cluster; ray.init would wait on it
-    for minutes. Scoring exits 8 and training with an error, each naming the file."""
+    for minutes. Scoring and training exit 8 (allcore.errors), each naming the file."""
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on
@@ -212,15 +212,15 @@ def test_a_head_left_behind_in_the_address_file_fails_at_once_saying_so(tmp_path
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     archive(tmp_path / "in", per_class=1)
-    commands = {
-        8: [str(REPO / "jobs" / "score.py"), "--model", tiny_artifact, "--input",
-            str(tmp_path / "in"), "--output", str(tmp_path / "out")],
-        1: [str(REPO / "jobs" / "train.py"), "--recipe", "demo", "--data", str(tmp_path / "in"),
-            "--output", str(tmp_path / "runs")],
-    }
-    for status, command in commands.items():
+    commands = [
+        [str(REPO / "jobs" / "score.py"), "--model", tiny_artifact, "--input",
+         str(tmp_path / "in"), "--output", str(tmp_path / "out")],
+        [str(REPO / "jobs" / "train.py"), "--recipe", "demo", "--data", str(tmp_path / "in"),
+         "--output", str(tmp_path / "runs")],
+    ]
+    for command in commands:
         done = subprocess.run([sys.executable, *command], env=env, capture_output=True,
                               text=True, timeout=120)
-        assert done.returncode == status, done.stderr[-3000:]
+        assert done.returncode == 8, done.stderr[-3000:]
         assert "no Ray cluster answers at" in done.stderr and "ray_current_cluster" in done.stderr
         assert "Traceback" not in done.stderr

@@ -180,7 +180,8 @@ def test_one_writer_per_output_root(tmp_path):
     import subprocess
     import sys
 
-    from allcore.scoring.store import OutputStore, WriterLockedError
+    from allcore.errors import WriterLockedError
+    from allcore.scoring.store import OutputStore
 
     first, second = OutputStore(str(tmp_path)), OutputStore(str(tmp_path))
     first.acquire_writer("run-a")

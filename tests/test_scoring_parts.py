@@ -17,7 +17,8 @@ from fsspec.implementations.local import LocalFileSystem
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import input_digest
 from allcore.scoring.ledger import ledger_digests, ledger_table, settled_inputs
-from allcore.scoring.lock import WRITER_LEASE_SECONDS, WriterLock, WriterLockedError
+from allcore.errors import WriterLockedError
+from allcore.scoring.lock import WRITER_LEASE_SECONDS, WriterLock
 from allcore.scoring.run import ScoringRun
 from allcore.scoring.tiles import NO_SLIDE
 from allcore.trust.checks import (NO_TRUST_CHECKS, OUT_OF_DISTRIBUTION, Review, Trust, review_by_field,

@@ -20,6 +20,8 @@ from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from allcore.errors import AllcoreError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 # Whole-slide formats only OpenSlide reads (allcore.imaging.slides); pyramidal .tif(f) is listed above.
 OPENSLIDE_EXTENSIONS = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
@@ -311,7 +313,7 @@ def iter_image_files(root: str) -> Iterator[FileInfo]:
                 yield _s3_file_info(f"s3://{directory}/{name}", files[name])
 
 
-class ImageDecodeError(ValueError):
+class ImageDecodeError(AllcoreError, ValueError):
     """Bytes that are not a usable image. The message names the problem and what to do; ``kind``
     is one of EMPTY, NOT_AN_IMAGE, CORRUPT, TOO_LARGE."""
 

@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from allcore.errors import AllcoreError
 from allcore.imaging.files import (OPENSLIDE_EXTENSIONS, filesystem, folder_slide_files,
                                    is_folder_slide, storage_options)
 
@@ -77,7 +78,7 @@ NO_MPP_ERROR = ("slide has no pixel size (um/px) in its metadata (openslide.mpp-
                 "for this archive")
 
 
-class SlideError(ValueError):
+class SlideError(AllcoreError, ValueError):
     """A slide that cannot be tiled (unreadable, not a slide format, no pixel size). The message
     says what to do; scoring turns it into the slide's error row."""
 

@@ -14,6 +14,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 import allcore
+from allcore.errors import ArtifactIntegrityError, ModelCardError
 from allcore.imaging.data_config import DataConfig
 from allcore.imaging.files import filesystem, join, read_bytes, write_atomic
 
@@ -27,10 +28,6 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model_card.json"
-
-
-class ArtifactIntegrityError(RuntimeError):
-    """The artifact's weights and card do not belong together (modified, corrupted, mixed up)."""
 
 
 def _utc_now() -> str:
@@ -79,7 +76,7 @@ class ModelCard:
     def from_dict(cls, d: dict) -> "ModelCard":
         version = d.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise ValueError(
+            raise ModelCardError(
                 f"model card schema_version {version!r} is not supported by allcore "
                 f"{allcore.__version__} (it reads version {SCHEMA_VERSION}); use a matching allcore "
                 f"version or re-export the model"
@@ -88,7 +85,7 @@ class ModelCard:
         required = {"classes", "label_set", "model_name", "model_kwargs", "data_config", "weights_sha256"}
         missing, unknown = sorted(required - set(d)), sorted(set(d) - names)
         if missing or unknown:
-            raise ValueError(f"invalid model card: missing fields {missing}, unknown fields {unknown}; "
+            raise ModelCardError(f"invalid model card: missing fields {missing}, unknown fields {unknown}; "
                              f"re-export the model with save_artifact")
         return cls(**d)
 
@@ -137,12 +134,49 @@ def read_card(uri: str) -> ModelCard:
     except FileNotFoundError:
         raise FileNotFoundError(f"no {CARD_FILE} in {uri}: is this a model artifact folder "
                                 f"written by save_artifact?") from None
-    return ModelCard.from_dict(json.loads(raw))
+    try:
+        card = json.loads(raw)
+    except ValueError as exc:  # also a UnicodeDecodeError
+        raise ModelCardError(f"{join(uri, CARD_FILE)} is not a JSON model card ({exc}): it was "
+                             f"cut off or overwritten. Re-export the model or download the "
+                             f"artifact again.") from None
+    if not isinstance(card, dict):
+        raise ModelCardError(f"{join(uri, CARD_FILE)} holds a JSON {type(card).__name__}, not a "
+                             f"model card. Re-export the model or download the artifact again.")
+    return ModelCard.from_dict(card)
+
+
+def listed_files(card: ModelCard) -> dict[str, str]:
+    """Name -> sha256 of every file of the artifact that ``card`` lists: the weights, and each
+    entry of its sections with a ``file`` (the trust section's OOD detector, or one added later)."""
+    files = {WEIGHTS_FILE: card.weights_sha256}
+
+    def walk(value) -> None:
+        if isinstance(value, dict):
+            if "file" in value:
+                if not (isinstance(value["file"], str) and isinstance(value.get("sha256"), str)):
+                    raise ModelCardError(f"the model card names the file {value['file']!r} "
+                                         f"without its sha256: it was edited. Re-export the model.")
+                files[value["file"]] = value["sha256"]
+            for item in value.values():
+                walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk({name: value for name, value in card.to_dict().items() if name != "weights_sha256"})
+    return files
 
 
 def verified_file(uri: str, name: str, sha256: str) -> bytes:
     """The bytes of the artifact's file ``name``, refused unless their sha256 is the card's."""
-    data = read_bytes(join(uri, name))
+    try:
+        data = read_bytes(join(uri, name))
+    except FileNotFoundError:
+        raise ArtifactIntegrityError(
+            f"{join(uri, name)} is missing, but the model card in {uri} lists it: the artifact "
+            f"was copied incompletely. Re-export the model or download the artifact again."
+        ) from None
     if (actual := hashlib.sha256(data).hexdigest()) != sha256:
         raise ArtifactIntegrityError(
             f"{join(uri, name)} has sha256 {actual} but its model card expects {sha256}: the "
@@ -159,14 +193,16 @@ def verified_weights(uri: str) -> tuple[ModelCard, bytes]:
 
 
 def verified_card(uri: str) -> ModelCard:
-    """The card of the artifact at ``uri`` once every file it names (the weights; the trust
-    section's detector file) matches it, without building the model (no torch): a corrupt
-    artifact is caught where this runs, before Ray starts. Whether the weights fit the
-    architecture is checked by ``load_artifact``, where the model is built."""
-    card = verified_weights(uri)[0]
-    ood = card.trust.get("ood", {})
-    if ood.get("file"):
-        verified_file(uri, ood["file"], ood["sha256"])
+    """The card of the artifact at ``uri`` once it reads, every file it lists (``listed_files``)
+    matches its sha256, and its trust section loads with its detector file, without building the
+    model (no torch): a corrupt artifact is caught where this runs, before Ray starts. Whether the
+    weights fit the architecture is checked by ``load_artifact``, where the model is built."""
+    from allcore.trust.checks import load_trust  # trust reads its detector through verified_file
+
+    card = read_card(uri)
+    files = {name: verified_file(uri, name, sha256) for name, sha256 in listed_files(card).items()}
+    if card.trust:
+        load_trust(uri, card.trust, detector_bytes=files.get(card.trust.get("ood", {}).get("file")))
     return card
 
 

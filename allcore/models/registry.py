@@ -34,13 +34,10 @@ import torch
 import torchvision
 from torch import nn
 
+from allcore.errors import WeightsUnavailableError
 from allcore.imaging.data_config import DataConfig
 
 StateDict = dict[str, torch.Tensor]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be found offline, downloaded, or verified."""
 
 
 # --------------------------------------------------------------------------------------------

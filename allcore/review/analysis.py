@@ -23,6 +23,7 @@ from PIL import Image
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from allcore.errors import AllcoreError
 from allcore.imaging.cells import CellFinderConfig
 from allcore.imaging.files import IMAGE_EXTENSIONS, MAX_PIXELS, ImageDecodeError, decode_rgb
 from allcore.imaging.overlay import heat_overlay, png_bytes, render
@@ -38,7 +39,7 @@ CELL_DISPLAY_SIDE = 160  # side of a cell's saliency picture
 UPLOAD_RUN_ID = "review-upload"  # run_id of the rows an upload gets (never committed anywhere)
 
 
-class UploadError(ValueError):
+class UploadError(AllcoreError, ValueError):
     """An upload the app cannot analyse; the message says why and what to send instead.
     ``status`` is the HTTP status the app answers with (413 too large, 415 wrong type, 422 not
     a usable image)."""

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from allcore.errors import AllcoreError
 from allcore.data.celldata import MANIFEST_FILE, CellCropGeometry, box_centre, cut_cell_crop
 from allcore.imaging.cells import estimate_cell_diameter
 from allcore.imaging.files import (decode_rgb, filesystem, join, read_bytes, write_atomic,
@@ -57,7 +58,7 @@ CORRECTION_SCHEMA = pa.schema([
 MANIFEST_FILES = {CELL: MANIFEST_FILE, FIELD: "fields.csv"}  # what export_manifest writes
 
 
-class CorrectionError(ValueError):
+class CorrectionError(AllcoreError, ValueError):
     """A decision that cannot be recorded; the message says what to send instead."""
 
 

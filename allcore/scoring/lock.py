@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
+from allcore.errors import WriterLockedError
+
 WRITER_LEASE_SECONDS = 12 * 3600  # a lock older than this is taken over even from another host
-
-
-class WriterLockedError(RuntimeError):
-    """Another scoring run is writing to the same output root."""
 
 
 @dataclass(frozen=True)

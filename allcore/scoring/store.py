@@ -34,11 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from allcore.errors import OutputUnwritableError
 from allcore.imaging.files import filesystem, join, write_atomic
 from allcore.scoring.config import ScoringConfig
 from allcore.scoring.inputs import input_digest
 from allcore.scoring.ledger import Ledger, ledger_digests, ledger_table, settled_inputs
-from allcore.scoring.lock import WriterLock, WriterLockedError  # noqa: F401 (jobs/score.py: from here)
+from allcore.scoring.lock import WriterLock
 from allcore.scoring.rows import CELL, ERROR, INPUT_KINDS, OK
 
 SUMMARISED_BY = "specimens_summarised_by"  # in a killed run's _runs/<run_id>/ (unsummarised_runs)
@@ -48,10 +49,6 @@ LEDGER_FILES_PER_READ = 256  # fetched concurrently (s3fs), parsed, then their b
 def new_run_id(now: dt.datetime | None = None) -> str:
     now = now or dt.datetime.now(dt.timezone.utc)
     return f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
-
-class OutputUnwritableError(RuntimeError):
-    """The output root cannot be written (read-only, disk full, a file in the way, no access)."""
 
 
 _OUTPUT_ADVICE = {

@@ -28,7 +28,8 @@ import safetensors.numpy
 from scipy import optimize, special
 
 from allcore.imaging import files
-from allcore.models.artifact import verified_file
+from allcore.errors import ArtifactIntegrityError
+from allcore.models.artifact import CARD_FILE, verified_file
 from allcore.imaging.qc import QC_COLUMNS
 
 TRUST_VERSION = 1
@@ -410,9 +411,24 @@ def write_trust_file(artifact_uri: str, tensors: dict[str, np.ndarray]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_trust(artifact_uri: str, section: Mapping) -> Trust:
-    """The card's trust section with its OOD detector loaded and hash-checked."""
-    ood = section["ood"]
-    data = verified_file(artifact_uri, ood["file"], ood["sha256"])
-    detector = OOD_DETECTORS[ood["method"]].from_stored(safetensors.numpy.load(data), ood["params"])
-    return replace(trust_from_card_section(section), detector=detector)
+def load_trust(artifact_uri: str, section: Mapping, *, detector_bytes: bytes | None = None) -> Trust:
+    """The card's trust section with its OOD detector loaded and hash-checked (``detector_bytes``:
+    the detector file's bytes, where the caller verified them already). A section and file that
+    do not make a detector (the card edited, another model's file) raise
+    ``ArtifactIntegrityError``."""
+    try:
+        ood = section["ood"]
+        data = (verified_file(artifact_uri, ood["file"], ood["sha256"]) if detector_bytes is None
+                else detector_bytes)
+        detector = OOD_DETECTORS[ood["method"]].from_stored(safetensors.numpy.load(data), ood["params"])
+        return replace(trust_from_card_section(section), detector=detector)
+    except ArtifactIntegrityError:
+        raise
+    # safetensors raises its own SafetensorError; a detector missing an array, a KeyError
+    except (KeyError, TypeError, ValueError, IndexError, safetensors.SafetensorError) as exc:
+        raise ArtifactIntegrityError(
+            f"the trust section of {files.join(artifact_uri, CARD_FILE)} and its detector file do "
+            f"not make an OOD detector ({type(exc).__name__}: {exc}): the card was edited or the "
+            f"file belongs to another model. Re-export the model, or refit its trust section "
+            f"with allcore.training.trust_fitting.attach_trust(artifact, split_manifest)."
+        ) from exc
