@@ -1,6 +1,6 @@
 """How well does a trained model say when not to trust it? Writes the numbers of docs/TRUST.md.
 
-    PYTHONPATH=$PWD nice .venv/bin/python benchmarks/trust_eval.py \
+    PYTHONPATH=$PWD nice .venv/bin/python -m benchmarks.trust_eval \
         --model /tmp/trust_runs/s000m/model --split-manifest /tmp/trust_runs/s000m/split_manifest.csv \
         --data-root ../shared/data --output /tmp/trust_eval
 
@@ -26,11 +26,9 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from skimage import data as skdata
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from allcore import io, metrics, trust, trust_fitting  # noqa: E402
-from allcore.artifact import load_artifact  # noqa: E402
-from allcore.splits import SplitManifest  # noqa: E402
+from allcore import io, metrics, trust, trust_fitting
+from allcore.artifact import load_artifact
+from allcore.splits import SplitManifest
 
 SAMPLE_PICTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "rocket",
                    "coins", "moon", "hubble_deep_field", "immunohistochemistry", "retina", "page")

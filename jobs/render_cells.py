@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+if not __package__:  # run as a file (python jobs/x.py, ray job submit): see jobs/__init__.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allcore.cells import Cell, CellFinderConfig, estimate_cell_diameter, find_cells  # noqa: E402
 from allcore.io import absolute_location, decode_rgb, read_bytes  # noqa: E402
