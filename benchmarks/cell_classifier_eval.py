@@ -1,6 +1,6 @@
 """Cell classifier: grouped cross-validation by source field on ALL-IDB cell crops.
 
-    nice python benchmarks/cell_classifier_eval.py --data ../shared/data/all-idb \
+    nice python -m benchmarks.cell_classifier_eval --data ../shared/data/all-idb \
         --cache /tmp/cellclf/crops --recipe cell_blast --folds 5 --epochs 6 --out cell_blast.json
 
 Every crop is scored once, by the fold model that never saw its field group (source field plus
@@ -27,15 +27,14 @@ import torch
 from scipy import stats
 from sklearn.metrics import roc_auc_score, roc_curve
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.data import celldata  # noqa: E402
-from allcore.training import engine  # noqa: E402
-from allcore.data.samples import discover_samples  # noqa: E402
-from allcore.data.labels import get_label_set  # noqa: E402
-from allcore.models.recipes import load_recipe  # noqa: E402
-from allcore.data.splits import SplitManifest, kfold_samples  # noqa: E402
-from allcore.training.build import build_datasets, build_model, class_weights, targets_of  # noqa: E402
+from allcore.data import celldata
+from allcore.training import engine
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.models.recipes import load_recipe
+from allcore.data.splits import SplitManifest, kfold_samples
+from allcore.training.build import build_datasets, build_model, class_weights, targets_of
 
 TARGET_SPECIFICITY = 0.95
 

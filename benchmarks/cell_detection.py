@@ -1,7 +1,7 @@
 """Measure the white-cell finder (allcore/imaging/cells.py) against people's annotations: BCCD white-cell
 boxes and ALL-IDB blast centroids, plus time per field at three magnifications.
 
-    python benchmarks/cell_detection.py [--data ../shared/data] [--out docs/CELLS.md] [--workers 2]
+    python -m benchmarks.cell_detection [--data ../shared/data] [--out docs/CELLS.md] [--workers 2]
 
 - BCCD (``bccd/``: 640 x 480 fields, Pascal VOC boxes): white-cell precision and recall at
   IoU >= 0.5, found cells matched one to one to the WBC boxes (greedy, highest IoU first).
@@ -33,14 +33,13 @@ from multiprocessing import Pool
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per field: CPU time is then per field
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from allcore.data import celldata  # noqa: E402
-from allcore.imaging.cells import CellFinderConfig, find_cells, median_cell_diameter  # noqa: E402
-from cell_finder_vs_segmented import write_results  # noqa: E402  (benchmarks/ is the script's folder)
+from allcore.data import celldata
+from allcore.imaging.cells import CellFinderConfig, find_cells, median_cell_diameter
+from benchmarks.cell_finder_vs_segmented import write_results
 
 MARKERS = ("<!-- detection:start -->", "<!-- detection:end -->")
 IOU_MATCH = 0.5

@@ -1,6 +1,6 @@
 """How well ``allcore.imaging.cells.estimate_cell_diameter`` reads the white-cell size, per dataset.
 
-    python benchmarks/cell_diameter_estimate.py [--data ../shared/data] [--workers 2]
+    python -m benchmarks.cell_diameter_estimate [--data ../shared/data] [--workers 2]
 
 BCCD: the estimate over the mean side of the field's WBC boxes (people's boxes, fields with one
 or more). ALL_IDB1 and Taleqani (every 20th Original field) have no boxes: the estimate in
@@ -19,10 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.imaging.cells import estimate_cell_diameter  # noqa: E402
-from cell_detection import DEFAULT_DATA, voc_boxes  # noqa: E402  (benchmarks/ is the script's folder)
+from allcore.imaging.cells import estimate_cell_diameter
+from benchmarks.cell_detection import DEFAULT_DATA, voc_boxes
 
 
 def estimate(path: Path) -> float | None:

@@ -2,7 +2,7 @@
 
     python jobs/score.py --model FIELD_MODEL --cell-model CELL_MODEL --per-cell \
         --input ../shared/data/all-idb/ALL_IDB1/im --output /tmp/idb1_scored
-    python benchmarks/cell_fields_eval.py --data ../shared/data/all-idb --scored /tmp/idb1_scored \
+    python -m benchmarks.cell_fields_eval --data ../shared/data/all-idb --scored /tmp/idb1_scored \
         [--oof cell_blast.json --crops /tmp/cellclf/crops/cells.csv] [--out fields.json]
 
 Per field (ALL_IDB1, one centroid per annotated blast, file name ``ImNNN_Y``: Y = 1 leukaemic):
@@ -34,9 +34,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from allcore.scoring.store import OutputStore  # noqa: E402
+from allcore.scoring.store import OutputStore
 
 BOOTSTRAP = 2000
 

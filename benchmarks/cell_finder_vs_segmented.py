@@ -1,8 +1,8 @@
 """Measure the white-cell finder (allcore/imaging/cells.py) against the Taleqani dataset's own segmentation.
 
-    python benchmarks/cell_finder_vs_segmented.py [--data /work/shared/data/all-taleqani] [--out docs/CELLS.md]
-    python benchmarks/cell_finder_vs_segmented.py --tune      # grid search on the tuning half first
-    python benchmarks/cell_finder_vs_segmented.py --cell-diameter 28   # one diameter for every field
+    python -m benchmarks.cell_finder_vs_segmented [--data /work/shared/data/all-taleqani] [--out docs/CELLS.md]
+    python -m benchmarks.cell_finder_vs_segmented --tune      # grid search on the tuning half first
+    python -m benchmarks.cell_finder_vs_segmented --cell-diameter 28   # one diameter for every field
 
 Images of each class are sorted by name; even positions are the tuning half (defaults of
 CellFinderConfig were chosen there with --tune), odd positions the report half. Neighbours are often
@@ -27,9 +27,8 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import morphology
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.imaging.cells import CellFinderConfig, find_cells  # noqa: E402
+from allcore.imaging.cells import CellFinderConfig, find_cells
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 REFERENCE_MIN_CHANNEL = 20  # Segmented background is JPEG-noisy black: max(R, G, B) <= 20

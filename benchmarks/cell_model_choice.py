@@ -1,6 +1,6 @@
 """Which model should classify a cell crop? Field model on the whole field vs on each cell.
 
-    python benchmarks/cell_model_choice.py --model /tmp/real/runs/s000-128-e5/model \\
+    python -m benchmarks.cell_model_choice --model /tmp/real/runs/s000-128-e5/model \\
         --split-manifest /tmp/real/runs/s000-128-e5/split_manifest.csv
 
 On the test split of the model's own leakage-safe split manifest (never used in training or model
@@ -19,18 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.models.artifact import read_card  # noqa: E402
-from allcore.imaging.cells import CellFinderConfig  # noqa: E402
-from allcore.scoring.predict import Predictor  # noqa: E402
-from allcore.scoring.prepare import prepare_batch, prepare_kwargs  # noqa: E402
-from allcore.data.splits import SplitManifest  # noqa: E402
+from allcore.models.artifact import read_card
+from allcore.imaging.cells import CellFinderConfig
+from allcore.scoring.predict import Predictor
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs
+from allcore.data.splits import SplitManifest
 
 
 def score_split(model: str, paths: list[str], batch_size: int = 16) -> dict[str, np.ndarray]:

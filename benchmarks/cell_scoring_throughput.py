@@ -1,6 +1,6 @@
 """Throughput of ``--per-cell --cell-model`` scoring (fields/s, cells/s) at two field sizes.
 
-    python benchmarks/cell_scoring_throughput.py --model FIELD_MODEL --cell-model CELL_MODEL \
+    python -m benchmarks.cell_scoring_throughput --model FIELD_MODEL --cell-model CELL_MODEL \
         --data ../shared/data [--fields 32] [--actors 2] [--exact] [--stages | --stages-only]
 
 Scores ``--fields`` (evenly spaced over the sorted paths) 224 px Taleqani fields (``all-taleqani/Original``)
@@ -42,9 +42,8 @@ os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
 from PIL import Image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from allcore.imaging.files import IMAGE_EXTENSIONS  # noqa: E402
+from allcore.imaging.files import IMAGE_EXTENSIONS
 
 
 def fields_of(folder: Path, count: int, width: int | None = None) -> list[str]:

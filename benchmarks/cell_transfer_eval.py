@@ -1,8 +1,8 @@
 """Cell model transfer between laboratories: leave one laboratory out.
 
-    python benchmarks/cell_transfer_eval.py --data ../shared/data --cache /tmp/cells \
+    python -m benchmarks.cell_transfer_eval --data ../shared/data --cache /tmp/cells \
         --augment stain+optics --epochs 4 --out transfer-stain-optics.json
-    python benchmarks/cell_transfer_eval.py --table transfer-recipe.json transfer-stain-optics.json
+    python -m benchmarks.cell_transfer_eval --table transfer-recipe.json transfer-stain-optics.json
 
 For each of ALL-IDB, BCCD and Taleqani, a cell model is trained on the other two (their crops
 split train / val by field group) and scores every crop of the one it never saw. The calls are
@@ -31,17 +31,16 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.data import celldata  # noqa: E402
-from allcore.imaging import files  # noqa: E402
-from allcore.trust import checks  # noqa: E402
-from allcore.data.samples import discover_samples  # noqa: E402
-from allcore.imaging.data_config import preprocess_array  # noqa: E402
-from allcore.data.labels import get_label_set  # noqa: E402
-from allcore.data.splits import SplitManifest, SplitRow, split_samples  # noqa: E402
-from allcore.training.trust_fitting import fit_trust, score_samples  # noqa: E402
-from cell_classifier_eval import (cell_recipe, cell_training_parser, checked_args,  # noqa: E402  (benchmarks/)
+from allcore.data import celldata
+from allcore.imaging import files
+from allcore.trust import checks
+from allcore.data.samples import discover_samples
+from allcore.imaging.data_config import preprocess_array
+from allcore.data.labels import get_label_set
+from allcore.data.splits import SplitManifest, SplitRow, split_samples
+from allcore.training.trust_fitting import fit_trust, score_samples
+from benchmarks.cell_classifier_eval import (cell_recipe, cell_training_parser, checked_args,
                                   field_bootstrap, train_cell_model)
 
 LAB_FOLDERS = {celldata.ALL_IDB: "all-idb", celldata.BCCD: "bccd", celldata.TALEQANI: "all-taleqani"}

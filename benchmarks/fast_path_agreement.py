@@ -1,6 +1,6 @@
 """Fast path (ONNX Runtime fp32) against eager fp32 for every registry model, on real images.
 
-    python benchmarks/fast_path_agreement.py --data ../shared/data/all-taleqani/Original \\
+    python -m benchmarks.fast_path_agreement --data ../shared/data/all-taleqani/Original \\
         [--images 192] [--models mobilenet_v2,vgg16_cnn] [--json agreement.json]
 
 Per model: its ImageNet backbone (the offline weights; random where none is installed, said in
@@ -32,11 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.data.samples import discover_samples  # noqa: E402
-from allcore.data.labels import get_label_set  # noqa: E402
-from allcore.models.registry import WeightsUnavailableError, create_model, list_models  # noqa: E402
+from allcore.data.samples import discover_samples
+from allcore.data.labels import get_label_set
+from allcore.models.registry import WeightsUnavailableError, create_model, list_models
 
 AGREEMENT_BAR = 0.995  # identical argmax, issue 14
 BATCH = 32

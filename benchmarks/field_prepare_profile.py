@@ -1,7 +1,7 @@
 """Where a field run's prepare stage spends its time: ``prepare_batch`` (read, hash, decode, image
 QC, preprocessing) on real images, profiled in this process on one thread.
 
-    python benchmarks/field_prepare_profile.py --model RUNS/s000m/model \\
+    python -m benchmarks.field_prepare_profile --model RUNS/s000m/model \\
         --data ../shared/data/all-taleqani/Original [--images 128]
 
 Prints CPU ms per image for the whole stage and for the functions that dominate it (cumulative
@@ -14,19 +14,16 @@ import argparse
 import cProfile
 import os
 import pstats
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.models.artifact import verified_card  # noqa: E402
-from allcore.data.samples import discover_samples  # noqa: E402
-from allcore.imaging.files import MAX_PIXELS  # noqa: E402
-from allcore.data.labels import get_label_set  # noqa: E402
-from allcore.scoring.prepare import prepare_batch, prepare_kwargs  # noqa: E402
+from allcore.models.artifact import verified_card
+from allcore.data.samples import discover_samples
+from allcore.imaging.files import MAX_PIXELS
+from allcore.data.labels import get_label_set
+from allcore.scoring.prepare import prepare_batch, prepare_kwargs
 
 WATCHED = ("prepare_batch", "image_qc", "cell_statistics", "find_cells", "estimate_cell_diameter",
            "preprocess_array", "decode_rgb")

@@ -1,7 +1,7 @@
 """Rerun start-up of scoring against a large history: driver time and peak RSS to recover the
 output root, load the ledger and filter the listing down to the new inputs.
 
-    nice python benchmarks/ledger_scale.py --committed 1000000 10000000 --new-share 0.01
+    nice python -m benchmarks.ledger_scale --committed 1000000 10000000 --new-share 0.01
 
 For each size a synthetic history is written in the current layout (one ledger file and one
 commit record per 4,096 inputs, as ``--commit-every`` 4096 would write them), then a fresh
@@ -12,7 +12,7 @@ number is the ledger's cost, not the storage's; the time to generate the listing
 measured too and reported apart). Targets (issue 9): 10M committed in <= 60 s and
 <= 1 GB driver RSS.
 
-    nice python benchmarks/ledger_scale.py --committed 1000000 10000000 --format delta
+    nice python -m benchmarks.ledger_scale --committed 1000000 10000000 --format delta
 
 writes the same history as a Delta table of digests instead (deltalake, one append commit per
 chunk, partitioned by model), measures the same start-up reading the digests from the table's
@@ -33,16 +33,15 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import duckdb  # noqa: E402
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
+import duckdb
+import numpy as np
+import pyarrow as pa
 
-from allcore.imaging.files import FileInfo  # noqa: E402
-from allcore.scoring.inputs import input_digest, new_inputs  # noqa: E402
-from allcore.scoring.ledger import DIGEST, Ledger  # noqa: E402
-from allcore.scoring.store import OutputStore  # noqa: E402
+from allcore.imaging.files import FileInfo
+from allcore.scoring.inputs import input_digest, new_inputs
+from allcore.scoring.ledger import DIGEST, Ledger
+from allcore.scoring.store import OutputStore
 
 try:  # only --format delta needs it; not a project dependency (docs/SCORING.md says why)
     from deltalake import DeltaTable, write_deltalake
@@ -173,8 +172,9 @@ def measure(root: str, table_format: str, committed: int, new: int) -> dict:
 
 
 def measure_in_child(root: str, table_format: str, committed: int, new: int) -> dict:
-    child = subprocess.run([sys.executable, __file__, "--measure", root, table_format,
-                            str(committed), str(new)], capture_output=True, text=True, check=True,
+    child = subprocess.run([sys.executable, "-m", "benchmarks.ledger_scale", "--measure", root,
+                            table_format, str(committed), str(new)], capture_output=True, text=True,
+                           check=True,
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     return json.loads(child.stdout)
 

@@ -1,7 +1,7 @@
 """What handing the to-do list to Ray costs: one ``ray.put`` of an Arrow block of listed inputs per
 block, as ``pipelines/score.py`` puts them before scoring starts.
 
-    python benchmarks/listing_puts.py [--blocks 2000] [--batch-size 64] [--actors 2]
+    python -m benchmarks.listing_puts [--blocks 2000] [--batch-size 64] [--actors 2]
 
 Synthetic listing rows with the to-do columns (uri, size, mtime, listing error, error kind); a
 local Ray with one CPU. Measures the time of one put of a batch-sized block and of a
@@ -13,17 +13,13 @@ puts and their time with one block per model batch (before) and with the block s
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import pyarrow as pa
 import ray
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from allcore.scoring.config import ScoringConfig  # noqa: E402
-from pipelines.score import LARGE_BLOCK_INPUTS, todo_blocks  # noqa: E402
+from allcore.scoring.config import ScoringConfig
+from pipelines.score import LARGE_BLOCK_INPUTS, todo_blocks
 
 
 def block(index: int, rows: int) -> pa.Table:

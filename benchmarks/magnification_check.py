@@ -1,6 +1,6 @@
 """Does image QC flag fields at another magnification? The numbers of docs/TRUST.md, "Magnification".
 
-    python benchmarks/magnification_check.py --data ../shared/data
+    python -m benchmarks.magnification_check --data ../shared/data
 
 QC ranges are fitted as training fits them (``allcore.trust.checks.qc_reference``) on every 8th Taleqani
 field of each class (sorted by name), with and without the magnification bound
@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.trust import checks  # noqa: E402
-from allcore.imaging.qc import image_qc  # noqa: E402
+from allcore.trust import checks
+from allcore.imaging.qc import image_qc
 
 CLASSES = ("Benign", "Early", "Pre", "Pro")
 

@@ -1,6 +1,6 @@
 """How many rows to give ONNX Runtime per call on CPU (``allcore.scoring.onnx.ONNX_CHUNK_PIXELS``).
 
-    python benchmarks/onnx_chunk_rows.py [--model mobilenet_v2] [--sizes 96,128,224] [--threads 1,2]
+    python -m benchmarks.onnx_chunk_rows [--model mobilenet_v2] [--sizes 96,128,224] [--threads 1,2]
 
 Model-only milliseconds per image of the model's ONNX Runtime session (exported as scoring
 exports it, ``onnx_session``; random weights: speed does not depend on them) on random pixels, by
@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROWS = (1, 2, 4, 8, 16, 32, 64, 256)
 

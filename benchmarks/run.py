@@ -1,6 +1,6 @@
 """Scoring and training throughput against plain PyTorch, peak memory, and the compute ceiling.
 
-    python benchmarks/run.py [--images 512] [--model mobilenet_v2] [--input-size 224]
+    python -m benchmarks.run [--images 512] [--model mobilenet_v2] [--input-size 224]
                              [--data PATH] [--json out.json] [--skip train,rss10x]
 
 Every number comes from ONE run on the same images and the same model artifact, so the ratios
@@ -38,10 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from pipelines import RAY_DEFAULT_WORKER_NICENESS
 
-from pipelines import RAY_DEFAULT_WORKER_NICENESS  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 SECTIONS = ("model", "decode", "baseline", "score", "rss10x", "train")
 RSS_SAMPLE_SECONDS = 0.2
@@ -388,7 +387,8 @@ def run_child(kind: str, spec: dict, work: Path, label: str) -> dict:
     log_path = work / f"{slug}.log"
     print(f"[bench] {label} ...", flush=True)
     with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+        process = subprocess.Popen([sys.executable, "-m", "benchmarks.run", "--child", kind,
+                                    json.dumps(spec)], env={**os.environ, "PYTHONPATH": str(REPO)},
                                    stdout=subprocess.PIPE, stderr=log, text=True)
         root, peak = psutil.Process(process.pid), 0
         while process.poll() is None:

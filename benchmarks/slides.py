@@ -1,7 +1,7 @@
 """Whole-slide scoring: speed and memory against fields, and slide calls against field calls.
 
-    python benchmarks/slides.py perf [--model FIELD_MODEL --cell-model CELL_MODEL] [--sides 10000,20000,40000]
-    python benchmarks/slides.py all-idb --model FIELD_MODEL --cell-model CELL_MODEL --data ../shared/data
+    python -m benchmarks.slides perf [--model FIELD_MODEL --cell-model CELL_MODEL] [--sides 10000,20000,40000]
+    python -m benchmarks.slides all-idb --model FIELD_MODEL --cell-model CELL_MODEL --data ../shared/data
 
 ``perf`` generates synthetic slides (``allcore.data.synthetic``: 448 px fields on glass, 0.15 um/px,
 a few dozen distinct fields repeated) of each side and scores each with ``jobs/score.py
@@ -39,12 +39,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from allcore.imaging.slides import write_pyramid_tiff  # noqa: E402
-from allcore.data.synthetic import MORPHOLOGIES, make_field, mosaic_offset, mosaic_region  # noqa: E402
-from run import RSS_SAMPLE_SECONDS, _tree_rss  # noqa: E402
+from allcore.imaging.slides import write_pyramid_tiff
+from allcore.data.synthetic import MORPHOLOGIES, make_field, mosaic_offset, mosaic_region
+from benchmarks.run import RSS_SAMPLE_SECONDS, _tree_rss
 
 FIELD = 448  # synthetic field side (px)
 MPP = 0.15  # synthetic slides: a 448 px field's white cells are ~9-15 um

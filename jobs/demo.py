@@ -15,7 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+if not __package__:  # run as a file (python jobs/x.py, ray job submit): see jobs/__init__.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allcore import errors  # noqa: E402
 from allcore.errors import WeightsUnavailableError  # noqa: E402

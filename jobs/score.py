@@ -22,7 +22,8 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or working_dir
+if not __package__:  # run as a file (python jobs/x.py, ray job submit): see jobs/__init__.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from allcore import errors  # noqa: E402
 from allcore.imaging.files import absolute_location  # noqa: E402

@@ -3,9 +3,6 @@ render job, and agreement with the Taleqani dataset's own segmentation where the
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
@@ -205,8 +202,7 @@ def test_bad_inputs_are_refused_clearly():
 
 
 def test_render_job_labels_every_cell(tmp_path, tiny_artifact, capsys):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-    import render_cells
+    from jobs import render_cells
 
     img, boxes = make_field(np.random.default_rng(5), 2)
     img.save(tmp_path / "field.png")
@@ -224,8 +220,7 @@ def test_agrees_with_the_datasets_segmentation(shared_data):
     """Median foreground IoU against the Segmented masks on 40 report-half images of the classes
     whose masks mostly work (docs/CELLS.md: the full report half gives 0.70-0.87 per class with
     the diameter estimated per field; the floor leaves margin for library and decoder changes)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    from cell_finder_vs_segmented import evaluate_one, list_pairs
+    from benchmarks.cell_finder_vs_segmented import evaluate_one, list_pairs
 
     pairs = [p for p in list_pairs(shared_data, 1) if p[0] != "Pro"][::25][:40]
     results = [evaluate_one((*pair, CellFinderConfig())) for pair in pairs]

@@ -47,6 +47,16 @@ def test_unknown_field_fails_with_the_valid_names():
         load_recipe("demo").override(["epochz=3"])
 
 
+def test_a_recipe_loads_by_name_from_the_package_or_from_a_file_path(tmp_path):
+    from allcore.models.recipes import RECIPE_DIR
+
+    assert (RECIPE_DIR / "demo.toml").is_file() and load_recipe("demo").name == "demo"
+    path = tmp_path / "my_recipe.toml"
+    path.write_text('model = "mobilenet_v2"\nepochs = 2\n')
+    recipe = load_recipe(str(path))
+    assert (recipe.name, recipe.model, recipe.epochs) == ("my_recipe", "mobilenet_v2", 2)
+
+
 def test_bad_choices_and_unknown_recipe_are_explained():
     with pytest.raises(ValueError, match="schedule must be one of"):
         Recipe(name="x", model="mobilenet_v2", schedule="cosine")

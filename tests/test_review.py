@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +36,6 @@ from allcore.data.synthetic import make_field, write_slide
 from allcore.training.build import ImageDataset
 from conftest import score_slide
 
-REPO = Path(__file__).resolve().parents[1]
 OOD_THRESHOLD = 1.0
 TRUST = {"temperature": 1.0, "ood": {"method": "mahalanobis", "threshold": OOD_THRESHOLD}, "qc_reference": {}}
 SCORED_AT = dt.datetime(2025, 5, 6, tzinfo=dt.timezone.utc)
@@ -237,8 +235,7 @@ def test_exported_cell_crops_have_the_scale_scoring_cut_them_at(output_root, tmp
 
 
 def test_serve_refuses_a_public_host_without_a_token(capsys, monkeypatch):
-    sys.path.insert(0, str(REPO / "jobs"))
-    import review
+    from jobs import review
 
     monkeypatch.delenv("ALLCORE_REVIEW_TOKEN", raising=False)
     assert review.main(["serve", "--output", "/tmp/x", "--model", "/tmp/m", "--host", "0.0.0.0"]) == 2

@@ -11,12 +11,14 @@ import ast
 import dataclasses
 import tomllib
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from allcore.imaging.data_config import STAIN_NORMALISATIONS
 
-RECIPE_DIR = Path(__file__).resolve().parents[2] / "configs" / "recipes"
+# the recipe files are package data: an installed wheel finds them as a checkout does
+RECIPE_DIR = resources.files("allcore") / "configs" / "recipes"
 
 SCHEDULES = ("constant", "one_cycle", "plateau")
 BALANCING = ("none", "class_weights", "desaturate_minority")
@@ -115,20 +117,20 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in RECIPE_DIR.glob("*.toml"))
+    files = RECIPE_DIR.iterdir() if RECIPE_DIR.is_dir() else ()
+    return sorted(p.name.removesuffix(".toml") for p in files if p.name.endswith(".toml"))
 
 
 def load_recipe(name_or_path: str) -> Recipe:
-    """Load a recipe by name (``configs/recipes/<name>.toml``) or from a TOML file path."""
+    """Load a recipe by name (``allcore/configs/recipes/<name>.toml``) or from a TOML file path."""
     path = Path(name_or_path)
-    if not path.suffix:
-        path = RECIPE_DIR / f"{name_or_path}.toml"
-    if not path.is_file():
+    source = RECIPE_DIR / f"{name_or_path}.toml" if not path.suffix else path
+    if not source.is_file():
         raise ValueError(
             f"recipe {name_or_path!r} not found; known recipes: {', '.join(list_recipes())} "
             "(or pass a path to a .toml file)"
         )
-    with path.open("rb") as fh:
+    with source.open("rb") as fh:
         data = tomllib.load(fh)
     data.setdefault("name", path.stem)
     return Recipe.from_dict(data)
