@@ -13,9 +13,9 @@ from allcore.errors import RayClusterUnreachableError
 # Ray starts its worker processes 15 steps nicer than the driver (its `worker_niceness` default),
 # so that its own daemons stay responsive. The workers are where training and scoring run: on a
 # node that also runs anything else at normal priority they then get a few percent of a core
-# (docs/PERFORMANCE.md, "Ray Train overhead": 0.74-0.85x a plain loop before, measured against
-# 15). A Ray that this process starts runs them at the driver's own priority; a cluster started
-# with `ray start` keeps its setting (start it with RAY_worker_niceness=0 for the same).
+# (docs/PERFORMANCE.md, "Ray Train overhead"). A Ray that this process starts runs them at the
+# driver's own priority; a cluster started with `ray start` keeps its setting (start it with
+# RAY_worker_niceness=0 for the same).
 WORKER_NICENESS = "0"
 RAY_DEFAULT_WORKER_NICENESS = 15  # what a Ray started without it uses
 
@@ -34,11 +34,9 @@ NUMPY_HUGE_PAGES = "0"
 # dies with it and has no dashboard (``init_ray``), so nothing reads any of it, yet each is a
 # periodic loop in every Ray process: task events (the state API's task list and timeline),
 # metrics (Prometheus, through the dashboard agent), event-loop statistics, Ray Train's metrics
-# and its watcher for spot-instance preemption notices (a single node: this machine). With the
-# placement-group cleaner (``pipelines.train.InProcessTorchTrainer``) they held Ray Train with
-# one worker at 0.88x a plain loop on 2 cores; without them 0.93x, 0.95x after the first epoch
-# (10 paired rounds, docs/PERFORMANCE.md, "Ray Train overhead"). A cluster started with
-# `ray start` keeps its own environment.
+# and its watcher for spot-instance preemption notices (a single node: this machine). What they
+# cost Ray Train on 2 cores is measured in docs/PERFORMANCE.md, "Ray Train overhead". A cluster
+# started with `ray start` keeps its own environment.
 IN_PROCESS_RAY_ENV = {
     "RAY_worker_niceness": WORKER_NICENESS,  # read by the raylet
     "NUMPY_MADVISE_HUGEPAGE": NUMPY_HUGE_PAGES,  # read by each worker's numpy
@@ -91,7 +89,7 @@ def init_ray(*, verbose: bool = False, **init_kwargs) -> None:
     """Join the cluster of ``ray job submit`` / ``RAY_ADDRESS`` (or of a local ``ray start``), or
     start Ray in-process with ``IN_PROCESS_RAY_ENV`` (workers at the driver's priority, their
     numpy without huge pages, no telemetry) and without the dashboard, which dies with the job
-    anyway and took 1.8 of the 4.6 s Ray took to start on 2 cores (docs/PERFORMANCE.md): for a
+    anyway and is a large share of Ray's start-up (docs/PERFORMANCE.md): for a
     dashboard, start a cluster (``ray start --head``, README) and run the job on it.
     ``verbose=False`` keeps Ray's own log lines off the console (``quiet_logs``: the driver's,
     and through ``ray.LoggingConfig`` those of Ray Train's and Ray Data's worker processes, whose
