@@ -21,7 +21,7 @@ from allcore.trust import checks
 from allcore.models.artifact import load_artifact
 from allcore.data.samples import Sample, discover_samples
 from allcore.data.labels import get_label_set
-from allcore.models.registry import features_and_logits, probabilities
+from allcore.models.registry import batched_features_and_logits, probabilities
 from allcore.imaging.qc import image_qc
 from allcore.data.splits import SplitManifest
 from allcore.imaging.data_config import DataConfig, normalise_array, unit_array
@@ -73,10 +73,7 @@ Confidence intervals resample the samples' duplicate ``group`` (set by a split m
     def predict(unit_batch: torch.Tensor) -> np.ndarray:
         return probabilities(model, pixels(unit_batch)).numpy()
 
-    batches = [features_and_logits(model, pixels(images[i:i + batch_size]))
-               for i in range(0, len(images), batch_size)]
-    features = torch.cat([f for f, _ in batches]).numpy()
-    logits = torch.cat([z for _, z in batches]).numpy()
+    features, logits = batched_features_and_logits(model, images, pixels, batch_size=batch_size)
     probs = checks.calibrated_probabilities(logits, 1.0)  # plain softmax: metrics judge the raw model
     # CIs resample the split manifest's duplicate groups; images without one stand alone
     groups = (None if all(s.group is None for s in samples)

@@ -23,12 +23,13 @@ import io
 import math
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from importlib import metadata
 from pathlib import Path
 
+import numpy as np
 import safetensors.torch
 import torch
 import torchvision
@@ -237,6 +238,21 @@ class FeaturesAndLogits(torch.nn.Module):
 def features_and_logits(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Penultimate features and logits of a preprocessed batch in one forward pass."""
     return FeaturesAndLogits(model)(pixels)
+
+
+def batched_features_and_logits(model: torch.nn.Module, items: Sequence,
+                                to_pixels: Callable[[Sequence], torch.Tensor], *,
+                                batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """``features_and_logits`` of ``items`` a batch at a time, in eval mode, as float32 arrays:
+    ``to_pixels`` turns one slice of ``items`` into a preprocessed batch, so a caller holding
+    every image's pixels keeps only one batch's network activations at once."""
+    model.eval()
+    features, logits = [], []
+    for start in range(0, len(items), batch_size):
+        f, z = features_and_logits(model, to_pixels(items[start:start + batch_size]))
+        features.append(f.float().numpy())
+        logits.append(z.float().numpy())
+    return np.concatenate(features), np.concatenate(logits)
 
 
 def probabilities(model: nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from allcore.models.artifact import load_artifact, save_artifact
 from allcore.imaging.data_config import preprocess_array
 from allcore.data.labels import get_label_set
 from allcore.evaluation.metrics import expected_calibration_error
-from allcore.models.registry import features_and_logits
+from allcore.models.registry import batched_features_and_logits
 from allcore.imaging.qc import QC_COLUMNS, image_qc
 from allcore.trust.checks import (IN_DISTRIBUTION_FLAG_RATE, MAGNIFICATION_TOLERANCE,
                                   MAX_FALSE_BLAST_RATE, OOD_METHOD, QC_MARGIN, QC_QUANTILES,
@@ -91,13 +91,9 @@ def score_images(model: torch.nn.Module, images: Sequence, labels: Sequence[int]
     with ThreadPoolExecutor(max_workers=2) as pool:
         pixels = list(pool.map(lambda img: preprocess_array(img, config), images))
         qc = list(pool.map(image_qc, images)) if with_qc else []
-    features, logits = [], []
-    model.eval()
-    for start in range(0, len(pixels), batch_size):
-        f, z = features_and_logits(model, torch.from_numpy(np.stack(pixels[start:start + batch_size])))
-        features.append(f.float().numpy())
-        logits.append(z.float().numpy())
-    return Scored(np.concatenate(features), np.concatenate(logits), np.asarray(labels), qc)
+    features, logits = batched_features_and_logits(
+        model, pixels, lambda batch: torch.from_numpy(np.stack(batch)), batch_size=batch_size)
+    return Scored(features, logits, np.asarray(labels), qc)
 
 
 def score_samples(model: torch.nn.Module, samples: Sequence, classes: Sequence[str], *,
