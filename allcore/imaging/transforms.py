@@ -19,7 +19,7 @@ from PIL import Image, ImageFilter
 from allcore.imaging.data_config import (REDUCING_GAP, DataConfig, mask_scale_bar, normalise_array,
                                          normalise_stain, prepare_pil, preprocess_array,
                                          resample_filter, resize_centre_crop, to_unit_chw,
-                                         unit_array, validate)
+                                         validate)
 
 # random_resized_crop keeps at least a quarter of the field: a field holds a handful of white
 # cells, and torchvision's 8% lower bound often crops to red cells only.
@@ -89,28 +89,21 @@ def desaturate_hsv(img: Image.Image) -> Image.Image:
 
 
 class EvalTransform:
-    """PIL image -> normalised float tensor CHW (``preprocess_array``). With ``noise_sigma`` > 0
-    it adds Gaussian noise before normalisation and then needs a generator per call."""
+    """PIL image -> normalised float tensor CHW (``preprocess_array``). Noise for robustness
+    studies is added to unnormalised pixels by ``allcore.evaluation.metrics.noise_robustness_table``
+    (``add_gaussian_noise``), not here."""
 
-    def __init__(self, cfg: DataConfig, *, noise_sigma: float = 0.0):
+    def __init__(self, cfg: DataConfig):
         validate(cfg)
-        if noise_sigma < 0:
-            raise ValueError(f"noise_sigma must be >= 0, got {noise_sigma}")
-        self.cfg, self.noise_sigma = cfg, noise_sigma
+        self.cfg = cfg
 
-    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        if not self.noise_sigma:
-            return torch.from_numpy(preprocess_array(img, self.cfg))
-        if generator is None:
-            raise ValueError("noise_sigma > 0 needs a torch.Generator per image, for reproducible noise")
-        unit = torch.from_numpy(unit_array(img, self.cfg))
-        noisy = add_gaussian_noise(unit, self.noise_sigma, generator)
-        return torch.from_numpy(normalise_array(noisy.numpy(), self.cfg))
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(preprocess_array(img, self.cfg))
 
 
-def eval_transform(cfg: DataConfig, *, noise_sigma: float = 0.0) -> EvalTransform:
+def eval_transform(cfg: DataConfig) -> EvalTransform:
     """Evaluation / scoring preprocessing for ``cfg`` (see ``EvalTransform``)."""
-    return EvalTransform(cfg, noise_sigma=noise_sigma)
+    return EvalTransform(cfg)
 
 
 def _unit_interval(key: str, value: Any) -> float:
