@@ -26,6 +26,7 @@ ARTIFACT_INTEGRITY = 6
 NOT_FOUND = 7
 RAY_CLUSTER_UNREACHABLE = 8
 WEIGHTS_UNAVAILABLE = 9
+WRONG_MODEL_KIND = 10
 
 # exceptions not ours that end a job the same way: a path given on the command line not found
 FOREIGN_EXIT_STATUS: dict[type[BaseException], int] = {FileNotFoundError: NOT_FOUND}
@@ -73,6 +74,13 @@ class WeightsUnavailableError(AllcoreError, RuntimeError):
     """Pretrained weights could not be found offline, downloaded, or verified."""
 
     exit_status = WEIGHTS_UNAVAILABLE
+
+
+class ModelKindError(AllcoreError, ValueError):
+    """A model artifact of the wrong kind for the option it was given to (a field model as
+    ``--cell-model``): its files are fine, the choice is not."""
+
+    exit_status = WRONG_MODEL_KIND
 
 
 def exit_status(exc: BaseException) -> int | None:

@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -148,28 +147,43 @@ def test_verified_card_refuses_every_damaged_file(trusted_artifact, tmp_path, ho
     verified_card(str(trusted_artifact))  # the untouched artifact passes
 
 
-@pytest.mark.parametrize("how", ["trust bytes", "trust not a detector, card re-hashed"])
-def test_score_job_stops_on_a_tampered_trust_file_before_ray_starts(trusted_artifact, tmp_path, how):
-    """Exit 6, one line on stderr, no traceback, no Ray session and no output written (the
-    second case reached Ray and ended in a 30-line SafetensorError traceback, exit 1)."""
-    bad = tampered(trusted_artifact, tmp_path / "bad", how)
+def run_score_job(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """``jobs/score.py`` on a small generated archive with its own RAY_TMPDIR (returned, to
+    check that no Ray session was started in it)."""
     write_archive(tmp_path / "in", label_set=get_label_set("all4"), per_class=1, size=48)
     ray_tmp = tmp_path / "raytmp"
     ray_tmp.mkdir()
     env = {**os.environ, "RAY_TMPDIR": str(ray_tmp), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(REPO / "jobs" / "score.py"), "--model", str(bad),
+    done = subprocess.run([sys.executable, str(REPO / "jobs" / "score.py"), *args,
                            "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")],
-                          env=env, capture_output=True, text=True, timeout=120)
-    seconds = time.perf_counter() - started
+                          env=env, capture_output=True, text=True, timeout=300)
+    return done, ray_tmp
+
+
+@pytest.mark.parametrize("how", ["trust bytes", "trust not a detector, card re-hashed"])
+def test_score_job_stops_on_a_tampered_trust_file_before_ray_starts(trusted_artifact, tmp_path, how):
+    """Exit 6, one line on stderr, no traceback, no Ray session and no output written (the
+    second case reached Ray and ended in a 30-line SafetensorError traceback, exit 1)."""
+    bad = tampered(trusted_artifact, tmp_path / "bad", how)
+    done, ray_tmp = run_score_job(tmp_path, "--model", str(bad))
     assert done.returncode == 6, done.stderr[-3000:]
     [line] = done.stderr.strip().splitlines()
     assert line.startswith("ArtifactIntegrityError: ") and "Re-export the model" in line
     assert "Traceback" not in done.stderr
     assert not list(ray_tmp.rglob("session_*")), "Ray was started"
     assert not (tmp_path / "out").exists()  # before the lock and the listing
-    assert seconds < 60, seconds  # imports only: a started Ray and listing took ~20 s here
+
+
+def test_score_job_refuses_a_field_model_as_cell_model_before_ray_starts(tiny_artifact, tmp_path):
+    """A field model given as --cell-model: exit 10 and one line (it was a ValueError
+    traceback, exit 1)."""
+    done, ray_tmp = run_score_job(tmp_path, "--model", str(tiny_artifact), "--per-cell",
+                                  "--cell-model", str(tiny_artifact))
+    assert done.returncode == errors.WRONG_MODEL_KIND == 10, done.stderr[-3000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("ModelKindError: ") and "not a cell model" in line
+    assert not list(ray_tmp.rglob("session_*")), "Ray was started"
 
 
 def test_evaluate_job_checks_the_artifact_before_evaluating(trusted_artifact, tmp_path, capsys):

@@ -36,6 +36,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from allcore.errors import ModelKindError
 from allcore.imaging import files
 from allcore.imaging.cells import Box, CellFinderConfig, find_cells, median_cell_diameter, padded_square
 from allcore.data.splits import SplitManifest
@@ -98,7 +99,7 @@ class CellCropGeometry:
     def from_card(cls, card) -> CellCropGeometry:
         """The geometry a cell model was trained with; refuses a field model's card."""
         if not card.cell_crop:
-            raise ValueError(f"model {card.model_version} is not a cell model (its card has no "
+            raise ModelKindError(f"model {card.model_version} is not a cell model (its card has no "
                              "cell_crop geometry); pass a model trained on cell crops, e.g. the "
                              "cell_blast recipe")
         return cls(side_cell_diameters=float(card.cell_crop["side_cell_diameters"]),
